@@ -1,1 +1,837 @@
+//! Loads, attaches, pins and reads sockmesh's eBPF programs.
+//!
+//! [`Datapath::install`] loads the programs once, attaches the connect hooks
+//! and sockops to a cgroup and sk_msg to the socket map, and pins every link
+//! and map under `<pin root>/abi-v<N>/`. A restarted process calls `install`
+//! again and re-opens the pins instead of reloading, so redirection and
+//! counters survive. [`uninstall`] removes every pin; once the last process
+//! holding them exits, the kernel detaches and frees everything.
+//!
+//! The only `unsafe` in this crate reads a socket option (see `netns`) and
+//! implements `aya::Pod` in `mesh-ebpf-common`.
+#![allow(unsafe_code)]
 
+pub mod netns;
+mod selftest;
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, SockHash};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SkMsg, SockOps};
+use aya::{Ebpf, EbpfLoader};
+pub use mesh_ebpf_common::{
+    ABI_VERSION, AF_INET, AF_INET6, EnrolledNetns, Flow, HBONE_PORT, INBOUND_PLAINTEXT_PORT, IpKey,
+    OUTBOUND_PORT, OrigDst, PROXY_MARK, PortKey, SockKey, Stat, tcp_state,
+};
+use mesh_ebpf_common::{map_names as maps, program_names as progs};
+
+/// The compiled eBPF object, built by build.rs from `mesh-ebpf/kernel`.
+pub static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sockmesh"));
+
+/// Where pins live by default.
+pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/sockmesh";
+
+/// Programs attached to the cgroup (and their link pin names).
+const CGROUP_PROGRAMS: [&str; 3] = [progs::CONNECT4, progs::CONNECT6, progs::SOCKOPS];
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "{path} is not on a bpf filesystem (found {found}): mount one with \
+         `mount -t bpf bpf /sys/fs/bpf` (`./x setup` does)"
+    )]
+    NoBpffs { path: PathBuf, found: String },
+    #[error("cgroup {path}: {source} (it must be a cgroup v2 directory)")]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("loading the eBPF object: {0}")]
+    Load(#[source] aya::EbpfError),
+    #[error("eBPF object has no program {0}")]
+    MissingProgram(&'static str),
+    #[error("program {program}: {action}: {source}")]
+    Program {
+        program: &'static str,
+        action: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("map {map}: {action}: {source}")]
+    Map {
+        map: &'static str,
+        action: String,
+        #[source]
+        source: MapError,
+    },
+    #[error("pin {path}: {detail}")]
+    Pin { path: PathBuf, detail: String },
+    #[error(transparent)]
+    Netns(#[from] netns::NetnsError),
+    #[error(
+        "{root} holds pins of another sockmesh ABI ({found}, this build is abi-v{ABI_VERSION}): \
+         run that version's uninstall, or remove {root} after stopping its proxies"
+    )]
+    AbiMismatch { root: PathBuf, found: String },
+    #[error("sockmesh eBPF is not installed under {0} (no pinned links)")]
+    NotInstalled(PathBuf),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// How app<->proxy bytes move.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// sk_msg redirects between the sockets of the socket map: the
+    /// loopback TCP/IP stack is skipped and the kernel counts every flow.
+    Sockmap,
+    /// The self-test failed, so sk_msg is not attached: captured traffic
+    /// still reaches the proxy, over loopback TCP, and flows carry no
+    /// byte counts. `reason` says what failed.
+    Degraded { reason: String },
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Mode::Sockmap => f.write_str("sockmap"),
+            Mode::Degraded { reason } => write!(f, "degraded ({reason})"),
+        }
+    }
+}
+
+/// One captured app connection, read from the kernel's flow map.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlowEntry {
+    /// The app socket's cookie.
+    pub cookie: u64,
+    pub netns: u64,
+    /// The app socket's own address and the address it is connected to
+    /// (the outbound listener after the rewrite).
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    /// Where the app asked to connect.
+    pub original_dst: SocketAddr,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// `CLOCK_MONOTONIC` nanoseconds.
+    pub start_ns: u64,
+    /// Zero while the flow is open.
+    pub end_ns: u64,
+    pub tcp_state: u32,
+    pub srtt_us: u32,
+}
+
+impl FlowEntry {
+    pub fn is_closed(&self) -> bool {
+        self.tcp_state == tcp_state::CLOSE
+    }
+}
+
+/// Converts network-order address words to an address.
+pub fn ip_from_words(family: u16, w: [u32; 4]) -> IpAddr {
+    if family == AF_INET {
+        IpAddr::V4(Ipv4Addr::from(w[0].to_ne_bytes()))
+    } else {
+        let mut b = [0u8; 16];
+        for (i, word) in w.iter().enumerate() {
+            b[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+        }
+        IpAddr::V6(Ipv6Addr::from(b))
+    }
+}
+
+/// Converts an address to network-order words and its family.
+pub fn words_from_ip(ip: IpAddr) -> (u16, [u32; 4]) {
+    match ip {
+        IpAddr::V4(v4) => (AF_INET, [u32::from_ne_bytes(v4.octets()), 0, 0, 0]),
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            let mut w = [0u32; 4];
+            for (i, word) in w.iter_mut().enumerate() {
+                *word = u32::from_ne_bytes([o[i * 4], o[i * 4 + 1], o[i * 4 + 2], o[i * 4 + 3]]);
+            }
+            (AF_INET6, w)
+        }
+    }
+}
+
+/// The on-bpffs layout of one installation.
+#[derive(Clone, Debug)]
+struct Pins {
+    dir: PathBuf,
+}
+
+impl Pins {
+    fn new(root: &Path) -> Self {
+        Pins {
+            dir: root.join(format!("abi-v{ABI_VERSION}")),
+        }
+    }
+    fn map(&self, name: &str) -> PathBuf {
+        self.dir.join("maps").join(name)
+    }
+    fn link(&self, name: &str) -> PathBuf {
+        self.dir.join("links").join(name)
+    }
+    fn sk_lookup_prog(&self) -> PathBuf {
+        self.dir.join("progs").join(progs::SK_LOOKUP)
+    }
+    fn netns_link(&self, cookie: u64) -> PathBuf {
+        self.dir.join("netns").join(cookie.to_string())
+    }
+    fn installed(&self) -> bool {
+        CGROUP_PROGRAMS.iter().all(|p| self.link(p).exists())
+    }
+}
+
+/// Checks that `path` (or the nearest existing ancestor) is on bpffs.
+fn ensure_bpffs(path: &Path) -> Result<()> {
+    let mounts =
+        fs::read_to_string("/proc/self/mounts").map_err(io_err(Path::new("/proc/self/mounts")))?;
+    let mut best: Option<(&str, &str)> = None;
+    for line in mounts.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(_dev), Some(mnt), Some(fstype)) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        if path.starts_with(mnt) && best.is_none_or(|(b, _)| mnt.len() > b.len()) {
+            best = Some((mnt, fstype));
+        }
+    }
+    match best {
+        Some((_, "bpf")) => Ok(()),
+        Some((mnt, fstype)) => Err(Error::NoBpffs {
+            path: path.to_owned(),
+            found: format!("{fstype} at {mnt}"),
+        }),
+        None => Err(Error::NoBpffs {
+            path: path.to_owned(),
+            found: "no mount".into(),
+        }),
+    }
+}
+
+/// A handle on the installed data path: the pinned maps, opened.
+pub struct Datapath {
+    pins: Pins,
+    mode: Mode,
+    enrolled: HashMap<MapData, u64, EnrolledNetns>,
+    orig_dst: HashMap<MapData, PortKey, OrigDst>,
+    flows: HashMap<MapData, u64, Flow>,
+    socks: SockHash<MapData, SockKey>,
+    inbound: SockHash<MapData, IpKey>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+impl std::fmt::Debug for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datapath")
+            .field("pins", &self.pins.dir)
+            .field("mode", &self.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+fn open_map(pins: &Pins, name: &'static str) -> Result<Map> {
+    let path = pins.map(name);
+    let data = MapData::from_pin(&path).map_err(|source| Error::Map {
+        map: name,
+        action: format!("open pin {}", path.display()),
+        source,
+    })?;
+    Map::from_map_data(data).map_err(|source| Error::Map {
+        map: name,
+        action: "read pinned map".into(),
+        source,
+    })
+}
+
+macro_rules! typed_map {
+    ($pins:expr, $name:expr) => {
+        open_map($pins, $name)?
+            .try_into()
+            .map_err(|source| Error::Map {
+                map: $name,
+                action: "check key/value layout".into(),
+                source,
+            })?
+    };
+}
+
+impl Datapath {
+    /// Loads and attaches the programs to `cgroup` and pins them under
+    /// `pin_root` — or, when a previous process already did, re-opens the
+    /// pins (programs, counters and enrolled namespaces carry on). Then runs
+    /// the self-test and reports the mode.
+    pub fn install(cgroup: &Path, pin_root: &Path) -> Result<Self> {
+        ensure_bpffs(pin_root)?;
+        check_abi(pin_root)?;
+        let pins = Pins::new(pin_root);
+        if !pins.installed() {
+            if pins.dir.exists() {
+                // A crash half-way through an earlier install: start clean.
+                tracing::warn!(pins = %pins.dir.display(), "removing an incomplete installation");
+                uninstall(pin_root)?;
+            }
+            load_attach_pin(cgroup, &pins)?;
+        }
+        Self::open_pins(pins, true)
+    }
+
+    /// Opens an existing installation without attaching anything (readers:
+    /// the CLI, metrics, tests).
+    pub fn open(pin_root: &Path) -> Result<Self> {
+        ensure_bpffs(pin_root)?;
+        check_abi(pin_root)?;
+        let pins = Pins::new(pin_root);
+        if !pins.installed() {
+            return Err(Error::NotInstalled(pin_root.to_owned()));
+        }
+        Self::open_pins(pins, false)
+    }
+
+    fn open_pins(pins: Pins, run_selftest: bool) -> Result<Self> {
+        let mut dp = Datapath {
+            enrolled: typed_map!(&pins, maps::ENROLLED),
+            orig_dst: typed_map!(&pins, maps::ORIG_DST),
+            flows: typed_map!(&pins, maps::FLOWS),
+            socks: typed_map!(&pins, maps::SOCKS),
+            inbound: typed_map!(&pins, maps::INBOUND),
+            stats: typed_map!(&pins, maps::STATS),
+            mode: Mode::Sockmap,
+            pins,
+        };
+        let sk_msg_pin = dp.pins.link(progs::SK_MSG);
+        dp.mode = if !sk_msg_pin.exists() {
+            Mode::Degraded {
+                reason: format!("sk_msg is not attached ({} missing)", sk_msg_pin.display()),
+            }
+        } else if run_selftest {
+            match selftest::run(&mut dp) {
+                Ok(()) => Mode::Sockmap,
+                Err(reason) => {
+                    // Do not redirect into a broken path: detach sk_msg.
+                    tracing::error!(%reason, "sockmap self-test failed; running degraded");
+                    let _ = fs::remove_file(&sk_msg_pin);
+                    Mode::Degraded { reason }
+                }
+            }
+        } else {
+            Mode::Sockmap
+        };
+        Ok(dp)
+    }
+
+    pub fn mode(&self) -> &Mode {
+        &self.mode
+    }
+
+    /// The directory holding this installation's pins.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pins.dir
+    }
+
+    /// Captures the apps of the network namespace at `netns`: their TCP
+    /// connects go to its outbound listener, and inbound TCP is steered to
+    /// its 15006 listener (once one is registered with
+    /// [`Datapath::set_inbound_listener`]). Idempotent. Returns the
+    /// namespace's cookie.
+    pub fn enroll(&mut self, netns: &Path) -> Result<u64> {
+        let cookie = netns::cookie(netns)?;
+        let link_pin = self.pins.netns_link(cookie);
+        if !link_pin.exists() {
+            let prog_pin = self.pins.sk_lookup_prog();
+            let mut prog = SkLookup::from_pin(&prog_pin).map_err(|source| Error::Program {
+                program: progs::SK_LOOKUP,
+                action: format!("open pin {}", prog_pin.display()),
+                source,
+            })?;
+            let ns = File::open(netns).map_err(io_err(netns))?;
+            let id = prog.attach(&ns).map_err(|source| Error::Program {
+                program: progs::SK_LOOKUP,
+                action: format!("attach to netns {}", netns.display()),
+                source,
+            })?;
+            let link: FdLink = prog
+                .take_link(id)
+                .map_err(|source| Error::Program {
+                    program: progs::SK_LOOKUP,
+                    action: "take link".into(),
+                    source,
+                })?
+                .into();
+            pin_link(link, &link_pin)?;
+        }
+        self.enrolled
+            .insert(&cookie, &EnrolledNetns::default(), 0)
+            .map_err(|source| Error::Map {
+                map: maps::ENROLLED,
+                action: format!("enroll netns {} (cookie {cookie})", netns.display()),
+                source,
+            })?;
+        Ok(cookie)
+    }
+
+    /// Stops capturing the namespace with this cookie. Idempotent.
+    pub fn unenroll(&mut self, cookie: u64) -> Result<()> {
+        match self.enrolled.remove(&cookie) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(source) => {
+                return Err(Error::Map {
+                    map: maps::ENROLLED,
+                    action: format!("unenroll netns cookie {cookie}"),
+                    source,
+                });
+            }
+        }
+        let link_pin = self.pins.netns_link(cookie);
+        match fs::remove_file(&link_pin) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err(&link_pin)(e)),
+        }
+    }
+
+    /// Cookies of the enrolled namespaces.
+    pub fn enrolled(&self) -> Result<Vec<u64>> {
+        self.enrolled
+            .keys()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| Error::Map {
+                map: maps::ENROLLED,
+                action: "list".into(),
+                source,
+            })
+    }
+
+    /// Where the app whose loopback socket is `app` (the peer address of a
+    /// connection accepted on the outbound listener) in namespace
+    /// `netns_cookie` wanted to connect.
+    pub fn original_dst(&self, netns_cookie: u64, app: SocketAddr) -> Result<Option<SocketAddr>> {
+        let family = if app.is_ipv4() { AF_INET } else { AF_INET6 };
+        let key = PortKey {
+            netns: netns_cookie,
+            port: app.port(),
+            family,
+            _pad: 0,
+        };
+        match self.orig_dst.get(&key, 0) {
+            Ok(d) => Ok(Some(SocketAddr::new(ip_from_words(d.family, d.ip), d.port))),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(Error::Map {
+                map: maps::ORIG_DST,
+                action: format!("look up netns {netns_cookie} port {}", app.port()),
+                source,
+            }),
+        }
+    }
+
+    /// Every flow in the kernel's flow map, open and closed.
+    pub fn flows(&self) -> Result<Vec<FlowEntry>> {
+        let mut out = Vec::new();
+        for item in self.flows.iter() {
+            let (cookie, f) = item.map_err(|source| Error::Map {
+                map: maps::FLOWS,
+                action: "iterate".into(),
+                source,
+            })?;
+            out.push(FlowEntry {
+                cookie,
+                netns: f.netns,
+                src: SocketAddr::new(ip_from_words(f.family, f.src_ip), f.src_port),
+                dst: SocketAddr::new(ip_from_words(f.family, f.dst_ip), f.dst_port),
+                original_dst: SocketAddr::new(ip_from_words(f.family, f.orig_ip), f.orig_port),
+                bytes_sent: f.bytes_sent,
+                bytes_received: f.bytes_received,
+                start_ns: f.start_ns,
+                end_ns: f.end_ns,
+                tcp_state: f.state,
+                srtt_us: f.srtt_us,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Removes a flow (closed flows, once folded into totals by the reader).
+    pub fn forget_flow(&mut self, cookie: u64) -> Result<()> {
+        match self.flows.remove(&cookie) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(Error::Map {
+                map: maps::FLOWS,
+                action: format!("remove flow {cookie}"),
+                source,
+            }),
+        }
+    }
+
+    /// The kernel's event counters, summed over CPUs.
+    pub fn stats(&self) -> Result<BTreeMap<&'static str, u64>> {
+        let mut out = BTreeMap::new();
+        for s in Stat::ALL {
+            let per_cpu = self
+                .stats
+                .get(&(s as u32), 0)
+                .map_err(|source| Error::Map {
+                    map: maps::STATS,
+                    action: format!("read {}", s.name()),
+                    source,
+                })?;
+            out.insert(s.name(), per_cpu.iter().sum());
+        }
+        Ok(out)
+    }
+
+    /// Registers the 15006 listener of the pod with address `pod_ip`: inbound
+    /// TCP to that address (not HBONE, not from the pod itself) lands on it.
+    pub fn set_inbound_listener(&mut self, pod_ip: IpAddr, listener: &impl AsRawFd) -> Result<()> {
+        let (family, ip) = words_from_ip(pod_ip);
+        let key = IpKey {
+            ip,
+            family: family as u32,
+        };
+        self.inbound
+            .insert(&key, listener.as_raw_fd(), 0)
+            .map_err(|source| Error::Map {
+                map: maps::INBOUND,
+                action: format!("register inbound listener of {pod_ip}"),
+                source,
+            })
+    }
+
+    /// Forgets the inbound listener of `pod_ip`. Idempotent.
+    pub fn remove_inbound_listener(&mut self, pod_ip: IpAddr) -> Result<()> {
+        let (family, ip) = words_from_ip(pod_ip);
+        let key = IpKey {
+            ip,
+            family: family as u32,
+        };
+        match self.inbound.remove(&key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(Error::Map {
+                map: maps::INBOUND,
+                action: format!("remove inbound listener of {pod_ip}"),
+                source,
+            }),
+        }
+    }
+
+    /// Kernel ids of the installation's programs, maps and links (what
+    /// `bpftool prog/map/link show id N` takes).
+    pub fn kernel_ids(&self) -> Result<KernelIds> {
+        kernel_ids(&self.pins)
+    }
+}
+
+/// Kernel object ids behind an installation.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KernelIds {
+    pub programs: Vec<u32>,
+    pub maps: Vec<u32>,
+    pub links: Vec<u32>,
+}
+
+fn kernel_ids(pins: &Pins) -> Result<KernelIds> {
+    let mut ids = KernelIds::default();
+    for name in maps::ALL {
+        let path = pins.map(name);
+        let data = MapData::from_pin(&path).map_err(|source| Error::Map {
+            map: name,
+            action: format!("open pin {}", path.display()),
+            source,
+        })?;
+        let info = data.info().map_err(|source| Error::Map {
+            map: name,
+            action: "info".into(),
+            source,
+        })?;
+        ids.maps.push(info.id());
+    }
+    let mut link_pins: Vec<PathBuf> = [
+        progs::CONNECT4,
+        progs::CONNECT6,
+        progs::SOCKOPS,
+        progs::SK_MSG,
+    ]
+    .iter()
+    .map(|p| pins.link(p))
+    .collect();
+    if let Ok(rd) = fs::read_dir(pins.dir.join("netns")) {
+        link_pins.extend(rd.filter_map(|e| e.ok()).map(|e| e.path()));
+    }
+    for path in link_pins.into_iter().filter(|p| p.exists()) {
+        let link = PinnedLink::from_pin(&path).map_err(|e| Error::Pin {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+        let fd: FdLink = link.into();
+        let info = fd.info().map_err(|e| Error::Pin {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+        ids.links.push(info.id());
+        ids.programs.push(info.program_id());
+    }
+    let prog_pin = pins.sk_lookup_prog();
+    let prog = SkLookup::from_pin(&prog_pin).map_err(|source| Error::Program {
+        program: progs::SK_LOOKUP,
+        action: format!("open pin {}", prog_pin.display()),
+        source,
+    })?;
+    let info = prog.info().map_err(|source| Error::Program {
+        program: progs::SK_LOOKUP,
+        action: "info".into(),
+        source,
+    })?;
+    ids.programs.push(info.id());
+    ids.programs.sort_unstable();
+    ids.programs.dedup();
+    Ok(ids)
+}
+
+/// Refuses pin roots that hold another ABI version's pins.
+fn check_abi(pin_root: &Path) -> Result<()> {
+    let Ok(rd) = fs::read_dir(pin_root) else {
+        return Ok(());
+    };
+    let ours = format!("abi-v{ABI_VERSION}");
+    for e in rd.filter_map(|e| e.ok()) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("abi-v") && name != ours {
+            return Err(Error::AbiMismatch {
+                root: pin_root.to_owned(),
+                found: name,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn pin_link(link: FdLink, path: &Path) -> Result<()> {
+    link.pin(path).map(drop).map_err(|e| Error::Pin {
+        path: path.to_owned(),
+        detail: e.to_string(),
+    })
+}
+
+fn program_err(
+    program: &'static str,
+    action: impl Into<String>,
+) -> impl FnOnce(ProgramError) -> Error {
+    let action = action.into();
+    move |source| Error::Program {
+        program,
+        action,
+        source,
+    }
+}
+
+fn load_attach_pin(cgroup: &Path, pins: &Pins) -> Result<()> {
+    let cg = File::open(cgroup).map_err(|source| Error::Cgroup {
+        path: cgroup.to_owned(),
+        source,
+    })?;
+    for sub in ["maps", "links", "progs", "netns"] {
+        let d = pins.dir.join(sub);
+        fs::create_dir_all(&d).map_err(io_err(&d))?;
+    }
+    let mut ebpf: Ebpf = EbpfLoader::new().load(PROGRAMS).map_err(Error::Load)?;
+    for name in maps::ALL {
+        let path = pins.map(name);
+        let map = ebpf.map(name).ok_or(Error::Map {
+            map: name,
+            action: "find in object".into(),
+            source: MapError::InvalidName { name: name.into() },
+        })?;
+        map.pin(&path).map_err(|e| Error::Pin {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+    }
+
+    // sk_lookup: loaded and pinned now, attached per netns on enroll.
+    {
+        let prog: &mut SkLookup = program_mut(&mut ebpf, progs::SK_LOOKUP)?;
+        prog.load().map_err(program_err(progs::SK_LOOKUP, "load"))?;
+        let path = pins.sk_lookup_prog();
+        prog.pin(&path).map_err(|e| Error::Pin {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+    }
+
+    // sk_msg on the socket map, before anything can fill the map.
+    {
+        let socks: SockHash<_, SockKey> = SockHash::try_from(
+            ebpf.map(maps::SOCKS)
+                .ok_or(Error::MissingProgram(maps::SOCKS))?,
+        )
+        .map_err(|source| Error::Map {
+            map: maps::SOCKS,
+            action: "open".into(),
+            source,
+        })?;
+        let map_fd = socks
+            .fd()
+            .try_clone()
+            .map_err(io_err(&pins.map(maps::SOCKS)))?;
+        let prog: &mut SkMsg = program_mut(&mut ebpf, progs::SK_MSG)?;
+        prog.load().map_err(program_err(progs::SK_MSG, "load"))?;
+        let id = prog.attach(&map_fd).map_err(program_err(
+            progs::SK_MSG,
+            format!("attach to map {}", maps::SOCKS),
+        ))?;
+        let link: FdLink = prog
+            .take_link(id)
+            .map_err(program_err(progs::SK_MSG, "take link"))?
+            .try_into()
+            .map_err(|e: aya::programs::links::LinkError| Error::Pin {
+                path: pins.link(progs::SK_MSG),
+                detail: format!("sk_msg link is not a bpf_link: {e}"),
+            })?;
+        pin_link(link, &pins.link(progs::SK_MSG))?;
+    }
+
+    // sockops first, so every connection the connect hooks rewrite is seen
+    // established. `Single` means flags 0: with bpf_link (kernel >= 5.7) that
+    // still coexists with other programs on the same cgroup (links are
+    // multi-attach by nature; the kernel rejects BPF_F_ALLOW_MULTI there).
+    {
+        let prog: &mut SockOps = program_mut(&mut ebpf, progs::SOCKOPS)?;
+        prog.load().map_err(program_err(progs::SOCKOPS, "load"))?;
+        let id = prog
+            .attach(&cg, CgroupAttachMode::Single)
+            .map_err(program_err(
+                progs::SOCKOPS,
+                format!("attach to cgroup {}", cgroup.display()),
+            ))?;
+        let link: FdLink = prog
+            .take_link(id)
+            .map_err(program_err(progs::SOCKOPS, "take link"))?
+            .try_into()
+            .map_err(|e: aya::programs::links::LinkError| Error::Pin {
+                path: pins.link(progs::SOCKOPS),
+                detail: format!("sockops link is not a bpf_link: {e}"),
+            })?;
+        pin_link(link, &pins.link(progs::SOCKOPS))?;
+    }
+    for name in [progs::CONNECT4, progs::CONNECT6] {
+        let prog: &mut CgroupSockAddr = program_mut(&mut ebpf, name)?;
+        prog.load().map_err(program_err(name, "load"))?;
+        let id = prog
+            .attach(&cg, CgroupAttachMode::Single)
+            .map_err(program_err(
+                name,
+                format!("attach to cgroup {}", cgroup.display()),
+            ))?;
+        let link: FdLink = prog
+            .take_link(id)
+            .map_err(program_err(name, "take link"))?
+            .try_into()
+            .map_err(|e: aya::programs::links::LinkError| Error::Pin {
+                path: pins.link(name),
+                detail: format!("cgroup link is not a bpf_link: {e}"),
+            })?;
+        pin_link(link, &pins.link(name))?;
+    }
+    Ok(())
+}
+
+fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let prog = ebpf.program_mut(name).ok_or(Error::MissingProgram(name))?;
+    prog.try_into()
+        .map_err(program_err(name, "check program type"))
+}
+
+/// What [`uninstall`] removed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UninstallReport {
+    /// Pins removed (links, programs, maps).
+    pub pins: Vec<PathBuf>,
+}
+
+/// Removes every pin under `pin_root` (this ABI's and any other's): links
+/// detach and programs and maps are freed once no process holds them.
+/// Safe to call when nothing is installed.
+pub fn uninstall(pin_root: &Path) -> Result<UninstallReport> {
+    let mut report = UninstallReport::default();
+    if !pin_root.exists() {
+        return Ok(report);
+    }
+    ensure_bpffs(pin_root)?;
+    remove_tree(pin_root, &mut report)?;
+    Ok(report)
+}
+
+fn remove_tree(dir: &Path, report: &mut UninstallReport) -> Result<()> {
+    // Links first, so programs stop running before their maps go.
+    let mut entries: Vec<PathBuf> = fs::read_dir(dir)
+        .map_err(io_err(dir))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    entries.sort_by_key(|p| match p.file_name().and_then(|n| n.to_str()) {
+        Some("links") | Some("netns") => 0,
+        Some("progs") => 1,
+        _ => 2,
+    });
+    for path in entries {
+        if path.is_dir() {
+            remove_tree(&path, report)?;
+        } else {
+            fs::remove_file(&path).map_err(io_err(&path))?;
+            report.pins.push(path);
+        }
+    }
+    fs::remove_dir(dir).map_err(io_err(dir))?;
+    Ok(())
+}
+
+/// Mounts bpffs at `path` if nothing is mounted there. Returns whether it
+/// mounted.
+pub fn mount_bpffs(path: &Path) -> Result<bool> {
+    if ensure_bpffs(path).is_ok() {
+        return Ok(false);
+    }
+    fs::create_dir_all(path).map_err(io_err(path))?;
+    nix::mount::mount(
+        Some("bpf"),
+        path,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| io_err(path)(io::Error::from(e)))?;
+    Ok(true)
+}
+
+/// Wall-clock-free age of a flow start (`CLOCK_MONOTONIC` nanoseconds).
+pub fn age(start_ns: u64) -> Duration {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(start_ns);
+    Duration::from_nanos(now.saturating_sub(start_ns))
+}

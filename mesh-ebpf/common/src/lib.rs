@@ -1,1 +1,351 @@
-pub fn f(){}
+//! The ABI between the sockmesh eBPF programs and user space.
+//!
+//! Every map key and value is `#[repr(C)]` with explicit padding fields and a
+//! compile-time size assertion, so the kernel and user space can never
+//! disagree on a layout. Map and program names are stable API: they are
+//! pinned under bpffs and re-opened by a restarted proxy, so change them only
+//! with a migration (and bump [`ABI_VERSION`]).
+//!
+//! Addresses are stored as four `u32` words in **network byte order**, exactly
+//! as the kernel hands them to BPF programs (`user_ip4`, `local_ip6`, ...); an
+//! IPv4 address lives in word 0 and the other words are zero. Ports are stored
+//! in **host byte order**.
+#![no_std]
+// The `Pod` impls below are the only unsafe code; each has a SAFETY line.
+#![cfg_attr(not(feature = "user"), forbid(unsafe_code))]
+
+/// Bumped whenever a map layout, map name or program name changes. Pins live
+/// under `<pin root>/abi-v<ABI_VERSION>/`, so a proxy never re-opens maps of
+/// another layout.
+pub const ABI_VERSION: u32 = 1;
+
+/// In-pod outbound capture listener (127.0.0.1 / [::1]).
+pub const OUTBOUND_PORT: u16 = 15001;
+/// In-pod inbound plaintext capture listener.
+pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+/// In-pod HBONE (mTLS) listener.
+pub const HBONE_PORT: u16 = 15008;
+
+/// `SO_MARK` carried by every socket the proxy makes inside a pod netns; the
+/// connect hooks never redirect a socket that carries it.
+pub const PROXY_MARK: u32 = 0x5ec0_0515;
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+pub const IPPROTO_TCP: u32 = 6;
+
+/// Map names (at most 15 bytes: the kernel's object-name limit).
+pub mod map_names {
+    /// netns cookie -> [`super::EnrolledNetns`]: namespaces whose apps are captured.
+    pub const ENROLLED: &str = "sm_enrolled";
+    /// socket cookie -> [`super::OrigDst`]: written by connect4/6 before the rewrite.
+    pub const CONNECT_DST: &str = "sm_connect_dst";
+    /// [`super::PortKey`] -> [`super::OrigDst`]: published once established,
+    /// read by the proxy on accept.
+    pub const ORIG_DST: &str = "sm_orig_dst";
+    /// [`super::SockKey`] -> socket: both ends of app<->proxy loopback connections.
+    pub const SOCKS: &str = "sm_socks";
+    /// socket cookie -> [`super::Flow`]: per-flow accounting.
+    pub const FLOWS: &str = "sm_flows";
+    /// [`super::IpKey`] -> listening socket: each pod's inbound (15006) listener.
+    pub const INBOUND: &str = "sm_inbound";
+    /// per-CPU counters indexed by [`super::Stat`].
+    pub const STATS: &str = "sm_stats";
+
+    pub const ALL: [&str; 7] = [
+        ENROLLED,
+        CONNECT_DST,
+        ORIG_DST,
+        SOCKS,
+        FLOWS,
+        INBOUND,
+        STATS,
+    ];
+}
+
+/// Program names (the Rust function names in the kernel crate).
+pub mod program_names {
+    pub const CONNECT4: &str = "sm_connect4";
+    pub const CONNECT6: &str = "sm_connect6";
+    pub const SOCKOPS: &str = "sm_sockops";
+    pub const SK_MSG: &str = "sm_sk_msg";
+    pub const SK_LOOKUP: &str = "sm_sk_lookup";
+}
+
+/// Map capacities.
+pub const MAX_FLOWS: u32 = 65_536;
+pub const MAX_SOCKS: u32 = 65_536;
+pub const MAX_ENROLLED: u32 = 4_096;
+pub const MAX_INBOUND: u32 = 8_192;
+
+/// Per-CPU event counters (index into the `sm_stats` array). Readable by
+/// `mesh explain`, which is how the data path is debugged (no printk).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stat {
+    /// connect4/6 rewrote a destination to the outbound listener.
+    ConnectRedirected = 0,
+    /// connect4/6 skipped a socket carrying the proxy mark.
+    ConnectSkippedMark = 1,
+    /// connect4/6 refused a connect because the original destination could
+    /// not be recorded (fail closed).
+    ConnectRecordFailed = 2,
+    /// sockops put a socket into `sm_socks`.
+    SockInserted = 3,
+    /// sockops could not put a socket into `sm_socks`.
+    SockInsertFailed = 4,
+    /// sk_msg redirected a message to its peer's ingress queue.
+    MsgRedirected = 5,
+    /// sk_msg found no peer and let the message take the TCP path.
+    MsgPassthrough = 6,
+    /// sk_msg saw a message of a flow with no accounting entry.
+    MsgUnaccounted = 7,
+    /// sk_lookup steered an inbound connection to the pod's 15006 listener.
+    LookupSteered = 8,
+    /// sk_lookup found a pod address with no (or a failing) 15006 listener.
+    LookupAssignFailed = 9,
+}
+
+pub const STAT_COUNT: u32 = 10;
+
+impl Stat {
+    pub const ALL: [Stat; STAT_COUNT as usize] = [
+        Stat::ConnectRedirected,
+        Stat::ConnectSkippedMark,
+        Stat::ConnectRecordFailed,
+        Stat::SockInserted,
+        Stat::SockInsertFailed,
+        Stat::MsgRedirected,
+        Stat::MsgPassthrough,
+        Stat::MsgUnaccounted,
+        Stat::LookupSteered,
+        Stat::LookupAssignFailed,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Stat::ConnectRedirected => "connect_redirected",
+            Stat::ConnectSkippedMark => "connect_skipped_mark",
+            Stat::ConnectRecordFailed => "connect_record_failed",
+            Stat::SockInserted => "sock_inserted",
+            Stat::SockInsertFailed => "sock_insert_failed",
+            Stat::MsgRedirected => "msg_redirected",
+            Stat::MsgPassthrough => "msg_passthrough",
+            Stat::MsgUnaccounted => "msg_unaccounted",
+            Stat::LookupSteered => "lookup_steered",
+            Stat::LookupAssignFailed => "lookup_assign_failed",
+        }
+    }
+}
+
+/// Value of `sm_enrolled`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EnrolledNetns {
+    /// Reserved for per-workload settings (fail-open, ...); zero today.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// A destination recorded before the connect rewrite.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst {
+    /// Network byte order words; IPv4 in word 0.
+    pub ip: [u32; 4],
+    /// Host byte order.
+    pub port: u16,
+    pub family: u16,
+    pub _pad: u32,
+    /// Cookie of the app's socket (the key of its `sm_flows` entry).
+    pub cookie: u64,
+}
+
+/// Key of `sm_orig_dst`: the app socket's loopback port inside its netns.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PortKey {
+    pub netns: u64,
+    /// Host byte order.
+    pub port: u16,
+    pub family: u16,
+    pub _pad: u32,
+}
+
+/// Key of `sm_socks`: one end of a loopback connection, as seen from that end.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub netns: u64,
+    pub local_ip: [u32; 4],
+    pub remote_ip: [u32; 4],
+    /// Host byte order.
+    pub local_port: u32,
+    /// Host byte order.
+    pub remote_port: u32,
+    pub family: u32,
+    pub _pad: u32,
+}
+
+impl SockKey {
+    /// The key under which the other end of this connection is stored.
+    /// Getting this orientation wrong redirects bytes back to the sender.
+    pub const fn peer(&self) -> SockKey {
+        SockKey {
+            netns: self.netns,
+            local_ip: self.remote_ip,
+            remote_ip: self.local_ip,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+            family: self.family,
+            _pad: 0,
+        }
+    }
+}
+
+/// Key of `sm_inbound`: a pod address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct IpKey {
+    pub ip: [u32; 4],
+    pub family: u32,
+}
+
+/// TCP states as the kernel numbers them (`include/net/tcp_states.h`).
+pub mod tcp_state {
+    pub const ESTABLISHED: u32 = 1;
+    pub const CLOSE: u32 = 7;
+}
+
+/// Value of `sm_flows`: one app connection that the mesh captured.
+///
+/// Written only in the kernel. Each counter has exactly one writer at a time:
+/// `bytes_sent` is only written by sk_msg on the app's socket and
+/// `bytes_received` only by sk_msg on the proxy's socket, and the kernel runs
+/// sk_msg for a socket under that socket's lock, so plain (non-atomic)
+/// read-modify-write is exact.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    pub netns: u64,
+    /// `CLOCK_MONOTONIC` nanoseconds (bpf_ktime_get_ns).
+    pub start_ns: u64,
+    /// Zero while open.
+    pub end_ns: u64,
+    /// Bytes the app wrote.
+    pub bytes_sent: u64,
+    /// Bytes delivered to the app.
+    pub bytes_received: u64,
+    /// The app socket's own addresses (loopback after the rewrite).
+    pub src_ip: [u32; 4],
+    pub dst_ip: [u32; 4],
+    /// Where the app asked to connect.
+    pub orig_ip: [u32; 4],
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub orig_port: u16,
+    pub family: u16,
+    /// Smoothed RTT in microseconds (0 when the TCP path saw no samples,
+    /// which is the normal case for redirected flows).
+    pub srtt_us: u32,
+    /// Kernel TCP state ([`tcp_state`]).
+    pub state: u32,
+    pub protocol: u32,
+    pub _pad: u32,
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<EnrolledNetns>() == 8);
+    assert!(core::mem::size_of::<OrigDst>() == 32);
+    assert!(core::mem::size_of::<PortKey>() == 16);
+    assert!(core::mem::size_of::<SockKey>() == 56);
+    assert!(core::mem::size_of::<IpKey>() == 20);
+    assert!(core::mem::size_of::<Flow>() == 112);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: each type is #[repr(C)], Copy, built only from integers, and has
+    // no implicit padding (size asserts above), so any bit pattern is valid.
+    unsafe impl aya::Pod for EnrolledNetns {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for OrigDst {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PortKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SockKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for IpKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Flow {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::{align_of, offset_of, size_of};
+
+    #[test]
+    fn flow_layout_has_no_implicit_padding() {
+        // Sum of field sizes equals the struct size: no hidden holes that
+        // kernel and user space could fill differently.
+        let fields = 5 * 8 + 3 * 16 + 4 * 2 + 4 * 4;
+        assert_eq!(size_of::<Flow>(), fields);
+        assert_eq!(offset_of!(Flow, src_ip), 40);
+        assert_eq!(offset_of!(Flow, src_port), 88);
+        assert_eq!(offset_of!(Flow, srtt_us), 96);
+        assert_eq!(align_of::<Flow>(), 8);
+    }
+
+    #[test]
+    fn keys_have_no_implicit_padding() {
+        assert_eq!(size_of::<SockKey>(), 8 + 16 + 16 + 4 * 4);
+        assert_eq!(offset_of!(SockKey, local_port), 40);
+        assert_eq!(size_of::<PortKey>(), 8 + 2 + 2 + 4);
+        assert_eq!(size_of::<OrigDst>(), 16 + 2 + 2 + 4 + 8);
+        assert_eq!(offset_of!(OrigDst, cookie), 24);
+        assert_eq!(size_of::<IpKey>(), 16 + 4);
+    }
+
+    #[test]
+    fn peer_key_swaps_ends_and_is_an_involution() {
+        let k = SockKey {
+            netns: 7,
+            local_ip: [1, 0, 0, 0],
+            remote_ip: [2, 0, 0, 0],
+            local_port: 40000,
+            remote_port: OUTBOUND_PORT as u32,
+            family: AF_INET as u32,
+            _pad: 0,
+        };
+        let p = k.peer();
+        assert_eq!(p.local_port, OUTBOUND_PORT as u32);
+        assert_eq!(p.remote_port, 40000);
+        assert_eq!(p.local_ip, [2, 0, 0, 0]);
+        assert_eq!(p.peer(), k);
+    }
+
+    #[test]
+    fn names_fit_the_kernel_object_name_limit() {
+        for n in map_names::ALL {
+            assert!(n.len() <= 15, "{n} is longer than 15 bytes");
+        }
+        for n in [
+            program_names::CONNECT4,
+            program_names::CONNECT6,
+            program_names::SOCKOPS,
+            program_names::SK_MSG,
+            program_names::SK_LOOKUP,
+        ] {
+            assert!(n.len() <= 15, "{n} is longer than 15 bytes");
+        }
+    }
+
+    #[test]
+    fn stats_are_numbered_densely() {
+        for (i, s) in Stat::ALL.iter().enumerate() {
+            assert_eq!(*s as usize, i, "{}", s.name());
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! Network namespaces: run code inside one, and learn a namespace's cookie
+//! (the id the eBPF programs see through `bpf_get_netns_cookie`).
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::{Path, PathBuf};
+
+use nix::sched::{CloneFlags, setns};
+use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
+
+/// An error naming the namespace that failed.
+#[derive(Debug, thiserror::Error)]
+#[error("netns {path}: {action}: {source}")]
+pub struct NetnsError {
+    pub path: PathBuf,
+    pub action: &'static str,
+    #[source]
+    pub source: io::Error,
+}
+
+/// Runs `f` on a fresh thread that has joined the network namespace at
+/// `netns` (e.g. `/run/netns/NAME` or `/proc/PID/ns/net`). Sockets `f`
+/// creates live in that namespace; the calling thread is untouched.
+pub fn run_in<T, F>(netns: &Path, f: F) -> Result<T, NetnsError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    let err = |action, source| NetnsError {
+        path: netns.to_owned(),
+        action,
+        source,
+    };
+    let file = File::open(netns).map_err(|e| err("open", e))?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            setns(file.as_fd(), CloneFlags::CLONE_NEWNET)
+                .map_err(|e| err("setns", io::Error::from(e)))?;
+            Ok(f())
+        })
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+/// The cookie of the network namespace a socket lives in (`SO_NETNS_COOKIE`,
+/// Linux 5.14+).
+pub fn cookie_of_socket(sock: &impl AsRawFd) -> io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `cookie` and `len` are valid for writes of the sizes given; the
+    // kernel writes at most `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// The cookie of the network namespace at `netns`.
+pub fn cookie(netns: &Path) -> Result<u64, NetnsError> {
+    let path = netns.to_owned();
+    run_in(netns, current_cookie)?.map_err(|source| NetnsError {
+        path,
+        action: "read SO_NETNS_COOKIE",
+        source,
+    })
+}
+
+/// The cookie of the calling thread's current network namespace.
+pub fn current_cookie() -> io::Result<u64> {
+    // An unbound socket: works even where loopback is down.
+    let sock = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    cookie_of_socket(&sock)
+}
