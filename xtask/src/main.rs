@@ -1,1 +1,320 @@
-fn main(){}
+//! `cargo xtask` (or `./x`, which first makes sure Rust itself is there):
+//! setup, demo, test, bench. Every command runs `setup` first, which installs
+//! only what is missing and says what it did.
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail, ensure};
+use clap::{Parser, Subcommand};
+
+/// Apt packages the build, the tests and the demo need.
+const APT_PACKAGES: &[&str] = &[
+    // bpf-linker links against LLVM 22 (the pinned nightly's LLVM).
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "zlib1g-dev",
+    "libzstd-dev",
+    // Linker for Rust, namespaces, tests' real peers.
+    "gcc",
+    "libc6-dev",
+    "iproute2",
+    "nftables",
+    "iperf3",
+    "bpftool",
+    "tcpdump",
+    "openssl",
+    "curl",
+    "python3",
+];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
+
+#[derive(Parser)]
+#[command(
+    about = "sockmesh's developer tasks",
+    long_about = "sockmesh's developer tasks. Run as root on Debian bookworm; every task runs `setup` first.\n\n\
+                  Examples:\n  ./x demo            # bring up the eBPF redirect demo\n  \
+                  ./x test            # fmt, clippy, every test tier, leftover check\n  \
+                  ./x bench redirect  # sk_msg redirect vs plain loopback TCP"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what is missing: apt packages, the eBPF nightly with
+    /// rust-src, bpf-linker, a bpffs mount. A second run does nothing.
+    Setup,
+    /// Build and run the demo: loads the programs into a sandbox, sends
+    /// traffic through the redirect, prints the kernel's per-flow counters.
+    Demo,
+    /// Everything CI runs: fmt check, clippy -D warnings, all tests (unit,
+    /// privileged, end to end), then a check that nothing was left behind.
+    Test,
+    /// Benchmarks (release builds), printed as tables and written as JSON
+    /// under target/bench/.
+    Bench {
+        /// `redirect` (sk_msg vs loopback TCP), `ca` (certificate signing)
+        /// or `all`.
+        #[arg(default_value = "all")]
+        what: String,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root()?;
+    std::env::set_current_dir(&root)?;
+    setup()?;
+    match cli.cmd {
+        Cmd::Setup => Ok(()),
+        Cmd::Demo => demo(&root),
+        Cmd::Test => test(&root),
+        Cmd::Bench { what } => bench(&root, &what),
+    }
+}
+
+fn workspace_root() -> Result<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    Ok(dir.parent().context("xtask has no parent dir")?.to_owned())
+}
+
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+}
+
+/// Runs a command with inherited output, failing with its status.
+fn sh(cmd: &mut Command) -> Result<()> {
+    let st = cmd.status().with_context(|| format!("spawn {cmd:?}"))?;
+    ensure!(st.success(), "{cmd:?} failed: {st}");
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn is_root() -> bool {
+    output(Command::new("id").arg("-u")).is_some_and(|u| u.trim() == "0")
+}
+
+fn nightly_channel() -> Result<String> {
+    let f = Path::new("mesh-ebpf/kernel/rust-toolchain.toml");
+    let s = std::fs::read_to_string(f).with_context(|| format!("read {}", f.display()))?;
+    s.lines()
+        .find_map(|l| l.trim().strip_prefix("channel = "))
+        .map(|c| c.trim_matches('"').to_owned())
+        .with_context(|| format!("{}: no channel line", f.display()))
+}
+
+fn setup() -> Result<()> {
+    let start = Instant::now();
+    let mut did: Vec<String> = Vec::new();
+    ensure!(
+        is_root(),
+        "sockmesh's setup, tests and demo need root (apt, network namespaces, cgroups, eBPF): \
+         run as root"
+    );
+
+    // 1. apt packages.
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .is_some_and(|s| s.contains("install ok installed"))
+        })
+        .collect();
+    if !missing.is_empty() {
+        println!("setup: installing apt packages: {}", missing.join(" "));
+        sh(Command::new("apt-get").arg("update").arg("-q"))?;
+        sh(Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing))?;
+        did.push(format!("apt: {}", missing.join(" ")));
+    }
+
+    // 2. The eBPF nightly with rust-src.
+    let nightly = nightly_channel()?;
+    let has_src = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        &nightly,
+    ]))
+    .is_some_and(|l| l.lines().any(|c| c.starts_with("rust-src")));
+    if !has_src {
+        println!("setup: installing Rust {nightly} with rust-src (builds the eBPF programs)");
+        sh(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            &nightly,
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]))?;
+        did.push(format!("rustup: {nightly} + rust-src"));
+    }
+
+    // 3. bpf-linker, pinned.
+    let linker_ok = output(Command::new("bpf-linker").arg("--version"))
+        .is_some_and(|v| v.contains(BPF_LINKER_VERSION));
+    if !linker_ok {
+        println!("setup: installing bpf-linker {BPF_LINKER_VERSION} (LLVM 22)");
+        let path = format!("{LLVM_BIN}:{}", std::env::var("PATH").unwrap_or_default());
+        sh(Command::new("cargo").env("PATH", path).args([
+            "install",
+            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+            "--locked",
+            "--no-default-features",
+            "--features",
+            "llvm-22",
+        ]))?;
+        did.push(format!("bpf-linker {BPF_LINKER_VERSION}"));
+    }
+
+    // 4. bpffs.
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    if !mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "))
+    {
+        println!("setup: mounting bpffs at /sys/fs/bpf");
+        sh(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+        did.push("bpffs mounted at /sys/fs/bpf".into());
+    }
+
+    if did.is_empty() {
+        println!("setup: nothing to do (all prerequisites present)");
+    } else {
+        println!(
+            "setup: done in {:.0}s: {}",
+            start.elapsed().as_secs_f64(),
+            did.join("; ")
+        );
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn demo(root: &Path) -> Result<()> {
+    println!("demo: building (first build takes a few minutes)...");
+    sh(cargo().args(["build", "-p", "sockmesh-tests", "--bins"]))?;
+    sh(&mut Command::new(
+        target_dir(root).join("debug/sockmesh-demo"),
+    ))
+}
+
+fn test(_root: &Path) -> Result<()> {
+    let start = Instant::now();
+    println!("test: cargo fmt --check");
+    sh(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    println!("test: cargo clippy --all-targets -- -D warnings");
+    sh(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    println!("test: cargo test (unit, privileged, end-to-end)");
+    let out = cargo()
+        .args(["test", "--no-fail-fast"])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("spawn cargo test")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    print!("{stdout}");
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for l in stdout.lines().filter(|l| l.starts_with("test result:")) {
+        let num = |word: &str| {
+            l.split(';')
+                .find(|p| p.trim_end().ends_with(word))
+                .and_then(|p| p.split_whitespace().rev().nth(1))
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        passed += num("passed");
+        failed += num("failed");
+    }
+    let leftovers = leftovers();
+    if !leftovers.is_empty() {
+        println!(
+            "test: left behind on the machine:\n  {}",
+            leftovers.join("\n  ")
+        );
+    }
+    println!(
+        "test: {passed} passed, {failed} failed ({:.0}s)",
+        start.elapsed().as_secs_f64()
+    );
+    ensure!(out.status.success(), "cargo test failed");
+    ensure!(
+        leftovers.is_empty(),
+        "tests left namespaces, cgroups or pins behind"
+    );
+    ensure!(passed > 0, "no test ran");
+    Ok(())
+}
+
+/// Sandbox objects still present (every test's names start with sockmesh).
+fn leftovers() -> Vec<String> {
+    let mut left = Vec::new();
+    for (dir, what) in [
+        ("/run/netns", "netns"),
+        ("/sys/fs/bpf", "bpffs pins"),
+        ("/sys/fs/cgroup/unified", "cgroup"),
+    ] {
+        if let Ok(rd) = std::fs::read_dir(dir) {
+            for e in rd.flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if n.starts_with("sockmesh") {
+                    left.push(format!("{what}: {dir}/{n}"));
+                }
+            }
+        }
+    }
+    left
+}
+
+fn bench(root: &Path, what: &str) -> Result<()> {
+    let out_dir = target_dir(root).join("bench");
+    std::fs::create_dir_all(&out_dir)?;
+    let all = what == "all";
+    if !all && !["redirect", "ca"].contains(&what) {
+        bail!("unknown benchmark {what:?}: choose redirect, ca or all");
+    }
+    if all || what == "redirect" {
+        println!("bench: building release binaries...");
+        sh(cargo().args(["build", "--release", "-p", "sockmesh-tests", "--bins"]))?;
+        sh(
+            Command::new(target_dir(root).join("release/sockmesh-bench"))
+                .arg("redirect")
+                .arg(out_dir.join("redirect.json")),
+        )?;
+    }
+    if all || what == "ca" {
+        sh(cargo()
+            .args([
+                "run",
+                "--release",
+                "-p",
+                "mesh-ca",
+                "--example",
+                "bench",
+                "--",
+            ])
+            .arg(out_dir.join("ca.json")))?;
+    }
+    Ok(())
+}

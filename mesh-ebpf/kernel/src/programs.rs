@@ -15,9 +15,9 @@ use aya_ebpf::macros::{cgroup_sock_addr, map, sk_lookup, sk_msg, sock_ops};
 use aya_ebpf::maps::{HashMap, LruHashMap, PerCpuArray, SockHash};
 use aya_ebpf::programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext};
 use mesh_ebpf_common::{
-    AF_INET, AF_INET6, EnrolledNetns, Flow, HBONE_PORT, INBOUND_PLAINTEXT_PORT, IPPROTO_TCP,
-    IpKey, MAX_ENROLLED, MAX_FLOWS, MAX_INBOUND, MAX_SOCKS, OUTBOUND_PORT, OrigDst,
-    PROXY_MARK, PortKey, STAT_COUNT, SockKey, Stat, tcp_state,
+    AF_INET, AF_INET6, EnrolledNetns, Flow, HBONE_PORT, INBOUND_PLAINTEXT_PORT, IPPROTO_TCP, IpKey,
+    MAX_ENROLLED, MAX_FLOWS, MAX_INBOUND, MAX_SOCKS, OUTBOUND_PORT, OrigDst, PROXY_MARK, PortKey,
+    STAT_COUNT, SockKey, Stat, tcp_state,
 };
 
 #[map(name = "sm_enrolled")]
@@ -444,4 +444,3 @@ pub fn sm_sk_lookup(ctx: SkLookupContext) -> u32 {
     }
     sk_action::SK_PASS
 }
-

@@ -61,6 +61,28 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         count: usize,
     },
+    /// A benchmark server: echo every byte back (`--sink`: read until EOF,
+    /// then reply with the byte count as 8 bytes).
+    Bench {
+        #[arg(long, required = true)]
+        listen: Vec<SocketAddr>,
+        #[arg(long)]
+        sink: bool,
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+    },
+    /// A benchmark client: request/response round trips of `--size` bytes,
+    /// or (`--stream BYTES`) one-way throughput to a `--sink` server.
+    Load {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        size: usize,
+        #[arg(long, default_value_t = 10_000)]
+        rounds: usize,
+        #[arg(long)]
+        stream: Option<u64>,
+    },
     /// An app: connect somewhere, then banner or transfer.
     Connect {
         #[arg(long)]
@@ -135,6 +157,17 @@ fn main() -> Result<()> {
                 emit(json!({"event": "accepted", "peer": peer.to_string()}));
             }
         }
+        Cmd::Bench {
+            listen,
+            sink,
+            count,
+        } => bench_server(&listen, sink, count)?,
+        Cmd::Load {
+            to,
+            size,
+            rounds,
+            stream,
+        } => load(to, size, rounds, stream)?,
         Cmd::Connect {
             to,
             mark,
@@ -252,5 +285,122 @@ fn proxy(
         }
         served += 1;
     }
+    Ok(())
+}
+
+fn accept_any(listeners: &[TcpListener]) -> Result<TcpStream> {
+    let deadline = std::time::Instant::now() + IO_TIMEOUT;
+    loop {
+        for l in listeners {
+            match l.accept() {
+                Ok((s, _)) => {
+                    s.set_nonblocking(false)?;
+                    s.set_read_timeout(Some(IO_TIMEOUT))?;
+                    s.set_write_timeout(Some(IO_TIMEOUT))?;
+                    return Ok(s);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "no connection within {IO_TIMEOUT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn bench_server(listen: &[SocketAddr], sink: bool, count: usize) -> Result<()> {
+    use std::io::Read;
+    let listeners = listen
+        .iter()
+        .map(|a| {
+            let l = TcpListener::bind(a).with_context(|| format!("bind {a}"))?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    emit(json!({"event": "listening"}));
+    for _ in 0..count {
+        let mut s = accept_any(&listeners)?;
+        s.set_nodelay(true)?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0u64;
+        loop {
+            let n = match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                // The FIN quirk of blocking sockets in the socket map.
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e.into()),
+            };
+            total += n as u64;
+            if !sink {
+                s.write_all(&buf[..n])?;
+            }
+        }
+        if sink {
+            s.write_all(&total.to_le_bytes())?;
+        }
+    }
+    Ok(())
+}
+
+fn load(to: SocketAddr, size: usize, rounds: usize, stream: Option<u64>) -> Result<()> {
+    use std::io::Read;
+    use std::time::Instant;
+    let mut s = TcpStream::connect(to).with_context(|| format!("connect {to}"))?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    if let Some(total) = stream {
+        let buf = vec![0x42u8; 1 << 20];
+        let start = Instant::now();
+        let mut left = total;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            s.write_all(&buf[..n])?;
+            left -= n as u64;
+        }
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut got = [0u8; 8];
+        s.read_exact(&mut got)?;
+        let secs = start.elapsed().as_secs_f64();
+        anyhow::ensure!(
+            u64::from_le_bytes(got) == total,
+            "sink counted {} of {total} bytes",
+            u64::from_le_bytes(got)
+        );
+        emit(json!({"event": "stream", "bytes": total, "seconds": secs,
+                    "gbit_per_s": total as f64 * 8.0 / secs / 1e9}));
+        return Ok(());
+    }
+    let req = vec![0x17u8; size];
+    let mut resp = vec![0u8; size];
+    let mut lat_ns: Vec<u64> = Vec::with_capacity(rounds);
+    // Warm-up rounds are not recorded.
+    for i in 0..rounds + rounds / 10 {
+        let t = Instant::now();
+        s.write_all(&req)?;
+        let mut got = 0;
+        while got < size {
+            match s.read(&mut resp[got..]) {
+                Ok(0) => anyhow::bail!("server closed after {i} rounds"),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if i >= rounds / 10 {
+            lat_ns.push(t.elapsed().as_nanos() as u64);
+        }
+    }
+    s.shutdown(std::net::Shutdown::Write)?;
+    lat_ns.sort_unstable();
+    let pct = |p: f64| lat_ns[((lat_ns.len() as f64 - 1.0) * p).round() as usize] as f64 / 1000.0;
+    emit(json!({"event": "rr", "size": size, "rounds": lat_ns.len(),
+                "p50_us": pct(0.50), "p99_us": pct(0.99),
+                "mean_us": lat_ns.iter().sum::<u64>() as f64 / lat_ns.len() as f64 / 1000.0}));
     Ok(())
 }
