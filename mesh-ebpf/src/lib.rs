@@ -93,6 +93,15 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// A delete of a missing key: aya reports the syscall's ENOENT.
+fn is_not_found(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(e) => e.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
     move |source| Error::Io {
         path: path.to_owned(),
@@ -397,7 +406,8 @@ impl Datapath {
     /// Stops capturing the namespace with this cookie. Idempotent.
     pub fn unenroll(&mut self, cookie: u64) -> Result<()> {
         match self.enrolled.remove(&cookie) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Ok(()) => {}
+            Err(e) if is_not_found(&e) => {}
             Err(source) => {
                 return Err(Error::Map {
                     map: maps::ENROLLED,
@@ -477,7 +487,8 @@ impl Datapath {
     /// Removes a flow (closed flows, once folded into totals by the reader).
     pub fn forget_flow(&mut self, cookie: u64) -> Result<()> {
         match self.flows.remove(&cookie) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
             Err(source) => Err(Error::Map {
                 map: maps::FLOWS,
                 action: format!("remove flow {cookie}"),
@@ -528,7 +539,8 @@ impl Datapath {
             family: family as u32,
         };
         match self.inbound.remove(&key) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
             Err(source) => Err(Error::Map {
                 map: maps::INBOUND,
                 action: format!("remove inbound listener of {pod_ip}"),

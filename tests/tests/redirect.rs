@@ -102,14 +102,18 @@ fn connect_lands_on_the_outbound_listener_which_recovers_the_original_destinatio
 
 #[test]
 fn marked_sockets_and_unenrolled_namespaces_are_not_redirected() -> Result<()> {
-    let (mut sb, pod, dp) = pod_sandbox()?;
+    let (mut sb, pod, mut dp) = pod_sandbox()?;
     let other = sb.add_netns("other")?;
     let mut servers = Vec::new();
     for ns in [&pod, &other] {
         // A local address (on lo: this kernel has no dummy driver); the
         // hooks only leave 127/8 and ::1 alone, so 10.77.0.5 is capturable.
         sb.ip(ns, &["addr", "add", "10.77.0.5/32", "dev", "lo"])?;
-        let mut s = sb.probe(ns, &["server", "--listen", "10.77.0.5:8080"])?;
+        let count = if ns == &pod { "2" } else { "1" };
+        let mut s = sb.probe(
+            ns,
+            &["server", "--listen", "10.77.0.5:8080", "--count", count],
+        )?;
         expect_event(&mut s, "listening")?;
         servers.push(s);
     }
@@ -131,6 +135,15 @@ fn marked_sockets_and_unenrolled_namespaces_are_not_redirected() -> Result<()> {
         "proxy 10.77.0.5:8080"
     );
     proxy.wait(T)?;
+    // Unenrolled, the pod's connects go where they asked again (twice: idempotent).
+    let cookie = mesh_ebpf::netns::cookie(&pod)?;
+    dp.unenroll(cookie)?;
+    dp.unenroll(cookie)?;
+    assert!(!dp.enrolled()?.contains(&cookie));
+    assert_eq!(
+        banner(&sb, &pod, "10.77.0.5:8080", false)?,
+        "server 10.77.0.5:8080"
+    );
     for s in servers {
         s.wait(T)?;
     }
