@@ -87,3 +87,84 @@ pub fn current_cookie() -> io::Result<u64> {
     )?;
     cookie_of_socket(&sock)
 }
+
+/// Makes sockets inside one pod's network namespace from any thread: enters
+/// the pod netns, creates the socket, returns to the thread's own netns —
+/// two `setns` calls, no thread hop, so it is cheap enough per connection.
+/// A socket keeps the netns it was created in for its whole life.
+#[derive(Debug)]
+pub struct PodSockets {
+    path: PathBuf,
+    pod: std::os::fd::OwnedFd,
+}
+
+impl PodSockets {
+    pub fn open(netns: &Path) -> Result<Self, NetnsError> {
+        let pod = File::open(netns)
+            .map_err(|source| NetnsError {
+                path: netns.to_owned(),
+                action: "open",
+                source,
+            })?
+            .into();
+        Ok(PodSockets {
+            path: netns.to_owned(),
+            pod,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` with the calling thread inside the pod netns, then puts the
+    /// thread back. If the thread cannot be put back the process aborts:
+    /// carrying on in the wrong namespace would send traffic from the wrong
+    /// place.
+    pub fn within<T>(&self, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+        let home = File::open("/proc/thread-self/ns/net")?;
+        setns(self.pod.as_fd(), CloneFlags::CLONE_NEWNET)
+            .map_err(|e| io::Error::other(format!("setns {}: {e}", self.path.display())))?;
+        let out = f();
+        if let Err(e) = setns(home.as_fd(), CloneFlags::CLONE_NEWNET) {
+            eprintln!("fatal: cannot return from netns {}: {e}", self.path.display());
+            std::process::abort();
+        }
+        out
+    }
+
+    /// An unconnected, non-blocking TCP socket in the pod netns, carrying
+    /// `mark` (SO_MARK) when given.
+    pub fn tcp_socket(&self, ipv6: bool, mark: Option<u32>) -> io::Result<std::net::TcpStream> {
+        use nix::sys::socket::{setsockopt, sockopt};
+        let family = if ipv6 {
+            AddressFamily::Inet6
+        } else {
+            AddressFamily::Inet
+        };
+        let fd = self.within(|| {
+            Ok(socket(
+                family,
+                SockType::Stream,
+                SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+                None,
+            )?)
+        })?;
+        if let Some(mark) = mark {
+            setsockopt(&fd, sockopt::Mark, &mark)?;
+        }
+        Ok(std::net::TcpStream::from(fd))
+    }
+
+    /// A non-blocking listener bound to `addr` in the pod netns.
+    pub fn listen(&self, addr: std::net::SocketAddr) -> io::Result<std::net::TcpListener> {
+        let l = self.within(|| std::net::TcpListener::bind(addr))?;
+        l.set_nonblocking(true)?;
+        Ok(l)
+    }
+
+    /// The cookie of the pod's netns.
+    pub fn cookie(&self) -> io::Result<u64> {
+        self.within(current_cookie)
+    }
+}
