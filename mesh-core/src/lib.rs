@@ -1,1 +1,6 @@
+#![forbid(unsafe_code)]
+//! Types every part of sockmesh shares.
 
+pub mod ca;
+pub mod identity;
+pub mod registry;

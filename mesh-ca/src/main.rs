@@ -1,0 +1,250 @@
+#![forbid(unsafe_code)]
+//! `mesh-ca`: the sockmesh certificate authority. Thin: parse and check the
+//! configuration, build the runtime, call the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use mesh_ca::roots::{RootSource, RootStore};
+use mesh_ca::{Ca, CaConfig, CaServer, FileTokenAuthenticator, auth};
+use mesh_core::registry::FileRegistry;
+
+const EXAMPLES: &str = "\
+Examples:
+  # Serve: generate a root on first start in the state dir, keep it after.
+  mesh-ca --trust-domain cluster.local --state-dir /var/lib/sockmesh/ca \\
+          --registry /etc/sockmesh/registry.yaml --listen 0.0.0.0:15012
+
+  # Serve with a CA cert-manager wrote (tls.crt, tls.key, ca.crt in one dir).
+  mesh-ca --trust-domain cluster.local --plugged-ca /etc/sockmesh/ca \\
+          --tokens-dir /etc/sockmesh/node-tokens --registry /etc/sockmesh/registry.yaml
+
+  # Create node-1's token (file mode 0600); its proxy presents it as a Bearer token.
+  mesh-ca node-token --tokens-dir /var/lib/sockmesh/ca/node-tokens node-1
+
+  # Rotate the generated root without downtime; a running CA picks each step up.
+  mesh-ca root --state-dir /var/lib/sockmesh/ca --trust-domain cluster.local prepare
+  #   ... wait until every proxy has fetched the new trust bundle, then:
+  mesh-ca root --state-dir /var/lib/sockmesh/ca --trust-domain cluster.local activate
+  #   ... wait until every certificate of the old root is renewed (one TTL), then:
+  mesh-ca root --state-dir /var/lib/sockmesh/ca --trust-domain cluster.local retire
+
+Proxies trust <state-dir>/trust-bundle.pem (or ca.crt of a plugged CA) for the CA's
+own TLS certificate; its names are set with --server-name.";
+
+/// Signs short-lived SPIFFE X.509-SVIDs for meshed pods, over HTTPS (TLS 1.3),
+/// for node proxies that prove which node they run on.
+#[derive(Debug, Parser)]
+#[command(name = "mesh-ca", version, after_help = EXAMPLES,
+          args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct Config {
+    #[command(subcommand)]
+    command: Option<Command>,
+
+    /// Trust domain of the identities issued (spiffe://<trust-domain>/ns/…/sa/…).
+    #[arg(long, required = true, value_name = "DOMAIN")]
+    trust_domain: Option<String>,
+
+    /// Keep a generated root (and, by default, the node tokens) in this directory.
+    #[arg(
+        long,
+        value_name = "DIR",
+        required_unless_present = "plugged_ca",
+        conflicts_with = "plugged_ca"
+    )]
+    state_dir: Option<PathBuf>,
+
+    /// Sign with the CA in this directory: tls.crt, tls.key, ca.crt (cert-manager layout).
+    #[arg(long, value_name = "DIR")]
+    plugged_ca: Option<PathBuf>,
+
+    /// Directory of <node>.token files [default: <state-dir>/node-tokens].
+    #[arg(long, value_name = "DIR")]
+    tokens_dir: Option<PathBuf>,
+
+    /// Workload registry file (nodes and pods), re-read when it changes.
+    #[arg(long, required = true, value_name = "FILE")]
+    registry: Option<PathBuf>,
+
+    /// Address of the HTTPS API.
+    #[arg(long, default_value = "0.0.0.0:15012", value_name = "ADDR")]
+    listen: SocketAddr,
+
+    /// Also serve /metrics in plain HTTP here (it is always on the HTTPS port too).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
+
+    /// Lifetime of certificates when the request names none (e.g. 24h, 90m, 3600s).
+    #[arg(long, default_value = "24h", value_parser = parse_duration, value_name = "DURATION")]
+    default_ttl: Duration,
+
+    /// Longest lifetime a request may ask for; longer requests are refused. At most 30d.
+    #[arg(long, default_value = "48h", value_parser = parse_duration, value_name = "DURATION")]
+    max_ttl: Duration,
+
+    /// DNS name or IP of the CA's own TLS certificate (repeatable).
+    #[arg(long = "server-name", value_name = "NAME",
+          default_values_t = ["mesh-ca".to_string(), "localhost".to_string(), "127.0.0.1".to_string()])]
+    server_names: Vec<String>,
+
+    /// How often to look for changes of the registry and the root files.
+    #[arg(long, default_value = "2s", value_parser = parse_duration, value_name = "DURATION")]
+    reload_interval: Duration,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create (or replace) a node's token file and print its path.
+    NodeToken {
+        #[arg(long, value_name = "DIR")]
+        tokens_dir: PathBuf,
+        /// Node name, as in the registry.
+        node: String,
+    },
+    /// Rotate the generated root, one step at a time.
+    Root {
+        #[arg(long, value_name = "DIR")]
+        state_dir: PathBuf,
+        #[arg(long, value_name = "DOMAIN")]
+        trust_domain: String,
+        #[arg(value_enum)]
+        step: RootStep,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum RootStep {
+    /// Make a new root and trust it; the current root keeps signing.
+    Prepare,
+    /// Sign with the prepared root; the old one stays trusted.
+    Activate,
+    /// Stop trusting the previous roots.
+    Retire,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number and a unit (s, m, h, d), e.g. 24h"))?;
+    let secs = match unit {
+        "s" | "" => n,
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3600),
+        "d" => n.saturating_mul(86400),
+        _ => return Err(format!("{s:?}: unknown unit {unit:?}; use s, m, h or d")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+fn main() -> Result<()> {
+    let config = Config::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match config.command {
+        Some(Command::NodeToken { tokens_dir, node }) => {
+            auth::create_node_token(&tokens_dir, &node)
+                .with_context(|| format!("creating the token of node {node}"))?;
+            println!("{}", auth::node_token_path(&tokens_dir, &node).display());
+            Ok(())
+        }
+        Some(Command::Root {
+            state_dir,
+            trust_domain,
+            step,
+        }) => {
+            let store = RootStore::new(&state_dir);
+            match step {
+                RootStep::Prepare => store.prepare(&trust_domain, std::time::SystemTime::now()),
+                RootStep::Activate => store.activate(&trust_domain),
+                RootStep::Retire => store.retire(&trust_domain),
+            }
+            .with_context(|| format!("root {step:?} in {}", state_dir.display()))?;
+            println!("{}", serde_json::to_string_pretty(&store.status()?)?);
+            Ok(())
+        }
+        None => serve(config),
+    }
+}
+
+fn serve(config: Config) -> Result<()> {
+    // Everything is checked and loaded before any socket is bound.
+    let (Some(trust_domain), Some(registry_path)) = (config.trust_domain, config.registry) else {
+        bail!("--trust-domain and --registry are required");
+    };
+    let (roots, tokens_dir) = match (config.state_dir, config.plugged_ca) {
+        (Some(dir), None) => {
+            let tokens = config.tokens_dir.unwrap_or_else(|| dir.join("node-tokens"));
+            (RootSource::StateDir(dir), tokens)
+        }
+        (None, Some(dir)) => {
+            let Some(tokens) = config.tokens_dir else {
+                bail!(
+                    "--tokens-dir is required with --plugged-ca {}",
+                    dir.display()
+                );
+            };
+            (RootSource::Plugged(dir), tokens)
+        }
+        _ => bail!("give exactly one of --state-dir and --plugged-ca"),
+    };
+    if config.metrics_listen == Some(config.listen) {
+        bail!("--metrics-listen {} is the same as --listen", config.listen);
+    }
+    let mut ca_config = CaConfig::new(&trust_domain, roots);
+    ca_config.default_ttl = config.default_ttl;
+    ca_config.max_ttl = config.max_ttl;
+    ca_config.server_names = config.server_names;
+    ca_config.validate()?;
+    let registry = Arc::new(FileRegistry::load(&registry_path)?);
+    let authenticator = FileTokenAuthenticator::load(&tokens_dir)
+        .with_context(|| format!("loading node tokens from {}", tokens_dir.display()))?;
+    if authenticator.nodes().next().is_none() {
+        tracing::warn!(dir = %tokens_dir.display(), "no node tokens: every sign request will be refused");
+    }
+    let ca = Ca::new(ca_config, Arc::new(authenticator), registry.clone())?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("building the tokio runtime")?;
+    runtime.block_on(async move {
+        let server = CaServer::bind(ca.clone(), config.listen).await?;
+        let metrics = match config.metrics_listen {
+            Some(addr) => Some(CaServer::bind_metrics(ca.clone(), addr).await?),
+            None => None,
+        };
+        let mut tick = tokio::time::interval(config.reload_interval);
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => break,
+                _ = tick.tick() => {
+                    match registry.reload_if_changed() {
+                        Ok(true) => tracing::info!(path = %registry.path().display(), "registry reloaded"),
+                        Ok(false) => {}
+                        Err(e) => tracing::warn!(error = %e, "registry reload failed; keeping the last good one"),
+                    }
+                    if let Err(e) = ca.reload_roots_if_changed() {
+                        tracing::warn!(error = %e, "root reload failed; keeping the current roots");
+                    }
+                }
+            }
+        }
+        tracing::info!("shutting down");
+        server.shutdown().await;
+        if let Some(m) = metrics {
+            m.shutdown().await;
+        }
+        anyhow::Ok(())
+    })
+}

@@ -1,0 +1,212 @@
+//! The node proxy's HTTP/1 side doors: admin (localhost:15000), Prometheus
+//! metrics (:15020) and readiness (:15021). They run on the control runtime,
+//! never on the data-plane workers.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::drain;
+
+/// What the side doors show. Implemented by the running proxy.
+pub trait AdminState: Send + Sync + 'static {
+    fn config_dump(&self) -> serde_json::Value;
+    fn workloads(&self) -> serde_json::Value;
+    fn certs(&self) -> serde_json::Value;
+    fn flows(&self) -> serde_json::Value;
+    fn stats(&self) -> serde_json::Value;
+    /// Replaces the log filter (`RUST_LOG` syntax).
+    fn set_log_level(&self, filter: &str) -> Result<(), String>;
+    fn log_level(&self) -> String;
+    /// `Err(reason)` while not ready.
+    fn ready(&self) -> Result<(), String>;
+    /// Prometheus text exposition.
+    fn metrics(&self) -> String;
+}
+
+/// Which door a listener is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Door {
+    Admin,
+    Metrics,
+    Readiness,
+}
+
+const HELP: &str = "sockmesh node proxy admin\n\
+GET  /config_dump        configuration and data-path mode\n\
+GET  /workloads          pods this node serves (enrolled, listeners, identity)\n\
+GET  /certs              certificate state per identity\n\
+GET  /flows              live flows from the kernel flow map\n\
+GET  /stats              kernel event counters\n\
+GET  /logging            current log filter\n\
+POST /logging?level=F    set the log filter (RUST_LOG syntax), e.g. level=debug,mesh_proxy=trace\n";
+
+fn text(status: StatusCode, body: impl Into<Bytes>, content_type: &str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    if let Ok(v) = http::HeaderValue::from_str(content_type) {
+        r.headers_mut().insert(http::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+fn json(v: serde_json::Value) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec_pretty(&v).unwrap_or_default();
+    text(StatusCode::OK, body, "application/json")
+}
+
+fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
+    query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v)
+}
+
+/// Routes one request. Public for tests.
+pub fn route(door: Door, state: &dyn AdminState, method: &Method, path: &str, query: &str) -> Response<Full<Bytes>> {
+    match (door, method, path) {
+        (Door::Readiness, &Method::GET, "/healthz/ready") => match state.ready() {
+            Ok(()) => text(StatusCode::OK, "ready\n", "text/plain"),
+            Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n"), "text/plain"),
+        },
+        (Door::Metrics, &Method::GET, "/metrics" | "/stats/prometheus") => text(
+            StatusCode::OK,
+            state.metrics(),
+            "text/plain; version=0.0.4; charset=utf-8",
+        ),
+        (Door::Admin, &Method::GET, "/") => text(StatusCode::OK, HELP, "text/plain"),
+        (Door::Admin, &Method::GET, "/config_dump") => json(state.config_dump()),
+        (Door::Admin, &Method::GET, "/workloads") => json(state.workloads()),
+        (Door::Admin, &Method::GET, "/certs") => json(state.certs()),
+        (Door::Admin, &Method::GET, "/flows") => json(state.flows()),
+        (Door::Admin, &Method::GET, "/stats") => json(state.stats()),
+        (Door::Admin, &Method::GET, "/logging") => {
+            text(StatusCode::OK, format!("{}\n", state.log_level()), "text/plain")
+        }
+        (Door::Admin, &Method::POST, "/logging") => match query_param(query, "level") {
+            None => text(
+                StatusCode::BAD_REQUEST,
+                "missing ?level=FILTER (RUST_LOG syntax, e.g. level=debug)\n",
+                "text/plain",
+            ),
+            Some(level) => match state.set_log_level(level) {
+                Ok(()) => text(StatusCode::OK, format!("log filter set to {level}\n"), "text/plain"),
+                Err(e) => text(StatusCode::BAD_REQUEST, format!("bad log filter {level:?}: {e}\n"), "text/plain"),
+            },
+        },
+        _ => text(
+            StatusCode::NOT_FOUND,
+            format!("no such endpoint: {method} {path}\n\n{}", if door == Door::Admin { HELP } else { "" }),
+            "text/plain",
+        ),
+    }
+}
+
+/// Serves one door until drained. Each connection gets a read timeout so a
+/// stuck client cannot pin a task forever.
+pub async fn serve(listener: TcpListener, door: Door, state: Arc<dyn AdminState>, mut drain: drain::Watch) {
+    loop {
+        let accepted = tokio::select! {
+            _ = drain.signaled() => return,
+            a = listener.accept() => a,
+        };
+        let (stream, _) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(?door, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let state = state.clone();
+                async move {
+                    let query = req.uri().query().unwrap_or("").to_owned();
+                    Ok::<_, Infallible>(route(door, state.as_ref(), req.method(), req.uri().path(), &query))
+                }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc);
+            if let Err(e) = tokio::time::timeout(Duration::from_secs(60), conn).await {
+                tracing::debug!(?door, error = %e, "admin connection timed out");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Fake {
+        level: Mutex<String>,
+        ready: bool,
+    }
+    impl AdminState for Fake {
+        fn config_dump(&self) -> serde_json::Value {
+            serde_json::json!({"node": "n1"})
+        }
+        fn workloads(&self) -> serde_json::Value {
+            serde_json::json!([])
+        }
+        fn certs(&self) -> serde_json::Value {
+            serde_json::json!([])
+        }
+        fn flows(&self) -> serde_json::Value {
+            serde_json::json!([])
+        }
+        fn stats(&self) -> serde_json::Value {
+            serde_json::json!({})
+        }
+        fn set_log_level(&self, f: &str) -> Result<(), String> {
+            if f.contains(' ') {
+                return Err("spaces".into());
+            }
+            *self.level.lock().unwrap() = f.into();
+            Ok(())
+        }
+        fn log_level(&self) -> String {
+            self.level.lock().unwrap().clone()
+        }
+        fn ready(&self) -> Result<(), String> {
+            if self.ready { Ok(()) } else { Err("pod default/web: no certificate yet".into()) }
+        }
+        fn metrics(&self) -> String {
+            "x 1\n".into()
+        }
+    }
+
+    #[test]
+    fn doors_route_only_their_own_endpoints() {
+        let s = Fake::default();
+        assert_eq!(route(Door::Admin, &s, &Method::GET, "/config_dump", "").status(), 200);
+        assert_eq!(route(Door::Metrics, &s, &Method::GET, "/config_dump", "").status(), 404);
+        assert_eq!(route(Door::Metrics, &s, &Method::GET, "/metrics", "").status(), 200);
+        assert_eq!(route(Door::Readiness, &s, &Method::GET, "/healthz/ready", "").status(), 503);
+        let ready = Fake { ready: true, ..Fake::default() };
+        assert_eq!(route(Door::Readiness, &ready, &Method::GET, "/healthz/ready", "").status(), 200);
+    }
+
+    #[test]
+    fn log_level_is_switchable_and_bad_filters_name_the_value() {
+        let s = Fake::default();
+        assert_eq!(route(Door::Admin, &s, &Method::POST, "/logging", "level=debug").status(), 200);
+        assert_eq!(s.log_level(), "debug");
+        assert_eq!(route(Door::Admin, &s, &Method::POST, "/logging", "").status(), 400);
+        assert_eq!(route(Door::Admin, &s, &Method::POST, "/logging", "level=a b").status(), 400);
+    }
+}

@@ -1,0 +1,298 @@
+//! Talking to the CA: the [`CaClient`] trait and its HTTPS implementation.
+
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::rt::TokioIo;
+use mesh_core::ca::{
+    ErrorResponse, MAX_RESPONSE_BYTES, SIGN_PATH, SignRequest, SignResponse, TRUST_BUNDLE_PATH,
+    TrustBundleResponse,
+};
+use mesh_core::identity::{Clock, SystemClock};
+use rustls::pki_types::{CertificateDer, ServerName};
+
+use super::tls::ClockTime;
+
+/// Why a call to the CA failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CaClientError {
+    #[error("CA {addr}: connect: {reason}")]
+    Connect { addr: SocketAddr, reason: String },
+    #[error("CA {addr}: TLS: {reason}")]
+    Tls { addr: SocketAddr, reason: String },
+    #[error("CA {addr}: HTTP: {reason}")]
+    Http { addr: SocketAddr, reason: String },
+    #[error("CA {addr}: {path} answered {status}: {message}")]
+    Status {
+        addr: SocketAddr,
+        path: &'static str,
+        status: u16,
+        message: String,
+    },
+    #[error("CA {addr}: {path}: response does not decode: {reason}")]
+    Decode {
+        addr: SocketAddr,
+        path: &'static str,
+        reason: String,
+    },
+    #[error("CA {addr}: no answer within {after:?}")]
+    Timeout { addr: SocketAddr, after: Duration },
+    #[error("CA client configuration: {0}")]
+    Config(String),
+}
+
+pub type CaFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, CaClientError>> + Send + 'a>>;
+
+/// What the certificate manager needs from a CA.
+pub trait CaClient: Send + Sync + fmt::Debug {
+    fn sign<'a>(&'a self, request: &'a SignRequest) -> CaFuture<'a, SignResponse>;
+    fn trust_bundle(&self) -> CaFuture<'_, TrustBundleResponse>;
+    /// The workload trust bundle changed (e.g. a root rotation began): a
+    /// client that authenticates the CA with it should trust these roots too.
+    fn update_trust(&self, _roots: &[CertificateDer<'static>]) {}
+}
+
+/// How to reach and authenticate to the CA.
+#[derive(Clone)]
+pub struct CaClientConfig {
+    pub address: SocketAddr,
+    /// Name the CA's TLS certificate must carry (e.g. `mesh-ca`).
+    pub server_name: String,
+    /// Roots that vouch for the CA's TLS certificate (the trust bundle file).
+    pub trust_anchors: Vec<CertificateDer<'static>>,
+    /// This node's credential, sent as `Authorization: Bearer`.
+    pub token: String,
+    /// Bound on one whole call (connect, handshake, request, response).
+    pub timeout: Duration,
+    /// Time the CA's certificate is judged by.
+    pub clock: Arc<dyn Clock>,
+}
+
+impl fmt::Debug for CaClientConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CaClientConfig")
+            .field("address", &self.address)
+            .field("server_name", &self.server_name)
+            .field("trust_anchors", &self.trust_anchors.len())
+            .field("token", &"<redacted>")
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+impl CaClientConfig {
+    pub fn new(
+        address: SocketAddr,
+        server_name: &str,
+        trust_anchors: Vec<CertificateDer<'static>>,
+        token: String,
+    ) -> Self {
+        CaClientConfig {
+            address,
+            server_name: server_name.to_owned(),
+            trust_anchors,
+            token,
+            timeout: Duration::from_secs(10),
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+/// The CA over HTTPS (TLS 1.3, ring), one short connection per call.
+pub struct HttpsCaClient {
+    config: CaClientConfig,
+    server_name: ServerName<'static>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    tls: RwLock<Arc<rustls::ClientConfig>>,
+}
+
+impl fmt::Debug for HttpsCaClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpsCaClient")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HttpsCaClient {
+    pub fn new(config: CaClientConfig) -> Result<Self, CaClientError> {
+        let server_name = ServerName::try_from(config.server_name.clone()).map_err(|_| {
+            CaClientError::Config(format!(
+                "CA server name {:?} is not a DNS name or IP",
+                config.server_name
+            ))
+        })?;
+        if config.trust_anchors.is_empty() {
+            return Err(CaClientError::Config(
+                "no trust anchors for the CA's certificate".into(),
+            ));
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = tls_config(&provider, &config, &[])?;
+        Ok(HttpsCaClient {
+            config,
+            server_name,
+            provider,
+            tls: RwLock::new(tls),
+        })
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &'static str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Bytes, CaClientError> {
+        let addr = self.config.address;
+        let after = self.config.timeout;
+        tokio::time::timeout(after, self.call_inner(method, path, body))
+            .await
+            .map_err(|_| CaClientError::Timeout { addr, after })?
+    }
+
+    async fn call_inner(
+        &self,
+        method: Method,
+        path: &'static str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Bytes, CaClientError> {
+        let addr = self.config.address;
+        let tcp =
+            tokio::net::TcpStream::connect(addr)
+                .await
+                .map_err(|e| CaClientError::Connect {
+                    addr,
+                    reason: e.to_string(),
+                })?;
+        let _ = tcp.set_nodelay(true);
+        let tls = self
+            .tls
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let stream = tokio_rustls::TlsConnector::from(tls)
+            .connect(self.server_name.clone(), tcp)
+            .await
+            .map_err(|e| CaClientError::Tls {
+                addr,
+                reason: e.to_string(),
+            })?;
+        let http_err = |e: &dyn fmt::Display| CaClientError::Http {
+            addr,
+            reason: e.to_string(),
+        };
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| http_err(&e))?;
+        let driver = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, self.config.server_name.as_str())
+            .header(
+                header::AUTHORIZATION,
+                format!("Bearer {}", self.config.token),
+            );
+        if body.is_some() {
+            req = req.header(header::CONTENT_TYPE, "application/json");
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| http_err(&e))?;
+        let result = async {
+            let resp = sender.send_request(req).await.map_err(|e| http_err(&e))?;
+            let status = resp.status();
+            let bytes = Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
+                .collect()
+                .await
+                .map_err(|e| http_err(&e))?
+                .to_bytes();
+            if status != StatusCode::OK {
+                let message = serde_json::from_slice::<ErrorResponse>(&bytes)
+                    .map(|e| e.error)
+                    .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+                return Err(CaClientError::Status {
+                    addr,
+                    path,
+                    status: status.as_u16(),
+                    message,
+                });
+            }
+            Ok(bytes)
+        }
+        .await;
+        driver.abort();
+        result
+    }
+}
+
+fn tls_config(
+    provider: &Arc<rustls::crypto::CryptoProvider>,
+    config: &CaClientConfig,
+    extra: &[CertificateDer<'static>],
+) -> Result<Arc<rustls::ClientConfig>, CaClientError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, _) =
+        roots.add_parsable_certificates(config.trust_anchors.iter().chain(extra).cloned());
+    if added == 0 {
+        return Err(CaClientError::Config(
+            "none of the CA trust anchors parse as certificates".into(),
+        ));
+    }
+    let mut tls = rustls::ClientConfig::builder_with_details(
+        provider.clone(),
+        Arc::new(ClockTime(config.clock.clone())),
+    )
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .map_err(|e| CaClientError::Config(e.to_string()))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(tls))
+}
+
+impl CaClient for HttpsCaClient {
+    fn sign<'a>(&'a self, request: &'a SignRequest) -> CaFuture<'a, SignResponse> {
+        Box::pin(async move {
+            let addr = self.config.address;
+            let body = serde_json::to_vec(request).map_err(|e| CaClientError::Decode {
+                addr,
+                path: SIGN_PATH,
+                reason: e.to_string(),
+            })?;
+            let bytes = self.call(Method::POST, SIGN_PATH, Some(body)).await?;
+            serde_json::from_slice(&bytes).map_err(|e| CaClientError::Decode {
+                addr,
+                path: SIGN_PATH,
+                reason: e.to_string(),
+            })
+        })
+    }
+
+    fn trust_bundle(&self) -> CaFuture<'_, TrustBundleResponse> {
+        Box::pin(async move {
+            let bytes = self.call(Method::GET, TRUST_BUNDLE_PATH, None).await?;
+            serde_json::from_slice(&bytes).map_err(|e| CaClientError::Decode {
+                addr: self.config.address,
+                path: TRUST_BUNDLE_PATH,
+                reason: e.to_string(),
+            })
+        })
+    }
+
+    fn update_trust(&self, roots: &[CertificateDer<'static>]) {
+        match tls_config(&self.provider, &self.config, roots) {
+            Ok(cfg) => *self.tls.write().unwrap_or_else(PoisonError::into_inner) = cfg,
+            Err(e) => tracing::warn!(error = %e, "keeping the CA client's trust anchors"),
+        }
+    }
+}
