@@ -3,4 +3,5 @@
 
 pub mod ca;
 pub mod identity;
+pub mod policy;
 pub mod registry;

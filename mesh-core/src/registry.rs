@@ -16,6 +16,20 @@
 //!     service_account: web
 //!     ips: [10.10.1.2]
 //!     labels: {app: web}
+//!     netns: /run/netns/sockmesh-demo-default-web-1   # local mesh only
+//! services:
+//!   - namespace: default
+//!     name: web
+//!     vip: 10.96.0.10
+//!     ports: [{port: 80, target_port: 8080}]
+//!     selector: {app: web}
+//! policies:
+//!   - apiVersion: security.sockmesh.io/v1
+//!     kind: AuthorizationPolicy
+//!     metadata: {name: deny-other, namespace: default}
+//!     spec:
+//!       action: DENY
+//!       rules: [{from: [{source: {namespaces: [other]}}]}]
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -45,6 +59,47 @@ pub struct Pod {
     pub service_account: String,
     pub ips: Vec<IpAddr>,
     pub labels: BTreeMap<String, String>,
+    /// The pod's network namespace, where the node learns it from the file
+    /// (the local mesh); in Kubernetes the CNI plugin hands it over.
+    pub netns: Option<PathBuf>,
+}
+
+/// A Service: a virtual IP whose ports lead to the pods its selector picks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub namespace: String,
+    pub name: String,
+    pub vip: IpAddr,
+    pub ports: Vec<ServicePort>,
+    pub selector: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServicePort {
+    pub port: u16,
+    pub target_port: u16,
+}
+
+impl Service {
+    /// Whether the selector picks `pod` (same namespace, every selector label
+    /// present with the same value; an empty selector picks nothing, as in
+    /// Kubernetes).
+    pub fn selects(&self, pod: &Pod) -> bool {
+        pod.namespace == self.namespace
+            && !self.selector.is_empty()
+            && self
+                .selector
+                .iter()
+                .all(|(k, v)| pod.labels.get(k) == Some(v))
+    }
+
+    /// The pod port behind service port `port`.
+    pub fn target_port(&self, port: u16) -> Option<u16> {
+        self.ports
+            .iter()
+            .find(|p| p.port == port)
+            .map(|p| p.target_port)
+    }
 }
 
 impl Pod {
@@ -99,6 +154,30 @@ struct RawFile {
     nodes: Vec<RawNode>,
     #[serde(default)]
     pods: Vec<RawPod>,
+    #[serde(default)]
+    services: Vec<RawService>,
+    /// AuthorizationPolicy documents, as in Kubernetes (see `policy`).
+    #[serde(default)]
+    policies: Option<serde_yaml::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    namespace: String,
+    name: String,
+    vip: String,
+    ports: Vec<RawServicePort>,
+    #[serde(default)]
+    selector: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServicePort {
+    port: u16,
+    #[serde(default)]
+    target_port: Option<u16>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -120,6 +199,8 @@ struct RawPod {
     ips: Vec<String>,
     #[serde(default)]
     labels: BTreeMap<String, String>,
+    #[serde(default)]
+    netns: Option<PathBuf>,
 }
 
 fn default_service_account() -> String {
@@ -131,6 +212,25 @@ fn default_service_account() -> String {
 pub struct Snapshot {
     pub nodes: Vec<Node>,
     pub pods: Vec<Pod>,
+    pub services: Vec<Service>,
+    pub policies: Vec<crate::policy::AuthorizationPolicy>,
+}
+
+impl Snapshot {
+    /// The pod that has `ip`.
+    pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&Pod> {
+        self.pods.iter().find(|p| p.ips.contains(&ip))
+    }
+
+    /// The Service whose virtual IP is `ip`.
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Service> {
+        self.services.iter().find(|s| s.vip == ip)
+    }
+
+    /// The pods a Service selects, in file order.
+    pub fn endpoints<'a>(&'a self, service: &'a Service) -> impl Iterator<Item = &'a Pod> + 'a {
+        self.pods.iter().filter(move |p| service.selects(p))
+    }
 }
 
 impl Snapshot {
@@ -205,9 +305,75 @@ impl Snapshot {
                 service_account: p.service_account,
                 ips,
                 labels: p.labels,
+                netns: p.netns,
             });
         }
-        Ok(Snapshot { nodes, pods })
+        let mut services = Vec::with_capacity(raw.services.len());
+        let mut vips = BTreeSet::new();
+        let mut service_names = BTreeSet::new();
+        for s in raw.services {
+            let what = format!("service {}/{}", s.namespace, s.name);
+            identity::validate_namespace(&s.namespace)
+                .map_err(|e| invalid(what.clone(), e.to_string()))?;
+            if identity::validate_service_account(&s.name).is_err() {
+                return Err(invalid(
+                    what,
+                    format!("name {:?}: must be a DNS-1123 label", s.name),
+                ));
+            }
+            if !service_names.insert((s.namespace.clone(), s.name.clone())) {
+                return Err(invalid(what, "listed twice".into()));
+            }
+            let vip: IpAddr = s
+                .vip
+                .parse()
+                .map_err(|e| invalid(what.clone(), format!("vip {:?}: {e}", s.vip)))?;
+            if !vips.insert(vip) || pods.iter().any(|p| p.ips.contains(&vip)) {
+                return Err(invalid(what, format!("vip {vip} is already in use")));
+            }
+            if s.ports.is_empty() {
+                return Err(invalid(what, "ports: at least one port is needed".into()));
+            }
+            let mut ports = Vec::with_capacity(s.ports.len());
+            for p in &s.ports {
+                let target_port = p.target_port.unwrap_or(p.port);
+                if p.port == 0 || target_port == 0 {
+                    return Err(invalid(
+                        what,
+                        format!("port {}->{target_port}: 0 is not a port", p.port),
+                    ));
+                }
+                if ports.iter().any(|q: &ServicePort| q.port == p.port) {
+                    return Err(invalid(what, format!("port {} listed twice", p.port)));
+                }
+                ports.push(ServicePort {
+                    port: p.port,
+                    target_port,
+                });
+            }
+            services.push(Service {
+                namespace: s.namespace,
+                name: s.name,
+                vip,
+                ports,
+                selector: s.selector,
+            });
+        }
+        let policies = match raw.policies {
+            None => Vec::new(),
+            Some(v) => {
+                let text = serde_yaml::to_string(&v)
+                    .map_err(|e| invalid("policies".into(), e.to_string()))?;
+                crate::policy::parse_policies(&text)
+                    .map_err(|e| invalid("policies".into(), e.to_string()))?
+            }
+        };
+        Ok(Snapshot {
+            nodes,
+            pods,
+            services,
+            policies,
+        })
     }
 }
 
@@ -381,6 +547,60 @@ pods:
             );
             assert!(err.contains(want), "{err:?} lacks {want:?}");
         }
+    }
+
+    #[test]
+    fn services_resolve_to_the_pods_they_select() {
+        let text = format!(
+            "{GOOD}services:\n  - namespace: default\n    name: web\n    vip: 10.96.0.10\n    ports: [{{port: 80, target_port: 8080}}, {{port: 9090}}]\n    selector: {{app: web}}\n"
+        );
+        let s = parse(&text).unwrap();
+        let svc = s.service_by_vip("10.96.0.10".parse().unwrap()).unwrap();
+        assert_eq!(svc.target_port(80), Some(8080));
+        assert_eq!(svc.target_port(9090), Some(9090));
+        assert_eq!(svc.target_port(81), None);
+        let eps: Vec<_> = s.endpoints(svc).map(|p| p.name.as_str()).collect();
+        assert_eq!(eps, ["web-1"]);
+        assert_eq!(
+            s.pod_by_ip("fd00::2".parse().unwrap()).unwrap().name,
+            "web-1"
+        );
+
+        for (bad, want) in [
+            (
+                text.replace("vip: 10.96.0.10", "vip: 10.96.0.x"),
+                "\"10.96.0.x\"",
+            ),
+            (
+                text.replace("vip: 10.96.0.10", "vip: 10.10.1.2"),
+                "10.10.1.2 is already in use",
+            ),
+            (text.replace("{port: 9090}", "{port: 0}"), "0 is not a port"),
+            (
+                text.replace("{port: 9090}", "{port: 80}"),
+                "port 80 listed twice",
+            ),
+        ] {
+            let err = parse(&bad).unwrap_err().to_string();
+            assert!(
+                err.contains("service default/web") && err.contains(want),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn policies_are_parsed_and_bad_ones_named() {
+        let text = format!(
+            "{GOOD}policies:\n  - apiVersion: security.sockmesh.io/v1\n    kind: AuthorizationPolicy\n    metadata: {{name: deny-db, namespace: default}}\n    spec:\n      selector: {{matchLabels: {{app: db}}}}\n      action: DENY\n      rules: [{{}}]\n"
+        );
+        let s = parse(&text).unwrap();
+        assert_eq!(s.policies.len(), 1);
+        assert_eq!(s.policies[0].name, "deny-db");
+        let err = parse(&text.replace("action: DENY", "action: NOPE"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("policies") && err.contains("NOPE"), "{err}");
     }
 
     #[test]

@@ -72,11 +72,21 @@ fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
 }
 
 /// Routes one request. Public for tests.
-pub fn route(door: Door, state: &dyn AdminState, method: &Method, path: &str, query: &str) -> Response<Full<Bytes>> {
+pub fn route(
+    door: Door,
+    state: &dyn AdminState,
+    method: &Method,
+    path: &str,
+    query: &str,
+) -> Response<Full<Bytes>> {
     match (door, method, path) {
         (Door::Readiness, &Method::GET, "/healthz/ready") => match state.ready() {
             Ok(()) => text(StatusCode::OK, "ready\n", "text/plain"),
-            Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n"), "text/plain"),
+            Err(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+                "text/plain",
+            ),
         },
         (Door::Metrics, &Method::GET, "/metrics" | "/stats/prometheus") => text(
             StatusCode::OK,
@@ -89,9 +99,11 @@ pub fn route(door: Door, state: &dyn AdminState, method: &Method, path: &str, qu
         (Door::Admin, &Method::GET, "/certs") => json(state.certs()),
         (Door::Admin, &Method::GET, "/flows") => json(state.flows()),
         (Door::Admin, &Method::GET, "/stats") => json(state.stats()),
-        (Door::Admin, &Method::GET, "/logging") => {
-            text(StatusCode::OK, format!("{}\n", state.log_level()), "text/plain")
-        }
+        (Door::Admin, &Method::GET, "/logging") => text(
+            StatusCode::OK,
+            format!("{}\n", state.log_level()),
+            "text/plain",
+        ),
         (Door::Admin, &Method::POST, "/logging") => match query_param(query, "level") {
             None => text(
                 StatusCode::BAD_REQUEST,
@@ -99,13 +111,24 @@ pub fn route(door: Door, state: &dyn AdminState, method: &Method, path: &str, qu
                 "text/plain",
             ),
             Some(level) => match state.set_log_level(level) {
-                Ok(()) => text(StatusCode::OK, format!("log filter set to {level}\n"), "text/plain"),
-                Err(e) => text(StatusCode::BAD_REQUEST, format!("bad log filter {level:?}: {e}\n"), "text/plain"),
+                Ok(()) => text(
+                    StatusCode::OK,
+                    format!("log filter set to {level}\n"),
+                    "text/plain",
+                ),
+                Err(e) => text(
+                    StatusCode::BAD_REQUEST,
+                    format!("bad log filter {level:?}: {e}\n"),
+                    "text/plain",
+                ),
             },
         },
         _ => text(
             StatusCode::NOT_FOUND,
-            format!("no such endpoint: {method} {path}\n\n{}", if door == Door::Admin { HELP } else { "" }),
+            format!(
+                "no such endpoint: {method} {path}\n\n{}",
+                if door == Door::Admin { HELP } else { "" }
+            ),
             "text/plain",
         ),
     }
@@ -113,7 +136,12 @@ pub fn route(door: Door, state: &dyn AdminState, method: &Method, path: &str, qu
 
 /// Serves one door until drained. Each connection gets a read timeout so a
 /// stuck client cannot pin a task forever.
-pub async fn serve(listener: TcpListener, door: Door, state: Arc<dyn AdminState>, mut drain: drain::Watch) {
+pub async fn serve(
+    listener: TcpListener,
+    door: Door,
+    state: Arc<dyn AdminState>,
+    mut drain: drain::Watch,
+) {
     loop {
         let accepted = tokio::select! {
             _ = drain.signaled() => return,
@@ -133,10 +161,17 @@ pub async fn serve(listener: TcpListener, door: Door, state: Arc<dyn AdminState>
                 let state = state.clone();
                 async move {
                     let query = req.uri().query().unwrap_or("").to_owned();
-                    Ok::<_, Infallible>(route(door, state.as_ref(), req.method(), req.uri().path(), &query))
+                    Ok::<_, Infallible>(route(
+                        door,
+                        state.as_ref(),
+                        req.method(),
+                        req.uri().path(),
+                        &query,
+                    ))
                 }
             });
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
                 .serve_connection(TokioIo::new(stream), svc);
             if let Err(e) = tokio::time::timeout(Duration::from_secs(60), conn).await {
@@ -183,7 +218,11 @@ mod tests {
             self.level.lock().unwrap().clone()
         }
         fn ready(&self) -> Result<(), String> {
-            if self.ready { Ok(()) } else { Err("pod default/web: no certificate yet".into()) }
+            if self.ready {
+                Ok(())
+            } else {
+                Err("pod default/web: no certificate yet".into())
+            }
         }
         fn metrics(&self) -> String {
             "x 1\n".into()
@@ -193,20 +232,47 @@ mod tests {
     #[test]
     fn doors_route_only_their_own_endpoints() {
         let s = Fake::default();
-        assert_eq!(route(Door::Admin, &s, &Method::GET, "/config_dump", "").status(), 200);
-        assert_eq!(route(Door::Metrics, &s, &Method::GET, "/config_dump", "").status(), 404);
-        assert_eq!(route(Door::Metrics, &s, &Method::GET, "/metrics", "").status(), 200);
-        assert_eq!(route(Door::Readiness, &s, &Method::GET, "/healthz/ready", "").status(), 503);
-        let ready = Fake { ready: true, ..Fake::default() };
-        assert_eq!(route(Door::Readiness, &ready, &Method::GET, "/healthz/ready", "").status(), 200);
+        assert_eq!(
+            route(Door::Admin, &s, &Method::GET, "/config_dump", "").status(),
+            200
+        );
+        assert_eq!(
+            route(Door::Metrics, &s, &Method::GET, "/config_dump", "").status(),
+            404
+        );
+        assert_eq!(
+            route(Door::Metrics, &s, &Method::GET, "/metrics", "").status(),
+            200
+        );
+        assert_eq!(
+            route(Door::Readiness, &s, &Method::GET, "/healthz/ready", "").status(),
+            503
+        );
+        let ready = Fake {
+            ready: true,
+            ..Fake::default()
+        };
+        assert_eq!(
+            route(Door::Readiness, &ready, &Method::GET, "/healthz/ready", "").status(),
+            200
+        );
     }
 
     #[test]
     fn log_level_is_switchable_and_bad_filters_name_the_value() {
         let s = Fake::default();
-        assert_eq!(route(Door::Admin, &s, &Method::POST, "/logging", "level=debug").status(), 200);
+        assert_eq!(
+            route(Door::Admin, &s, &Method::POST, "/logging", "level=debug").status(),
+            200
+        );
         assert_eq!(s.log_level(), "debug");
-        assert_eq!(route(Door::Admin, &s, &Method::POST, "/logging", "").status(), 400);
-        assert_eq!(route(Door::Admin, &s, &Method::POST, "/logging", "level=a b").status(), 400);
+        assert_eq!(
+            route(Door::Admin, &s, &Method::POST, "/logging", "").status(),
+            400
+        );
+        assert_eq!(
+            route(Door::Admin, &s, &Method::POST, "/logging", "level=a b").status(),
+            400
+        );
     }
 }

@@ -53,7 +53,9 @@ impl Trigger {
     /// `deadline`. Returns whether they all finished.
     pub async fn drain(mut self, deadline: Duration) -> bool {
         let _ = self.signal.send(true);
-        tokio::time::timeout(deadline, self.done.recv()).await.is_ok()
+        tokio::time::timeout(deadline, self.done.recv())
+            .await
+            .is_ok()
     }
 }
 

@@ -1,7 +1,11 @@
 #![forbid(unsafe_code)]
 //! The sockmesh node proxy.
 
+pub mod admin;
+pub mod config;
+pub mod drain;
+pub mod hbone;
 pub mod identity;
 pub mod metrics;
-pub mod admin;
-pub mod drain;
+pub mod node;
+pub mod run;

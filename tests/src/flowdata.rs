@@ -33,6 +33,14 @@ fn chunk(seed: u64, i: u64, out: &mut [u8]) {
     }
 }
 
+/// The first `n` bytes (at most one chunk) of stream `seed`: what a
+/// capture must never show in clear.
+pub fn prefix(seed: u64, n: usize) -> Vec<u8> {
+    let mut b = vec![0u8; n.min(CHUNK)];
+    chunk(seed, 0, &mut b);
+    b
+}
+
 /// Sends `n` bytes of stream `seed`, returning its digest.
 pub fn send(mut w: impl Write, seed: u64, n: u64) -> io::Result<String> {
     let mut buf = vec![0u8; CHUNK];

@@ -61,6 +61,16 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         count: usize,
     },
+    /// An app server: for each connection, full-duplex transfer (`--send`
+    /// bytes each way, digests printed).
+    Serve {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        #[command(flatten)]
+        traffic: Traffic,
+    },
     /// A benchmark server: echo every byte back (`--sink`: read until EOF,
     /// then reply with the byte count as 8 bytes).
     Bench {
@@ -162,6 +172,24 @@ fn main() -> Result<()> {
             sink,
             count,
         } => bench_server(&listen, sink, count)?,
+        Cmd::Serve {
+            listen,
+            count,
+            traffic,
+        } => {
+            let l = TcpListener::bind(listen).with_context(|| format!("bind {listen}"))?;
+            l.set_nonblocking(true)?;
+            emit(json!({"event": "listening"}));
+            for _ in 0..count {
+                let s = accept_any(std::slice::from_ref(&l))?;
+                let peer = s.peer_addr()?;
+                emit(
+                    json!({"event": "accepted", "peer": peer.to_string(), "local": s.local_addr()?.to_string()}),
+                );
+                let t = flowdata::duplex(&s, traffic.seed, traffic.send.unwrap_or(0), None)?;
+                emit(json!({"event": "transfer", "transfer": t}));
+            }
+        }
         Cmd::Load {
             to,
             size,

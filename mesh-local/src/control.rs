@@ -1,0 +1,460 @@
+//! The mesh's control plane on the local topology: per-node CA tokens, the
+//! registry file the CA and proxies read (with each pod's netns), the CA on
+//! the first node, one `mesh-proxy` per node; readiness waits; and plain
+//! HTTP to a node's admin ports from inside its netns.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::{Error, Mesh};
+
+/// Where the mesh's programs are.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    pub ca: PathBuf,
+    pub proxy: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct ControlOptions {
+    pub trust_domain: String,
+    /// `STRICT` or `PERMISSIVE`.
+    pub inbound_mode: String,
+    /// The proxies' and CA's log filter.
+    pub log: String,
+    /// AuthorizationPolicy documents (a YAML list), or none.
+    pub policies: Option<serde_yaml::Value>,
+    /// Bound on each readiness wait.
+    pub ready_timeout: Duration,
+}
+
+impl Default for ControlOptions {
+    fn default() -> Self {
+        ControlOptions {
+            trust_domain: "cluster.local".into(),
+            inbound_mode: "STRICT".into(),
+            log: "info".into(),
+            policies: None,
+            ready_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+pub const CA_PORT: u16 = 15012;
+pub const ADMIN_PORT: u16 = 15000;
+pub const METRICS_PORT: u16 = 15020;
+pub const READY_PORT: u16 = 15021;
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Error + 'a {
+    move |source| Error::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// An HTTP/1.1 request from inside the network namespace at `netns` (the
+/// node's admin ports listen there). Returns status and body.
+pub fn http(
+    netns: &Path,
+    method: &str,
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> std::io::Result<(u16, String)> {
+    let file = std::fs::File::open(netns)?;
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    );
+    std::thread::scope(|s| {
+        s.spawn(|| -> std::io::Result<(u16, String)> {
+            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
+            let mut c = TcpStream::connect_timeout(&addr, timeout)?;
+            c.set_read_timeout(Some(timeout))?;
+            c.set_write_timeout(Some(timeout))?;
+            c.write_all(request.as_bytes())?;
+            let mut raw = Vec::new();
+            c.take(16 << 20).read_to_end(&mut raw)?;
+            let text = String::from_utf8_lossy(&raw).into_owned();
+            let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+            let status = head
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| {
+                    std::io::Error::other(format!("bad HTTP answer from {addr}{path}: {head:?}"))
+                })?;
+            let body = if head
+                .to_ascii_lowercase()
+                .contains("transfer-encoding: chunked")
+            {
+                dechunk(body)
+            } else {
+                body.to_owned()
+            };
+            Ok((status, body))
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+impl Mesh {
+    fn control_dir(&self, sub: &str) -> Result<PathBuf, Error> {
+        let d = self.state_dir().join(sub);
+        std::fs::create_dir_all(&d).map_err(io("create dir", &d))?;
+        Ok(d)
+    }
+
+    /// The registry as the CA and proxies read it: nodes, pods with their
+    /// addresses and netns, services with their VIPs, and `policies`.
+    pub fn registry_document(&self, policies: Option<&serde_yaml::Value>) -> serde_json::Value {
+        let st = self.state();
+        let pods: Vec<_> = st
+            .pods
+            .iter()
+            .map(|p| {
+                let mut ips = vec![p.ip.to_string()];
+                if let Some(v6) = p.ip6 {
+                    ips.push(v6.to_string());
+                }
+                json!({
+                    "namespace": p.namespace, "name": p.name, "uid": p.uid, "node": p.node,
+                    "service_account": p.service_account, "ips": ips, "labels": p.labels,
+                    "netns": p.netns_path(),
+                })
+            })
+            .collect();
+        let services: Vec<_> = st
+            .services
+            .iter()
+            .map(|s| {
+                json!({
+                    "namespace": s.namespace, "name": s.name, "vip": s.vip.to_string(),
+                    "ports": s.ports.iter().map(|(p, t)| json!({"port": p, "target_port": t})).collect::<Vec<_>>(),
+                    "selector": s.selector,
+                })
+            })
+            .collect();
+        let mut doc = json!({
+            "nodes": st.nodes.iter().map(|n| json!({"name": n.name})).collect::<Vec<_>>(),
+            "pods": pods,
+            "services": services,
+        });
+        if let Some(p) = policies {
+            if let Ok(v) = serde_json::to_value(p) {
+                doc["policies"] = v;
+            }
+        }
+        doc
+    }
+
+    /// Where the control plane reads the registry.
+    pub fn control_registry(&self) -> PathBuf {
+        self.state_dir().join("control").join("registry.yaml")
+    }
+
+    /// Writes the registry atomically (the proxies pick changes up without
+    /// a restart: a policy change applies to new connections).
+    pub fn write_control_registry(
+        &self,
+        policies: Option<&serde_yaml::Value>,
+    ) -> Result<PathBuf, Error> {
+        let dir = self.control_dir("control")?;
+        let path = dir.join("registry.yaml");
+        let tmp = dir.join("registry.yaml.tmp");
+        let text =
+            serde_yaml::to_string(&self.registry_document(policies)).map_err(|e| Error::Io {
+                what: "encode registry",
+                path: path.clone(),
+                source: std::io::Error::other(e),
+            })?;
+        std::fs::write(&tmp, text).map_err(io("write registry", &tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io("replace registry", &path))?;
+        Ok(path)
+    }
+
+    /// The CA's address: it runs on the first node.
+    pub fn ca_address(&self) -> Result<SocketAddr, Error> {
+        let first = self.state().nodes.first().ok_or_else(|| Error::Unknown {
+            mesh: self.state().mesh.clone(),
+            what: "node",
+            name: "(first)".into(),
+        })?;
+        Ok(SocketAddr::new(first.fabric_ip.into(), CA_PORT))
+    }
+
+    fn ca_dir(&self) -> PathBuf {
+        self.state_dir().join("control").join("ca")
+    }
+    fn tokens_dir(&self) -> PathBuf {
+        self.state_dir().join("control").join("tokens")
+    }
+    /// The log file of a control-plane process (`ca`, `proxy-<node>`).
+    pub fn control_log(&self, name: &str) -> PathBuf {
+        self.state_dir().join("control").join(format!("{name}.log"))
+    }
+
+    /// Starts the CA and every node's proxy and waits until each proxy is
+    /// ready (all its pods enrolled with certificates). `progress` gets one
+    /// line per step.
+    pub fn start_control(
+        &mut self,
+        bins: &Binaries,
+        opts: &ControlOptions,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<(), Error> {
+        self.control_dir("control")?;
+        let tokens = self.control_dir("control/tokens")?;
+        let ca_dir = self.ca_dir();
+        let nodes: Vec<String> = self.state().nodes.iter().map(|n| n.name.clone()).collect();
+        for node in &nodes {
+            let mut cmd = Command::new(&bins.ca);
+            cmd.args(["node-token", "--tokens-dir"])
+                .arg(&tokens)
+                .arg(node);
+            crate::command::output(&mut cmd, Duration::from_secs(10))?;
+        }
+        progress(&format!(
+            "issued CA tokens for {} nodes ({})",
+            nodes.len(),
+            tokens.display()
+        ));
+        let registry = self.write_control_registry(opts.policies.as_ref())?;
+        progress(&format!("wrote the registry {}", registry.display()));
+
+        let first = nodes.first().cloned().ok_or_else(|| Error::Unknown {
+            mesh: self.state().mesh.clone(),
+            what: "node",
+            name: "(any)".into(),
+        })?;
+        let ca_addr = self.ca_address()?;
+        let ca_argv: Vec<String> = vec![
+            bins.ca.display().to_string(),
+            "--trust-domain".into(),
+            opts.trust_domain.clone(),
+            "--state-dir".into(),
+            ca_dir.display().to_string(),
+            "--registry".into(),
+            registry.display().to_string(),
+            "--tokens-dir".into(),
+            tokens.display().to_string(),
+            "--listen".into(),
+            format!("0.0.0.0:{CA_PORT}"),
+        ];
+        let log = self.control_log("ca");
+        self.spawn_node_process(&first, &ca_argv, &log)?;
+        let bundle = ca_dir.join("trust-bundle.pem");
+        wait_for(
+            opts.ready_timeout,
+            &format!("the CA to write {}", bundle.display()),
+            &log,
+            || bundle.exists(),
+        )?;
+        progress(&format!(
+            "started the CA on {first} ({ca_addr}); trust bundle {}",
+            bundle.display()
+        ));
+
+        for node in &nodes {
+            self.start_proxy(node, bins, opts)?;
+            progress(&format!(
+                "started mesh-proxy on {node} (log {})",
+                self.control_log(&format!("proxy-{node}")).display()
+            ));
+        }
+        for node in &nodes {
+            self.wait_proxy_ready(node, opts.ready_timeout)?;
+            progress(&format!("mesh-proxy on {node} is ready"));
+        }
+        Ok(())
+    }
+
+    /// Starts (or restarts) the proxy of `node`.
+    pub fn start_proxy(
+        &mut self,
+        node: &str,
+        bins: &Binaries,
+        opts: &ControlOptions,
+    ) -> Result<(), Error> {
+        let n = self.node(node)?.clone();
+        let argv: Vec<String> = vec![
+            bins.proxy.display().to_string(),
+            "--node".into(),
+            node.to_owned(),
+            "--registry".into(),
+            self.control_registry().display().to_string(),
+            "--trust-domain".into(),
+            opts.trust_domain.clone(),
+            "--ca".into(),
+            self.ca_address()?.to_string(),
+            "--ca-bundle".into(),
+            self.ca_dir().join("trust-bundle.pem").display().to_string(),
+            "--token-file".into(),
+            self.tokens_dir()
+                .join(format!("{node}.token"))
+                .display()
+                .to_string(),
+            "--cgroup".into(),
+            n.cgroup.display().to_string(),
+            "--pin-root".into(),
+            n.pin_root.display().to_string(),
+            "--inbound-mode".into(),
+            opts.inbound_mode.clone(),
+            "--log".into(),
+            opts.log.clone(),
+        ];
+        let log = self.control_log(&format!("proxy-{node}"));
+        self.spawn_node_process(node, &argv, &log)?;
+        Ok(())
+    }
+
+    /// Waits until `node`'s proxy answers 200 on its readiness port.
+    pub fn wait_proxy_ready(&self, node: &str, timeout: Duration) -> Result<(), Error> {
+        let n = self.node(node)?.clone();
+        let addr = SocketAddr::from(([127, 0, 0, 1], READY_PORT));
+        let log = self.control_log(&format!("proxy-{node}"));
+        let mut last = String::new();
+        let r = wait_for(
+            timeout,
+            &format!("mesh-proxy on {node} to be ready"),
+            &log,
+            || match http(
+                &n.netns_path(),
+                "GET",
+                addr,
+                "/healthz/ready",
+                Duration::from_secs(2),
+            ) {
+                Ok((200, _)) => true,
+                Ok((_, body)) => {
+                    last = body.trim().to_owned();
+                    false
+                }
+                Err(e) => {
+                    last = e.to_string();
+                    false
+                }
+            },
+        );
+        r.map_err(|e| match e {
+            Error::Timeout { cmd, after } => Error::Timeout {
+                cmd: format!("{cmd} (last answer: {last})"),
+                after,
+            },
+            e => e,
+        })
+    }
+
+    /// GET on `node`'s admin port (localhost:15000 inside the node netns).
+    pub fn admin_get(&self, node: &str, path: &str) -> Result<(u16, String), Error> {
+        let n = self.node(node)?;
+        http(
+            &n.netns_path(),
+            "GET",
+            SocketAddr::from(([127, 0, 0, 1], ADMIN_PORT)),
+            path,
+            Duration::from_secs(5),
+        )
+        .map_err(io("admin request", &n.netns_path()))
+    }
+
+    /// GET on `node`'s metrics port.
+    pub fn metrics(&self, node: &str) -> Result<String, Error> {
+        let n = self.node(node)?;
+        let (status, body) = http(
+            &n.netns_path(),
+            "GET",
+            SocketAddr::from(([127, 0, 0, 1], METRICS_PORT)),
+            "/metrics",
+            Duration::from_secs(5),
+        )
+        .map_err(io("metrics request", &n.netns_path()))?;
+        if status != 200 {
+            return Err(Error::Io {
+                what: "metrics request",
+                path: n.netns_path(),
+                source: std::io::Error::other(format!("status {status}: {body}")),
+            });
+        }
+        Ok(body)
+    }
+
+    /// Pids of the processes running on `node` whose program is `program`.
+    pub fn node_pids(&self, node: &str, program: &Path) -> Vec<u32> {
+        let want = program.display().to_string();
+        self.state()
+            .created
+            .processes
+            .iter()
+            .filter(|p| p.role == node && p.argv.first() == Some(&want))
+            .filter(|p| Path::new("/proc").join(p.pid.to_string()).exists())
+            .map(|p| p.pid)
+            .collect()
+    }
+}
+
+/// The last `n` lines of a log, for an error message.
+pub fn log_tail(log: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(n)..].join("\n  ");
+    format!("last lines of {}:\n  {tail}", log.display())
+}
+
+/// Polls `ok` every 50 ms until it holds or `timeout` passes.
+fn wait_for(
+    timeout: Duration,
+    what: &str,
+    log: &Path,
+    mut ok: impl FnMut() -> bool,
+) -> Result<(), Error> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if ok() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Timeout {
+                cmd: format!("waiting for {what}; {}", log_tail(log, 15)),
+                after: timeout,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunked_bodies_are_joined() {
+        assert_eq!(
+            dechunk("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"),
+            "hello world"
+        );
+        assert_eq!(dechunk(""), "");
+    }
+}

@@ -1,0 +1,450 @@
+//! HBONE against plain TCP on loopback: single-stream throughput and 1 KiB
+//! request/response latency, per rustls crypto provider.
+//!
+//! ```text
+//! cargo run --release -p mesh-proxy --example hbone_bench [--features aws-lc] -- OUT.json [BYTES] [ROUNDS]
+//! ```
+//!
+//! The client, both proxies' HBONE halves and the apps share one process
+//! and one runtime (2 workers), as a pod-to-pod path on one 2-core machine
+//! would share its cores. Plain TCP is app to app; HBONE is app to the
+//! client pool, mTLS HTTP/2 to `serve`, TCP to the app. Every transfer and
+//! round count is bounded; every wait has a timeout.
+#![allow(clippy::unwrap_used)]
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use mesh_proxy::hbone::{Connector, H2Config, Pool, PoolKey, Refusal, Tunnel, handler_fn, serve};
+use rcgen::{
+    BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const WAIT: Duration = Duration::from_secs(300);
+const BUF: usize = 256 * 1024;
+const MSG: usize = 1024;
+
+async fn within<T>(what: &str, fut: impl Future<Output = T>) -> Result<T> {
+    tokio::time::timeout(WAIT, fut)
+        .await
+        .with_context(|| format!("{what}: timed out after {WAIT:?}"))
+}
+
+// ------------------------------------------------------------------ PKI
+
+struct Pki {
+    ca: CertificateDer<'static>,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl Pki {
+    fn new() -> Result<Pki> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let key = KeyPair::generate()?;
+        let cert = params.self_signed(&key)?;
+        Ok(Pki {
+            ca: cert.der().clone(),
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    fn leaf(&self, spiffe: &str) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.subject_alt_names = vec![SanType::URI(spiffe.try_into()?)];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok((
+            vec![cert.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        ))
+    }
+
+    fn roots(&self) -> Result<Arc<RootCertStore>> {
+        let mut roots = RootCertStore::empty();
+        roots.add(self.ca.clone())?;
+        Ok(Arc::new(roots))
+    }
+
+    fn server(&self, p: &Arc<CryptoProvider>) -> Result<Arc<rustls::ServerConfig>> {
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(self.roots()?, p.clone()).build()?;
+        let (chain, key) = self.leaf("spiffe://cluster.local/ns/bench/sa/server")?;
+        let mut c = rustls::ServerConfig::builder_with_provider(p.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)?;
+        c.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(c))
+    }
+
+    fn client(&self, p: &Arc<CryptoProvider>) -> Result<Arc<rustls::ClientConfig>> {
+        let (chain, key) = self.leaf("spiffe://cluster.local/ns/bench/sa/client")?;
+        let mut c = rustls::ClientConfig::builder_with_provider(p.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(ChainOnly {
+                roots: self.roots()?,
+                provider: p.clone(),
+            }))
+            .with_client_auth_cert(chain, key)?;
+        c.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(c))
+    }
+}
+
+/// SVIDs have no DNS name: verify the chain, not the name.
+#[derive(Debug)]
+struct ChainOnly {
+    roots: Arc<RootCertStore>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &ParsedCertificate::try_from(end_entity)?,
+            &self.roots,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _m: &[u8],
+        _c: &CertificateDer<'_>,
+        _d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("TLS 1.2 is not used".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            m,
+            c,
+            d,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+// ------------------------------------------------------------------ apps
+
+/// Reads to EOF, answers the byte count (8 bytes LE), closes.
+async fn sink_app() -> Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let _ = s.set_nodelay(true);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; BUF];
+                let mut n = 0u64;
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) => break,
+                        Ok(k) => n += k as u64,
+                        Err(_) => return,
+                    }
+                }
+                let _ = s.write_all(&n.to_le_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// Echoes until EOF.
+async fn echo_app() -> Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let _ = s.set_nodelay(true);
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+// ------------------------------------------------------------------ HBONE
+
+/// An HBONE server half on 127.0.0.1:0 whose handler connects to the target.
+async fn hbone_server(tls: Arc<rustls::ServerConfig>, h2: H2Config) -> Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let handler = Arc::new(handler_fn(|t: Tunnel| async move {
+        let s = TcpStream::connect(t.target)
+            .await
+            .map_err(|e| Refusal::BadGateway(e.to_string()))?;
+        let _ = s.set_nodelay(true);
+        Ok(s)
+    }));
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let _ = tcp.set_nodelay(true);
+            let (acceptor, handler, h2) = (acceptor.clone(), handler.clone(), h2.clone());
+            tokio::spawn(async move {
+                let Ok(Ok(tls)) = tokio::time::timeout(WAIT, acceptor.accept(tcp)).await else {
+                    return;
+                };
+                let _ = serve(tls, handler, std::future::pending(), &h2).await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+struct Dialer(Arc<rustls::ClientConfig>);
+
+impl Connector for Dialer {
+    async fn dial(&self, key: &PoolKey) -> io::Result<TcpStream> {
+        TcpStream::connect(key.dest).await
+    }
+
+    fn tls(&self, _: &PoolKey) -> Result<(Arc<rustls::ClientConfig>, ServerName<'static>), String> {
+        let name = ServerName::try_from("hbone.invalid").map_err(|e| e.to_string())?;
+        Ok((self.0.clone(), name))
+    }
+}
+
+// ------------------------------------------------------------------ measurements
+
+/// Sends `bytes` and half-closes; the sink's count must match.
+async fn throughput<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, bytes: u64) -> Result<f64> {
+    let buf = vec![0x5au8; BUF];
+    let start = Instant::now();
+    let mut left = bytes;
+    while left > 0 {
+        let k = (left as usize).min(BUF);
+        s.write_all(&buf[..k]).await?;
+        left -= k as u64;
+    }
+    s.shutdown().await?;
+    let mut count = [0u8; 8];
+    s.read_exact(&mut count).await?;
+    let secs = start.elapsed().as_secs_f64();
+    if u64::from_le_bytes(count) != bytes {
+        bail!(
+            "sink counted {} bytes, sent {bytes}",
+            u64::from_le_bytes(count)
+        );
+    }
+    Ok(bytes as f64 * 8.0 / secs / 1e9)
+}
+
+/// `rounds` 1 KiB request/response exchanges, after warm-up; (p50, p99) µs.
+async fn latency<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, rounds: usize) -> Result<(f64, f64)> {
+    let req = vec![7u8; MSG];
+    let mut resp = vec![0u8; MSG];
+    let mut samples = Vec::with_capacity(rounds);
+    for i in 0..rounds + rounds / 10 {
+        let start = Instant::now();
+        s.write_all(&req).await?;
+        s.read_exact(&mut resp).await?;
+        if i >= rounds / 10 {
+            samples.push(start.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    samples.sort_by(f64::total_cmp);
+    let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
+    Ok((at(0.50), at(0.99)))
+}
+
+struct Row {
+    name: String,
+    gbps: f64,
+    p50: f64,
+    p99: f64,
+}
+
+async fn plain(sink: SocketAddr, echo: SocketAddr, bytes: u64, rounds: usize) -> Result<Row> {
+    let s = TcpStream::connect(sink).await?;
+    s.set_nodelay(true)?;
+    let gbps = within("plain throughput", throughput(s, bytes)).await??;
+    let s = TcpStream::connect(echo).await?;
+    s.set_nodelay(true)?;
+    let (p50, p99) = within("plain latency", latency(s, rounds)).await??;
+    Ok(Row {
+        name: "plain TCP".into(),
+        gbps,
+        p50,
+        p99,
+    })
+}
+
+async fn hbone(
+    name: &str,
+    provider: CryptoProvider,
+    h2: H2Config,
+    sink: SocketAddr,
+    echo: SocketAddr,
+    bytes: u64,
+    rounds: usize,
+) -> Result<Row> {
+    let provider = Arc::new(provider);
+    let pki = Pki::new()?;
+    let server = hbone_server(pki.server(&provider)?, h2.clone()).await?;
+    let pool = Pool::new(Dialer(pki.client(&provider)?), h2);
+    let key = PoolKey::new("spiffe://cluster.local/ns/bench/sa/client", server);
+    // Connection set-up is not what is measured: open it first.
+    drop(within("warm-up", pool.connect(&key, echo)).await??);
+    let t = within("connect", pool.connect(&key, sink)).await??;
+    let gbps = within("hbone throughput", throughput(t, bytes)).await??;
+    let t = within("connect", pool.connect(&key, echo)).await??;
+    let (p50, p99) = within("hbone latency", latency(t, rounds)).await??;
+    Ok(Row {
+        name: name.into(),
+        gbps,
+        p50,
+        p99,
+    })
+}
+
+async fn run(bytes: u64, rounds: usize) -> Result<Vec<Row>> {
+    let sink = sink_app().await?;
+    let echo = echo_app().await?;
+    let mut rows = vec![plain(sink, echo, bytes, rounds).await?];
+    let fixed = H2Config::default();
+    let adaptive = H2Config {
+        adaptive_window: true,
+        ..H2Config::default()
+    };
+    rows.push(
+        hbone(
+            "HBONE ring",
+            rustls::crypto::ring::default_provider(),
+            fixed.clone(),
+            sink,
+            echo,
+            bytes,
+            rounds,
+        )
+        .await?,
+    );
+    rows.push(
+        hbone(
+            "HBONE ring adaptive-window",
+            rustls::crypto::ring::default_provider(),
+            adaptive,
+            sink,
+            echo,
+            bytes,
+            rounds,
+        )
+        .await?,
+    );
+    #[cfg(feature = "aws-lc")]
+    rows.push(
+        hbone(
+            "HBONE aws-lc-rs",
+            rustls::crypto::aws_lc_rs::default_provider(),
+            fixed,
+            sink,
+            echo,
+            bytes,
+            rounds,
+        )
+        .await?,
+    );
+    Ok(rows)
+}
+
+fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let out = args
+        .next()
+        .context("usage: hbone_bench OUT.json [BYTES] [ROUNDS]")?;
+    let bytes: u64 = args.next().map_or(Ok(2 << 30), |a| a.parse())?;
+    let rounds: usize = args.next().map_or(Ok(20_000), |a| a.parse())?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let rows = rt.block_on(run(bytes, rounds))?;
+
+    let base = &rows[0];
+    println!(
+        "{:<28} {:>10} {:>8} {:>10} {:>10} {:>10} {:>10}",
+        "path", "Gbit/s", "x TCP", "p50 µs", "p99 µs", "+p50 µs", "+p99 µs"
+    );
+    let mut json = Vec::new();
+    for r in &rows {
+        println!(
+            "{:<28} {:>10.2} {:>8.2} {:>10.1} {:>10.1} {:>10.1} {:>10.1}",
+            r.name,
+            r.gbps,
+            r.gbps / base.gbps,
+            r.p50,
+            r.p99,
+            r.p50 - base.p50,
+            r.p99 - base.p99
+        );
+        json.push(serde_json::json!({
+            "path": r.name,
+            "throughput_gbit_s": r.gbps,
+            "throughput_ratio_to_tcp": r.gbps / base.gbps,
+            "rr_1k_p50_us": r.p50,
+            "rr_1k_p99_us": r.p99,
+            "rr_1k_p50_added_us": r.p50 - base.p50,
+            "rr_1k_p99_added_us": r.p99 - base.p99,
+        }));
+    }
+    let doc = serde_json::json!({
+        "bench": "hbone",
+        "bytes": bytes,
+        "rounds": rounds,
+        "message_bytes": MSG,
+        "worker_threads": 2,
+        "results": json,
+    });
+    std::fs::write(&out, serde_json::to_string_pretty(&doc)? + "\n")
+        .with_context(|| format!("write {out}"))?;
+    println!("wrote {out}");
+    Ok(())
+}

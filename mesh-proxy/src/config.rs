@@ -1,0 +1,186 @@
+//! The node proxy's configuration: every value checked before any socket is
+//! bound, errors naming the value.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// What the inbound plaintext port (15006) does with non-mesh traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum InboundMode {
+    /// Refuse plaintext to meshed pods.
+    Strict,
+    /// Forward it (policy still applies, with no source identity) and label
+    /// it plaintext.
+    Permissive,
+}
+
+impl std::str::FromStr for InboundMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_uppercase().as_str() {
+            "STRICT" => Ok(InboundMode::Strict),
+            "PERMISSIVE" => Ok(InboundMode::Permissive),
+            _ => Err(format!("inbound mode {s:?}: expected STRICT or PERMISSIVE")),
+        }
+    }
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Config {
+    /// This node's name in the registry.
+    pub node: String,
+    /// The registry file (nodes, pods, services, policies).
+    pub registry: PathBuf,
+    pub trust_domain: String,
+    /// The CA (port 15012) and the name its certificate carries.
+    pub ca_addr: SocketAddr,
+    pub ca_server_name: String,
+    /// Roots that verify the CA's serving certificate (its trust bundle).
+    pub ca_bundle: PathBuf,
+    /// This node's token for the CA (file, 0600).
+    pub token_file: PathBuf,
+    /// cgroup v2 directory the eBPF cgroup programs attach to (holds this
+    /// node's pods and this proxy).
+    pub cgroup: PathBuf,
+    /// bpffs directory for this node's pins.
+    pub pin_root: PathBuf,
+    pub admin_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub readiness_addr: SocketAddr,
+    pub inbound_mode: InboundMode,
+    /// Data-plane worker threads.
+    pub workers: usize,
+    /// How often the registry file is checked for changes.
+    pub registry_poll: Duration,
+    /// How long SIGTERM waits for open connections.
+    pub drain_deadline: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("config: {what}: {reason}")]
+pub struct ConfigError {
+    pub what: String,
+    pub reason: String,
+}
+
+fn err(what: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        what: what.into(),
+        reason: reason.into(),
+    }
+}
+
+fn readable_file(what: &str, p: &Path) -> Result<(), ConfigError> {
+    match std::fs::metadata(p) {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(_) => Err(err(format!("{what} {}", p.display()), "is not a file")),
+        Err(e) => Err(err(format!("{what} {}", p.display()), e.to_string())),
+    }
+}
+
+impl Config {
+    /// Checks every value that can be checked without binding a socket.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.node.is_empty() {
+            return Err(err("--node", "empty"));
+        }
+        mesh_core::identity::validate_trust_domain(&self.trust_domain).map_err(|e| {
+            err(
+                format!("--trust-domain {:?}", self.trust_domain),
+                e.to_string(),
+            )
+        })?;
+        readable_file("--registry", &self.registry)?;
+        readable_file("--ca-bundle", &self.ca_bundle)?;
+        readable_file("--token-file", &self.token_file)?;
+        if !self.cgroup.join("cgroup.procs").exists() {
+            return Err(err(
+                format!("--cgroup {}", self.cgroup.display()),
+                "not a cgroup v2 directory (no cgroup.procs)",
+            ));
+        }
+        if !self.admin_addr.ip().is_loopback() {
+            return Err(err(
+                format!("--admin {}", self.admin_addr),
+                "the admin port must stay on localhost",
+            ));
+        }
+        if self.workers == 0 || self.workers > 64 {
+            return Err(err(format!("--workers {}", self.workers), "must be 1..=64"));
+        }
+        if self.registry_poll.is_zero() {
+            return Err(err("--registry-poll", "must be more than 0"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn good(dir: &Path) -> Config {
+        for f in ["reg.yaml", "bundle.pem", "token"] {
+            std::fs::write(dir.join(f), "x").unwrap();
+        }
+        std::fs::write(dir.join("cgroup.procs"), "").unwrap();
+        Config {
+            node: "node-a".into(),
+            registry: dir.join("reg.yaml"),
+            trust_domain: "cluster.local".into(),
+            ca_addr: "127.0.0.1:15012".parse().unwrap(),
+            ca_server_name: "mesh-ca".into(),
+            ca_bundle: dir.join("bundle.pem"),
+            token_file: dir.join("token"),
+            cgroup: dir.to_owned(),
+            pin_root: "/sys/fs/bpf/sockmesh".into(),
+            admin_addr: "127.0.0.1:15000".parse().unwrap(),
+            metrics_addr: "0.0.0.0:15020".parse().unwrap(),
+            readiness_addr: "0.0.0.0:15021".parse().unwrap(),
+            inbound_mode: InboundMode::Strict,
+            workers: 2,
+            registry_poll: Duration::from_millis(500),
+            drain_deadline: Duration::from_secs(5),
+        }
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(good(d.path()).validate().is_ok());
+        let cases: Vec<(Box<dyn Fn(&mut Config)>, &str)> = vec![
+            (
+                Box::new(|c| c.trust_domain = "Bad Domain".into()),
+                "\"Bad Domain\"",
+            ),
+            (
+                Box::new(|c| c.registry = "/nonexistent/reg.yaml".into()),
+                "/nonexistent/reg.yaml",
+            ),
+            (
+                Box::new(|c| c.admin_addr = "0.0.0.0:15000".parse().unwrap()),
+                "0.0.0.0:15000",
+            ),
+            (Box::new(|c| c.cgroup = "/tmp".into()), "--cgroup /tmp"),
+            (Box::new(|c| c.workers = 0), "--workers 0"),
+        ];
+        for (mutate, want) in cases {
+            let mut c = good(d.path());
+            mutate(&mut c);
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(want), "{e:?} lacks {want:?}");
+        }
+        assert_eq!(
+            "permissive".parse::<InboundMode>(),
+            Ok(InboundMode::Permissive)
+        );
+        assert!(
+            "loose"
+                .parse::<InboundMode>()
+                .unwrap_err()
+                .contains("\"loose\"")
+        );
+    }
+}

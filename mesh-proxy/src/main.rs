@@ -1,0 +1,124 @@
+//! `mesh-proxy`: the sockmesh node proxy. Thin: parse and check the
+//! configuration, set up logging, run the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use clap::Parser;
+use mesh_proxy::config::{Config, InboundMode};
+use mesh_proxy::run::{LogControl, run};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, reload};
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "sockmesh node proxy: carries this node's meshed pods' TCP over mutual TLS (HBONE)",
+    long_about = "sockmesh node proxy. Enrolls the pods the registry places on --node: opens their \
+in-pod listeners (15001 outbound, 15006 inbound plaintext, 15008 HBONE), enrolls their network \
+namespaces with the eBPF redirect, obtains their certificates from the CA, and carries their \
+connections to other nodes' proxies over mTLS.\n\n\
+Example (what `mesh up` runs in each node namespace):\n  \
+mesh-proxy --node node-a --registry /run/sockmesh/demo/registry.yaml \\\n    \
+--ca 10.77.0.254:15012 --ca-bundle /run/sockmesh/demo/ca/trust-bundle.pem \\\n    \
+--token-file /run/sockmesh/demo/tokens/node-a.token \\\n    \
+--cgroup /sys/fs/cgroup/unified/sockmesh-demo/node-node-a --pin-root /sys/fs/bpf/sockmesh-demo-node-a"
+)]
+struct Args {
+    /// This node's name in the registry.
+    #[arg(long)]
+    node: String,
+    /// Registry file (nodes, pods, services, policies); re-read when it changes.
+    #[arg(long)]
+    registry: PathBuf,
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// Address of the CA's signing port.
+    #[arg(long, value_name = "IP:PORT")]
+    ca: SocketAddr,
+    /// Name on the CA's serving certificate.
+    #[arg(long, default_value = "mesh-ca")]
+    ca_server_name: String,
+    /// PEM roots that verify the CA (its trust bundle file).
+    #[arg(long)]
+    ca_bundle: PathBuf,
+    /// This node's CA token file.
+    #[arg(long)]
+    token_file: PathBuf,
+    /// cgroup v2 directory holding this node's pods and this proxy.
+    #[arg(long)]
+    cgroup: PathBuf,
+    /// bpffs directory for this node's pinned programs and maps.
+    #[arg(long, default_value = "/sys/fs/bpf/sockmesh")]
+    pin_root: PathBuf,
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    metrics: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    readiness: SocketAddr,
+    /// STRICT refuses plaintext to meshed pods; PERMISSIVE forwards it.
+    #[arg(long, default_value = "STRICT")]
+    inbound_mode: InboundMode,
+    /// Data-plane worker threads.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Log filter (RUST_LOG syntax); switchable at run time on the admin port.
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    log: String,
+    /// Seconds SIGTERM waits for open connections.
+    #[arg(long, default_value_t = 5)]
+    drain_seconds: u64,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let filter = match EnvFilter::try_new(&args.log) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("mesh-proxy: --log {:?}: {e}", args.log);
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let (filter, handle) = reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer().with_ansi(false))
+        .init();
+    let log = LogControl {
+        set: Box::new(move |f: &str| {
+            let new = EnvFilter::try_new(f).map_err(|e| e.to_string())?;
+            handle.modify(|cur| *cur = new).map_err(|e| e.to_string())
+        }),
+        current: Mutex::new(args.log.clone()),
+    };
+    let cfg = Config {
+        node: args.node,
+        registry: args.registry,
+        trust_domain: args.trust_domain,
+        ca_addr: args.ca,
+        ca_server_name: args.ca_server_name,
+        ca_bundle: args.ca_bundle,
+        token_file: args.token_file,
+        cgroup: args.cgroup,
+        pin_root: args.pin_root,
+        admin_addr: args.admin,
+        metrics_addr: args.metrics,
+        readiness_addr: args.readiness,
+        inbound_mode: args.inbound_mode,
+        workers: args.workers,
+        registry_poll: Duration::from_millis(500),
+        drain_deadline: Duration::from_secs(args.drain_seconds),
+    };
+    match run(cfg, log) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "mesh-proxy failed");
+            eprintln!("mesh-proxy: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

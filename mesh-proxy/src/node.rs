@@ -1,0 +1,810 @@
+//! The node agent: enrolls this node's pods (in-pod listeners, eBPF
+//! enrollment, certificates) and carries their traffic — outbound from
+//! 15001 over HBONE (or plain passthrough to non-mesh destinations),
+//! inbound on 15008 (mTLS) and 15006 (plaintext) into the pod.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+use mesh_core::identity::Identity;
+use mesh_core::policy::{self, PolicySet};
+use mesh_core::registry::{FileRegistry, Pod, Snapshot};
+use mesh_ebpf::netns::PodSockets;
+use mesh_ebpf::{Datapath, FlowEntry, PROXY_MARK};
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::config::{Config, InboundMode};
+use crate::hbone::{self, H2Config, Pool, PoolKey, Refusal, Tunnel, TunnelClosed};
+use crate::identity::{CertManager, peer_identity};
+use crate::metrics::{FlowLabels, FlowResolver};
+
+/// Timeouts of the data path's external waits.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const TLS_TIMEOUT: Duration = Duration::from_secs(10);
+const COPY_BUFFER: usize = 256 * 1024;
+
+/// A pod this node serves.
+pub struct EnrolledPod {
+    pub pod: Pod,
+    pub key: String,
+    pub identity: Identity,
+    pub cookie: u64,
+    pub sockets: Arc<PodSockets>,
+    pub server_tls: Arc<rustls::ServerConfig>,
+    /// Accept loops; they hold the pod, so `stop` ends them explicitly.
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    pub listeners: Vec<SocketAddr>,
+}
+
+impl EnrolledPod {
+    /// Closes the pod's listeners (connections already open carry on).
+    fn stop(&self) {
+        for t in self
+            .tasks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain(..)
+        {
+            t.abort();
+        }
+    }
+}
+
+/// Counters of the proxy's own health (exported next to the Istio metrics).
+#[derive(Debug, Default)]
+pub struct ProxyStats {
+    pub outbound_opened: AtomicU64,
+    pub outbound_failed: AtomicU64,
+    pub inbound_opened: AtomicU64,
+    pub inbound_denied: AtomicU64,
+    pub plaintext_refused: AtomicU64,
+    pub passthrough: AtomicU64,
+}
+
+/// Where an outbound connection goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// To a meshed pod, through its node proxy: HBONE to `pod_ip:15008`
+    /// with `:authority` = `target`.
+    Mesh {
+        dst: Box<Pod>,
+        target: SocketAddr,
+        service: Option<String>,
+    },
+    /// Not a mesh destination: plain TCP from the pod to `target`.
+    Passthrough { target: SocketAddr },
+    /// A Service with no endpoint or no such port.
+    Unroutable { reason: String },
+}
+
+/// Picks the route for `orig`. `rr` spreads Service connections over their
+/// endpoints.
+pub fn route(snapshot: &Snapshot, orig: SocketAddr, rr: usize) -> Route {
+    if let Some(svc) = snapshot.service_by_vip(orig.ip()) {
+        let name = format!("{}.{}.svc", svc.name, svc.namespace);
+        let Some(port) = svc.target_port(orig.port()) else {
+            return Route::Unroutable {
+                reason: format!(
+                    "service {}/{} has no port {}",
+                    svc.namespace,
+                    svc.name,
+                    orig.port()
+                ),
+            };
+        };
+        let eps: Vec<&Pod> = snapshot
+            .endpoints(svc)
+            .filter(|p| !p.ips.is_empty())
+            .collect();
+        if eps.is_empty() {
+            return Route::Unroutable {
+                reason: format!("service {}/{} has no endpoints", svc.namespace, svc.name),
+            };
+        }
+        let pod = eps[rr % eps.len()];
+        let ip = pod
+            .ips
+            .iter()
+            .find(|ip| ip.is_ipv4() == orig.is_ipv4())
+            .unwrap_or(&pod.ips[0]);
+        return Route::Mesh {
+            dst: Box::new(pod.clone()),
+            target: SocketAddr::new(*ip, port),
+            service: Some(name),
+        };
+    }
+    match snapshot.pod_by_ip(orig.ip()) {
+        Some(pod) => Route::Mesh {
+            dst: Box::new(pod.clone()),
+            target: orig,
+            service: None,
+        },
+        None => Route::Passthrough { target: orig },
+    }
+}
+
+/// How the pool dials: from inside the source pod's netns, with the proxy's
+/// mark, presenting the source pod's certificate and expecting the
+/// destination pod's identity. `PoolKey::identity` carries the source pod's
+/// `namespace/name`, so connections keep the pod's own IP on the wire.
+pub struct MeshConnector {
+    node: std::sync::Weak<NodeProxy>,
+}
+
+impl hbone::Connector for MeshConnector {
+    fn dial(
+        &self,
+        key: &PoolKey,
+    ) -> impl std::future::Future<Output = std::io::Result<TcpStream>> + Send {
+        let node = self.node.upgrade();
+        let key = key.clone();
+        async move {
+            let node = node.ok_or_else(|| std::io::Error::other("proxy shutting down"))?;
+            let pod = node.enrolled(&key.identity).ok_or_else(|| {
+                std::io::Error::other(format!("pod {} is not enrolled", key.identity))
+            })?;
+            dial_from(&pod.sockets, key.dest).await
+        }
+    }
+
+    fn tls(
+        &self,
+        key: &PoolKey,
+    ) -> Result<(Arc<rustls::ClientConfig>, ServerName<'static>), String> {
+        let node = self.node.upgrade().ok_or("proxy shutting down")?;
+        let pod = node
+            .enrolled(&key.identity)
+            .ok_or_else(|| format!("pod {} is not enrolled", key.identity))?;
+        let expected = node.expected_identity(key.dest.ip())?;
+        let cfg = node
+            .certs
+            .client_config(&pod.identity, &expected)
+            .map_err(|e| format!("TLS for {}: {e}", pod.identity))?;
+        Ok((cfg, crate::identity::peer_server_name(&expected)))
+    }
+
+    fn verify(&self, key: &PoolKey, peer: &[CertificateDer<'static>]) -> Result<(), String> {
+        let node = self.node.upgrade().ok_or("proxy shutting down")?;
+        let expected = node.expected_identity(key.dest.ip())?;
+        let leaf = peer.first().ok_or("peer sent no certificate")?;
+        crate::identity::verify_peer_identity(leaf, &expected)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// A TCP connection to `to` from a socket made in `sockets`' netns, carrying
+/// the proxy mark (so the connect hooks leave it alone).
+pub async fn dial_from(sockets: &PodSockets, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let std_sock = sockets.tcp_socket(to.is_ipv6(), Some(PROXY_MARK))?;
+    let sock = TcpSocket::from_std_stream(std_sock);
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(to))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("connect {to}: timed out"),
+            )
+        })??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// The running node proxy.
+pub struct NodeProxy {
+    pub cfg: Config,
+    pub datapath: Mutex<Datapath>,
+    pub registry: FileRegistry,
+    pub certs: CertManager,
+    pub policies: RwLock<Arc<PolicySet>>,
+    pub pool: Pool<MeshConnector>,
+    pub h2: H2Config,
+    pods: RwLock<BTreeMap<String, Arc<EnrolledPod>>>,
+    rr: AtomicUsize,
+    pub stats: ProxyStats,
+    /// Handle of the data-plane runtime (accept loops and copies run there).
+    data: tokio::runtime::Handle,
+    drain: crate::drain::Watch,
+}
+
+impl NodeProxy {
+    pub fn new(
+        cfg: Config,
+        datapath: Datapath,
+        registry: FileRegistry,
+        certs: CertManager,
+        data: tokio::runtime::Handle,
+        drain: crate::drain::Watch,
+    ) -> Result<Arc<Self>, String> {
+        let policies = policy_set(&registry.snapshot())?;
+        let h2 = H2Config::default();
+        Ok(Arc::new_cyclic(|weak| NodeProxy {
+            pool: Pool::new(MeshConnector { node: weak.clone() }, h2.clone()),
+            h2,
+            cfg,
+            datapath: Mutex::new(datapath),
+            registry,
+            certs,
+            policies: RwLock::new(Arc::new(policies)),
+            pods: RwLock::new(BTreeMap::new()),
+            rr: AtomicUsize::new(0),
+            stats: ProxyStats::default(),
+            data,
+            drain,
+        }))
+    }
+
+    pub fn enrolled(&self, key: &str) -> Option<Arc<EnrolledPod>> {
+        self.pods
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(key)
+            .cloned()
+    }
+
+    pub fn enrolled_pods(&self) -> Vec<Arc<EnrolledPod>> {
+        self.pods
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    fn by_cookie(&self, cookie: u64) -> Option<Arc<EnrolledPod>> {
+        self.pods
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .find(|p| p.cookie == cookie)
+            .cloned()
+    }
+
+    /// The SPIFFE ID the pod with `ip` must present.
+    fn expected_identity(&self, ip: IpAddr) -> Result<Identity, String> {
+        let snap = self.registry.snapshot();
+        let pod = snap
+            .pod_by_ip(ip)
+            .ok_or_else(|| format!("no pod has address {ip}"))?;
+        pod.identity(&self.cfg.trust_domain)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Brings enrollment in line with the registry: new pods of this node
+    /// are enrolled, removed ones unenrolled. Returns problems, one per pod.
+    pub async fn reconcile(self: &Arc<Self>) -> Vec<String> {
+        let snap = self.registry.snapshot();
+        match policy_set(&snap) {
+            Ok(p) => {
+                *self
+                    .policies
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner) = Arc::new(p)
+            }
+            Err(e) => warn!(error = %e, "policies not updated: keeping the previous ones"),
+        }
+        let wanted: BTreeMap<String, Pod> = snap
+            .pods
+            .iter()
+            .filter(|p| p.node == self.cfg.node && p.netns.is_some())
+            .map(|p| (format!("{}/{}", p.namespace, p.name), p.clone()))
+            .collect();
+        let mut problems = Vec::new();
+        let current: Vec<String> = self
+            .pods
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .cloned()
+            .collect();
+        for key in current.iter().filter(|k| !wanted.contains_key(*k)) {
+            self.unenroll(key);
+        }
+        for (key, pod) in wanted {
+            if self.enrolled(&key).is_some_and(|e| e.pod == pod) {
+                continue;
+            }
+            if self.enrolled(&key).is_some() {
+                self.unenroll(&key);
+            }
+            if let Err(e) = self.enroll(&key, pod).await {
+                warn!(pod = %key, error = %e, "enrollment failed; the pod's traffic stays captured and refused (fail closed)");
+                problems.push(format!("pod {key}: {e}"));
+            }
+        }
+        problems
+    }
+
+    async fn enroll(self: &Arc<Self>, key: &str, pod: Pod) -> Result<(), String> {
+        let netns = pod.netns.clone().ok_or("no netns")?;
+        let identity = pod
+            .identity(&self.cfg.trust_domain)
+            .map_err(|e| e.to_string())?;
+        // Certificate first: without it the pod could not talk anyway.
+        self.certs
+            .fetch(&identity)
+            .await
+            .map_err(|e| format!("certificate for {identity}: {e}"))?;
+        let sockets = Arc::new(PodSockets::open(&netns).map_err(|e| e.to_string())?);
+        let mut server_tls = (*self
+            .certs
+            .server_config(&identity)
+            .map_err(|e| format!("TLS config for {identity}: {e}"))?)
+        .clone();
+        server_tls.alpn_protocols = vec![hbone::ALPN_H2.to_vec()];
+        let server_tls = Arc::new(server_tls);
+
+        let _guard = self.data.enter();
+        let bind = |addr: SocketAddr| -> Result<TcpListener, String> {
+            let l = sockets
+                .listen(addr)
+                .map_err(|e| format!("listen {addr} in {}: {e}", netns.display()))?;
+            TcpListener::from_std(l).map_err(|e| format!("listen {addr}: {e}"))
+        };
+        let mut listeners = Vec::new();
+        let out4 = bind("127.0.0.1:15001".parse().map_err(|_| "addr")?)?;
+        listeners.push((out4, Port::Outbound));
+        match bind("[::1]:15001".parse().map_err(|_| "addr")?) {
+            Ok(l) => listeners.push((l, Port::Outbound)),
+            Err(e) => {
+                warn!(pod = %key, error = %e, "no IPv6 outbound listener; IPv6 connects of this pod will be refused")
+            }
+        }
+        let hbone_l = bind("0.0.0.0:15008".parse().map_err(|_| "addr")?)?;
+        listeners.push((hbone_l, Port::Hbone));
+        let plain = bind("0.0.0.0:15006".parse().map_err(|_| "addr")?)?;
+        let cookie;
+        {
+            let mut dp = self.datapath.lock().unwrap_or_else(PoisonError::into_inner);
+            cookie = dp.enroll(&netns).map_err(|e| e.to_string())?;
+            for ip in pod.ips.iter().filter(|ip| ip.is_ipv4()) {
+                dp.set_inbound_listener(*ip, &plain)
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        listeners.push((plain, Port::Plaintext));
+
+        let addrs = listeners
+            .iter()
+            .filter_map(|(l, _)| l.local_addr().ok())
+            .collect();
+        let enrolled = Arc::new(EnrolledPod {
+            pod,
+            key: key.to_owned(),
+            identity,
+            cookie,
+            sockets,
+            server_tls,
+            tasks: Mutex::new(Vec::new()),
+            listeners: addrs,
+        });
+        for (l, port) in listeners {
+            let node = self.clone();
+            let p = enrolled.clone();
+            let task = self
+                .data
+                .spawn(async move { node.accept_loop(p, l, port).await });
+            enrolled
+                .tasks
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(task);
+        }
+        info!(pod = %key, identity = %enrolled.identity, netns_cookie = cookie, "enrolled");
+        self.pods
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key.to_owned(), enrolled);
+        Ok(())
+    }
+
+    fn unenroll(&self, key: &str) {
+        let Some(p) = self
+            .pods
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(key)
+        else {
+            return;
+        };
+        p.stop();
+        let mut dp = self.datapath.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Err(e) = dp.unenroll(p.cookie) {
+            warn!(pod = %key, error = %e, "unenroll");
+        }
+        for ip in p.pod.ips.iter().filter(|ip| ip.is_ipv4()) {
+            let _ = dp.remove_inbound_listener(*ip);
+        }
+        self.certs.forget(&p.identity);
+        info!(pod = %key, "unenrolled");
+    }
+
+    async fn accept_loop(self: Arc<Self>, pod: Arc<EnrolledPod>, l: TcpListener, port: Port) {
+        let mut drain = self.drain.clone();
+        loop {
+            let accepted = tokio::select! {
+                _ = drain.signaled() => return,
+                a = l.accept() => a,
+            };
+            let (stream, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(pod = %pod.key, ?port, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let node = self.clone();
+            let pod = pod.clone();
+            let drain = self.drain.clone();
+            tokio::spawn(async move {
+                match port {
+                    Port::Outbound => node.outbound(&pod, stream, peer).await,
+                    Port::Hbone => node.inbound_hbone(pod, stream, peer, drain).await,
+                    Port::Plaintext => node.inbound_plaintext(&pod, stream, peer).await,
+                }
+            });
+        }
+    }
+
+    async fn outbound(&self, pod: &EnrolledPod, mut app: TcpStream, peer: SocketAddr) {
+        let start = Instant::now();
+        let orig = {
+            let dp = self.datapath.lock().unwrap_or_else(PoisonError::into_inner);
+            dp.original_dst(pod.cookie, peer)
+        };
+        let orig = match orig {
+            Ok(Some(o)) => o,
+            Ok(None) => {
+                self.stats.outbound_failed.fetch_add(1, Ordering::Relaxed);
+                warn!(pod = %pod.key, %peer, "no original destination for this connection; closing");
+                return;
+            }
+            Err(e) => {
+                self.stats.outbound_failed.fetch_add(1, Ordering::Relaxed);
+                warn!(pod = %pod.key, %peer, error = %e, "original destination lookup failed");
+                return;
+            }
+        };
+        let rr = self.rr.fetch_add(1, Ordering::Relaxed);
+        let route = route(&self.registry.snapshot(), orig, rr);
+        self.stats.outbound_opened.fetch_add(1, Ordering::Relaxed);
+        match route {
+            Route::Mesh {
+                dst,
+                target,
+                service,
+            } => {
+                let dst_ip = target.ip();
+                let key =
+                    PoolKey::new(pod.key.as_str(), SocketAddr::new(dst_ip, hbone::HBONE_PORT));
+                let dst_id = dst
+                    .identity(&self.cfg.trust_domain)
+                    .map(|i| i.to_string())
+                    .unwrap_or_default();
+                match self.pool.connect(&key, target).await {
+                    Ok(mut tunnel) => {
+                        let r = tokio::io::copy_bidirectional_with_sizes(
+                            &mut app,
+                            &mut tunnel,
+                            COPY_BUFFER,
+                            COPY_BUFFER,
+                        )
+                        .await;
+                        let (up, down, err) = match r {
+                            Ok((a, b)) => (a, b, None),
+                            Err(e) => (0, 0, Some(e.to_string())),
+                        };
+                        info!(target: "access", direction = "outbound", src_workload = %pod.key,
+                              src_identity = %pod.identity, dst = %orig, via = %target,
+                              dst_workload = %format!("{}/{}", dst.namespace, dst.name), dst_identity = %dst_id,
+                              service = service.as_deref().unwrap_or("-"), security = "mutual_tls",
+                              bytes_sent = up, bytes_received = down,
+                              duration_ms = start.elapsed().as_millis() as u64,
+                              error = err.as_deref().unwrap_or("-"), "connection closed");
+                    }
+                    Err(e) => {
+                        self.stats.outbound_failed.fetch_add(1, Ordering::Relaxed);
+                        let _ = app.shutdown().await;
+                        info!(target: "access", direction = "outbound", src_workload = %pod.key,
+                              src_identity = %pod.identity, dst = %orig, via = %target, dst_identity = %dst_id,
+                              status = e.status().map(|s| s.as_u16()).unwrap_or(0),
+                              duration_ms = start.elapsed().as_millis() as u64,
+                              error = %e, "connection refused");
+                    }
+                }
+            }
+            Route::Passthrough { target } => {
+                self.stats.passthrough.fetch_add(1, Ordering::Relaxed);
+                match dial_from(&pod.sockets, target).await {
+                    Ok(mut up) => {
+                        let r = tokio::io::copy_bidirectional_with_sizes(
+                            &mut app,
+                            &mut up,
+                            COPY_BUFFER,
+                            COPY_BUFFER,
+                        )
+                        .await;
+                        let (a, b) = r.unwrap_or((0, 0));
+                        info!(target: "access", direction = "outbound", src_workload = %pod.key, dst = %target,
+                              security = "none", bytes_sent = a, bytes_received = b,
+                              duration_ms = start.elapsed().as_millis() as u64, "passthrough closed");
+                    }
+                    Err(e) => {
+                        self.stats.outbound_failed.fetch_add(1, Ordering::Relaxed);
+                        info!(target: "access", direction = "outbound", src_workload = %pod.key, dst = %target,
+                              security = "none", error = %e, "passthrough failed");
+                    }
+                }
+            }
+            Route::Unroutable { reason } => {
+                self.stats.outbound_failed.fetch_add(1, Ordering::Relaxed);
+                info!(target: "access", direction = "outbound", src_workload = %pod.key, dst = %orig,
+                      error = %reason, "connection refused");
+            }
+        }
+    }
+
+    async fn inbound_hbone(
+        self: Arc<Self>,
+        pod: Arc<EnrolledPod>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        mut drain: crate::drain::Watch,
+    ) {
+        let acceptor = tokio_rustls::TlsAcceptor::from(pod.server_tls.clone());
+        let tls = match tokio::time::timeout(TLS_TIMEOUT, acceptor.accept(stream)).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                info!(target: "access", direction = "inbound", dst_workload = %pod.key, src = %peer,
+                      error = %e, "mTLS handshake refused");
+                return;
+            }
+            Err(_) => {
+                debug!(pod = %pod.key, %peer, "TLS handshake timed out");
+                return;
+            }
+        };
+        let handler = Arc::new(Inbound {
+            node: self.clone(),
+            pod: pod.clone(),
+            peer,
+        });
+        let drained = async move { drain.signaled().await };
+        if let Err(e) = hbone::serve(tls, handler, drained, &self.h2).await {
+            debug!(pod = %pod.key, %peer, error = %e, "HBONE connection ended");
+        }
+    }
+
+    async fn inbound_plaintext(&self, pod: &EnrolledPod, mut stream: TcpStream, peer: SocketAddr) {
+        // sk_lookup keeps the original destination as the local address.
+        let dst = match stream.local_addr() {
+            Ok(a) => a,
+            Err(_) => return,
+        };
+        if self.cfg.inbound_mode == InboundMode::Strict {
+            self.stats.plaintext_refused.fetch_add(1, Ordering::Relaxed);
+            info!(target: "access", direction = "inbound", dst_workload = %pod.key, src = %peer, dst = %dst,
+                  security = "none", result = "refused", reason = "STRICT: plaintext to a meshed pod", "connection refused");
+            reset(&stream);
+            return;
+        }
+        let decision = self.authorize(None, peer.ip(), &pod.pod, dst.port());
+        if !decision.allowed {
+            self.stats.inbound_denied.fetch_add(1, Ordering::Relaxed);
+            info!(target: "access", direction = "inbound", dst_workload = %pod.key, src = %peer, dst = %dst,
+                  security = "none", result = "denied", policy = %decision.reason, "connection denied");
+            reset(&stream);
+            return;
+        }
+        let start = Instant::now();
+        match dial_from(&pod.sockets, dst).await {
+            Ok(mut app) => {
+                let r = tokio::io::copy_bidirectional_with_sizes(
+                    &mut stream,
+                    &mut app,
+                    COPY_BUFFER,
+                    COPY_BUFFER,
+                )
+                .await;
+                let (a, b) = r.unwrap_or((0, 0));
+                info!(target: "access", direction = "inbound", dst_workload = %pod.key, src = %peer, dst = %dst,
+                      security = "plaintext", bytes_received = a, bytes_sent = b,
+                      duration_ms = start.elapsed().as_millis() as u64, "connection closed");
+            }
+            Err(e) => {
+                info!(target: "access", direction = "inbound", dst_workload = %pod.key, src = %peer,
+                            dst = %dst, error = %e, "upstream failed")
+            }
+        }
+    }
+
+    /// The policy decision for a connection to `dst_pod:port`.
+    pub fn authorize(
+        &self,
+        principal: Option<&Identity>,
+        src_ip: IpAddr,
+        dst_pod: &Pod,
+        port: u16,
+    ) -> policy::Decision {
+        let request = policy::Request {
+            source: policy::Source {
+                principal: principal.map(|p| p.to_string()),
+                namespace: principal.map(|p| p.namespace().to_owned()),
+                ip: src_ip,
+            },
+            destination: policy::Destination {
+                namespace: dst_pod.namespace.clone(),
+                labels: dst_pod.labels.clone(),
+                port,
+            },
+        };
+        self.policies
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .evaluate(&request)
+    }
+
+    /// Flows of this node's pods, joined to workloads.
+    pub fn flows(&self) -> Vec<(FlowEntry, Option<FlowLabels>)> {
+        let flows = {
+            let dp = self.datapath.lock().unwrap_or_else(PoisonError::into_inner);
+            dp.flows().unwrap_or_default()
+        };
+        flows
+            .into_iter()
+            .map(|f| {
+                let l = self.labels(&f);
+                (f, l)
+            })
+            .filter(|(_, l)| l.is_some())
+            .collect()
+    }
+}
+
+/// Closes with RST instead of FIN when `stream` is dropped: a refusal, not
+/// an empty answer.
+fn reset(stream: &TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    let _ = nix::sys::socket::setsockopt(stream, nix::sys::socket::sockopt::Linger, &linger);
+}
+
+fn policy_set(snap: &Snapshot) -> Result<PolicySet, String> {
+    Ok(PolicySet::new(
+        snap.policies.clone(),
+        mesh_core::policy::DEFAULT_ROOT_NAMESPACE,
+    ))
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Port {
+    Outbound,
+    Hbone,
+    Plaintext,
+}
+
+/// The 15008 side of one HBONE connection into `pod`.
+struct Inbound {
+    node: Arc<NodeProxy>,
+    pod: Arc<EnrolledPod>,
+    peer: SocketAddr,
+}
+
+impl hbone::Handler for Inbound {
+    type Stream = TcpStream;
+
+    fn open(
+        &self,
+        tunnel: Tunnel,
+    ) -> impl std::future::Future<Output = Result<TcpStream, Refusal>> + Send {
+        let node = self.node.clone();
+        let pod = self.pod.clone();
+        let peer = self.peer;
+        async move {
+            if !pod.pod.ips.contains(&tunnel.target.ip()) {
+                return Err(Refusal::Unavailable(format!(
+                    "{} is not an address of pod {}",
+                    tunnel.target, pod.key
+                )));
+            }
+            let principal = tunnel
+                .peer_certificates
+                .first()
+                .ok_or_else(|| Refusal::Forbidden("no client certificate".into()))
+                .and_then(|c| peer_identity(c).map_err(|e| Refusal::Forbidden(e.to_string())))?;
+            let decision =
+                node.authorize(Some(&principal), peer.ip(), &pod.pod, tunnel.target.port());
+            if !decision.allowed {
+                node.stats.inbound_denied.fetch_add(1, Ordering::Relaxed);
+                info!(target: "access", direction = "inbound", dst_workload = %pod.key, src = %peer,
+                      src_identity = %principal, dst = %tunnel.target, security = "mutual_tls",
+                      result = "denied", policy = %decision.reason, "connection denied");
+                return Err(Refusal::Forbidden(decision.reason));
+            }
+            node.stats.inbound_opened.fetch_add(1, Ordering::Relaxed);
+            dial_from(&pod.sockets, tunnel.target)
+                .await
+                .map_err(|e| Refusal::BadGateway(format!("connect {}: {e}", tunnel.target)))
+        }
+    }
+
+    fn closed(&self, c: &TunnelClosed) {
+        let principal = c
+            .peer_certificates
+            .first()
+            .and_then(|cert| peer_identity(cert).ok())
+            .map(|i| i.to_string())
+            .unwrap_or_default();
+        info!(target: "access", direction = "inbound", dst_workload = %self.pod.key, src = %self.peer,
+              src_identity = %principal, dst = %c.target, security = "mutual_tls",
+              bytes_received = c.bytes_from_peer, bytes_sent = c.bytes_to_peer,
+              duration_ms = c.duration.as_millis() as u64, error = c.error.as_deref().unwrap_or("-"),
+              "connection closed");
+    }
+}
+
+impl FlowResolver for NodeProxy {
+    fn labels(&self, f: &FlowEntry) -> Option<FlowLabels> {
+        let src = self.by_cookie(f.netns)?;
+        let snap = self.registry.snapshot();
+        let mut l = FlowLabels {
+            source_workload: src
+                .pod
+                .labels
+                .get("app")
+                .cloned()
+                .unwrap_or_else(|| src.pod.name.clone()),
+            source_workload_namespace: src.pod.namespace.clone(),
+            source_principal: src.identity.to_string(),
+            source_app: src.pod.labels.get("app").cloned().unwrap_or_default(),
+            ..FlowLabels::default()
+        };
+        let dst_pod = match snap.service_by_vip(f.original_dst.ip()) {
+            Some(svc) => {
+                l.destination_service = format!("{}.{}.svc.cluster.local", svc.name, svc.namespace);
+                l.destination_service_name = svc.name.clone();
+                l.destination_service_namespace = svc.namespace.clone();
+                // The endpoint is chosen per connection; label the service's
+                // workload by its selector's app label.
+                l.destination_workload = svc.selector.get("app").cloned().unwrap_or_default();
+                l.destination_workload_namespace = svc.namespace.clone();
+                snap.endpoints(svc).next()
+            }
+            None => snap.pod_by_ip(f.original_dst.ip()),
+        };
+        match dst_pod {
+            Some(p) => {
+                if l.destination_workload.is_empty() {
+                    l.destination_workload = p
+                        .labels
+                        .get("app")
+                        .cloned()
+                        .unwrap_or_else(|| p.name.clone());
+                }
+                l.destination_workload_namespace = p.namespace.clone();
+                l.destination_principal = p
+                    .identity(&self.cfg.trust_domain)
+                    .map(|i| i.to_string())
+                    .unwrap_or_default();
+                l.destination_app = p.labels.get("app").cloned().unwrap_or_default();
+                l.connection_security_policy = "mutual_tls".into();
+            }
+            None => {
+                l.connection_security_policy = "none".into();
+                l.destination_workload = f.original_dst.ip().to_string();
+            }
+        }
+        Some(l)
+    }
+}

@@ -1,0 +1,442 @@
+//! Assembles and runs a node proxy: eBPF data path, registry, certificate
+//! manager, the data-plane runtime (listeners, copies) and the control
+//! runtime (registry watch, certificates, admin, metrics), and drains on
+//! SIGTERM/SIGINT.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use mesh_core::identity::SystemClock;
+use mesh_core::registry::FileRegistry;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tracing::{error, info, warn};
+
+use crate::admin::{self, AdminState, Door};
+use crate::config::Config;
+use crate::identity::{
+    CaClientConfig, CertManager, CertManagerConfig, HttpsCaClient, load_pem_certs,
+};
+use crate::metrics::{FlowSource, TcpMetrics};
+use crate::node::NodeProxy;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {reason}")]
+pub struct RunError {
+    pub what: String,
+    pub reason: String,
+}
+
+fn fail(what: impl Into<String>, reason: impl std::fmt::Display) -> RunError {
+    RunError {
+        what: what.into(),
+        reason: reason.to_string(),
+    }
+}
+
+/// Switches the log filter at run time (the admin port's `/logging`).
+pub struct LogControl {
+    pub set: Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>,
+    pub current: Mutex<String>,
+}
+
+/// Raises the open-file limit to the hard limit: every connection is two
+/// sockets, plus the pooled ones.
+fn raise_nofile() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            warn!(error = %e, "could not raise RLIMIT_NOFILE");
+        }
+    }
+}
+
+/// Runs the proxy until SIGTERM/SIGINT, then drains.
+pub fn run(cfg: Config, log: LogControl) -> Result<(), RunError> {
+    cfg.validate().map_err(|e| fail("configuration", e))?;
+    raise_nofile();
+    let data_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cfg.workers)
+        .thread_name("data")
+        .enable_all()
+        .build()
+        .map_err(|e| fail("data-plane runtime", e))?;
+    let control_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| fail("control runtime", e))?;
+
+    let datapath = mesh_ebpf::Datapath::install(&cfg.cgroup, &cfg.pin_root).map_err(|e| {
+        fail(
+            format!("eBPF data path on cgroup {}", cfg.cgroup.display()),
+            e,
+        )
+    })?;
+    info!(mode = %datapath.mode(), pins = %datapath.pin_dir().display(), "data path ready");
+    let registry = FileRegistry::load(&cfg.registry).map_err(|e| fail("registry", e))?;
+    let anchors = load_pem_certs(&cfg.ca_bundle).map_err(|e| fail("--ca-bundle", e))?;
+    let token = std::fs::read_to_string(&cfg.token_file)
+        .map_err(|e| fail(format!("--token-file {}", cfg.token_file.display()), e))?
+        .trim()
+        .to_owned();
+    let client = HttpsCaClient::new(CaClientConfig::new(
+        cfg.ca_addr,
+        &cfg.ca_server_name,
+        anchors.clone(),
+        token,
+    ))
+    .map_err(|e| fail("CA client", e))?;
+    let certs = CertManager::new(
+        Arc::new(client),
+        Arc::new(SystemClock),
+        CertManagerConfig::new(&cfg.trust_domain),
+        anchors,
+    );
+
+    let (trigger, watch) = crate::drain::channel();
+    let node = NodeProxy::new(
+        cfg.clone(),
+        datapath,
+        registry,
+        certs.clone(),
+        data_rt.handle().clone(),
+        watch.clone(),
+    )
+    .map_err(|e| fail("policies", e))?;
+
+    let tcp_metrics = Arc::new(TcpMetrics::new(
+        Box::new(NodeFlows(node.clone())),
+        node.clone(),
+    ));
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.register_collector(Box::new(tcp_metrics));
+    registry.register_collector(Box::new(Health(node.clone())));
+    let state: Arc<dyn AdminState> = Arc::new(Admin {
+        node: node.clone(),
+        registry,
+        log,
+    });
+
+    control_rt.block_on(async move {
+        let (cert_stop_tx, cert_stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(certs.clone().run(cert_stop_rx));
+        for (addr, door) in [
+            (cfg.admin_addr, Door::Admin),
+            (cfg.metrics_addr, Door::Metrics),
+            (cfg.readiness_addr, Door::Readiness),
+        ] {
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|e| fail(format!("listen {addr} ({door:?})"), e))?;
+            tokio::spawn(admin::serve(l, door, state.clone(), watch.clone()));
+        }
+        let problems = node.reconcile().await;
+        info!(node = %cfg.node, pods = node.enrolled_pods().len(), problems = problems.len(), "node proxy up");
+
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| fail("SIGTERM handler", e))?;
+        let mut tick = tokio::time::interval(cfg.registry_poll);
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = tokio::signal::ctrl_c() => break,
+                _ = tick.tick() => {
+                    match node.registry.reload_if_changed() {
+                        Ok(true) => { node.reconcile().await; }
+                        Ok(false) => {
+                            // Retry pods that failed to enroll (CA down, ...).
+                            if node.enrolled_pods().len() < wanted(&node) { node.reconcile().await; }
+                        }
+                        Err(e) => warn!(error = %e, "registry not reloaded; keeping the last good one"),
+                    }
+                }
+            }
+        }
+        info!("draining: no new connections; waiting for open ones");
+        let _ = cert_stop_tx.send(true);
+        drop(watch);
+        if !trigger.drain(cfg.drain_deadline).await {
+            warn!(deadline = ?cfg.drain_deadline, "drain deadline passed; closing what is left");
+        }
+        Ok::<(), RunError>(())
+    })?;
+    data_rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    info!("stopped");
+    Ok(())
+}
+
+fn wanted(node: &NodeProxy) -> usize {
+    node.registry
+        .snapshot()
+        .pods
+        .iter()
+        .filter(|p| p.node == node.cfg.node && p.netns.is_some())
+        .count()
+}
+
+/// The kernel flow map, through the node's data-path handle.
+struct NodeFlows(Arc<NodeProxy>);
+
+impl FlowSource for NodeFlows {
+    fn flows(&mut self) -> Result<Vec<mesh_ebpf::FlowEntry>, String> {
+        let dp = self
+            .0
+            .datapath
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        dp.flows().map_err(|e| e.to_string())
+    }
+    fn forget(&mut self, cookie: u64) -> Result<(), String> {
+        let mut dp = self
+            .0
+            .datapath
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        dp.forget_flow(cookie).map_err(|e| e.to_string())
+    }
+}
+
+/// The proxy's own health metrics and the redirection mode.
+#[derive(Debug)]
+struct Health(Arc<NodeProxy>);
+
+impl std::fmt::Debug for NodeProxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeProxy")
+            .field("node", &self.cfg.node)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Collector for Health {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = &self.0.stats;
+        for (name, help, v) in [
+            (
+                "sockmesh_outbound_connections",
+                "Outbound connections accepted on 15001.",
+                &s.outbound_opened,
+            ),
+            (
+                "sockmesh_outbound_failures",
+                "Outbound connections that could not be carried.",
+                &s.outbound_failed,
+            ),
+            (
+                "sockmesh_inbound_connections",
+                "Inbound tunnels opened to pods.",
+                &s.inbound_opened,
+            ),
+            (
+                "sockmesh_inbound_denied",
+                "Inbound connections denied by policy.",
+                &s.inbound_denied,
+            ),
+            (
+                "sockmesh_plaintext_refused",
+                "Plaintext connections refused (STRICT).",
+                &s.plaintext_refused,
+            ),
+            (
+                "sockmesh_passthrough_connections",
+                "Outbound connections to non-mesh destinations.",
+                &s.passthrough,
+            ),
+        ] {
+            let e = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            ConstCounter::new(v.load(Ordering::Relaxed)).encode(e)?;
+        }
+        let mode = self
+            .0
+            .datapath
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .mode()
+            .clone();
+        let mut e = encoder.encode_descriptor(
+            "sockmesh_redirection_mode",
+            "1 for the redirection mode in force (sockmap, or degraded with the reason in logs).",
+            None,
+            MetricType::Gauge,
+        )?;
+        let label = [(
+            "mode",
+            if mode == mesh_ebpf::Mode::Sockmap {
+                "sockmap"
+            } else {
+                "degraded"
+            },
+        )];
+        ConstGauge::new(1i64).encode(e.encode_family(&label)?)?;
+        let mut e = encoder.encode_descriptor(
+            "sockmesh_enrolled_pods",
+            "Pods enrolled on this node.",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(self.0.enrolled_pods().len() as i64)
+            .encode(e.encode_family(&[("node", self.0.cfg.node.as_str())])?)?;
+        Ok(())
+    }
+}
+
+struct Admin {
+    node: Arc<NodeProxy>,
+    registry: prometheus_client::registry::Registry,
+    log: LogControl,
+}
+
+impl AdminState for Admin {
+    fn config_dump(&self) -> serde_json::Value {
+        let dp = self
+            .node
+            .datapath
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        json!({
+            "config": self.node.cfg,
+            "redirection_mode": dp.mode().to_string(),
+            "pins": dp.pin_dir(),
+            "policies": self.node.policies.read().unwrap_or_else(PoisonError::into_inner).len(),
+        })
+    }
+
+    fn workloads(&self) -> serde_json::Value {
+        let enrolled = self.node.enrolled_pods();
+        let snap = self.node.registry.snapshot();
+        let pods: Vec<_> = snap
+            .pods
+            .iter()
+            .filter(|p| p.node == self.node.cfg.node)
+            .map(|p| {
+                let key = format!("{}/{}", p.namespace, p.name);
+                let e = enrolled.iter().find(|e| e.key == key);
+                json!({
+                    "pod": key,
+                    "ips": p.ips,
+                    "identity": p.identity(&self.node.cfg.trust_domain).map(|i| i.to_string()).unwrap_or_default(),
+                    "enrolled": e.is_some(),
+                    "netns": p.netns,
+                    "netns_cookie": e.map(|e| e.cookie),
+                    "listeners": e.map(|e| e.listeners.iter().map(|a| a.to_string()).collect::<Vec<_>>()),
+                    "labels": p.labels,
+                })
+            })
+            .collect();
+        json!({"node": self.node.cfg.node, "pods": pods})
+    }
+
+    fn certs(&self) -> serde_json::Value {
+        serde_json::to_value(self.node.certs.states()).unwrap_or_default()
+    }
+
+    fn flows(&self) -> serde_json::Value {
+        let flows: Vec<_> = self
+            .node
+            .flows()
+            .into_iter()
+            .map(|(f, l)| {
+                let l = l.unwrap_or_default();
+                json!({
+                    "cookie": f.cookie,
+                    "source_workload": format!("{}/{}", l.source_workload_namespace, l.source_workload),
+                    "source_principal": l.source_principal,
+                    "app_socket": f.src,
+                    "original_dst": f.original_dst,
+                    "destination_workload": format!("{}/{}", l.destination_workload_namespace, l.destination_workload),
+                    "destination_principal": l.destination_principal,
+                    "destination_service": l.destination_service,
+                    "security": l.connection_security_policy,
+                    "bytes_sent": f.bytes_sent,
+                    "bytes_received": f.bytes_received,
+                    "age_ms": mesh_ebpf::age(f.start_ns).as_millis() as u64,
+                    "closed": f.is_closed(),
+                    "srtt_us": f.srtt_us,
+                })
+            })
+            .collect();
+        json!(flows)
+    }
+
+    fn stats(&self) -> serde_json::Value {
+        let dp = self
+            .node
+            .datapath
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let kernel = dp
+            .stats()
+            .map(|s| json!(s))
+            .unwrap_or_else(|e| json!({"error": e.to_string()}));
+        let s = &self.node.stats;
+        json!({
+            "kernel": kernel,
+            "proxy": {
+                "outbound_opened": s.outbound_opened.load(Ordering::Relaxed),
+                "outbound_failed": s.outbound_failed.load(Ordering::Relaxed),
+                "inbound_opened": s.inbound_opened.load(Ordering::Relaxed),
+                "inbound_denied": s.inbound_denied.load(Ordering::Relaxed),
+                "plaintext_refused": s.plaintext_refused.load(Ordering::Relaxed),
+                "passthrough": s.passthrough.load(Ordering::Relaxed),
+            }
+        })
+    }
+
+    fn set_log_level(&self, filter: &str) -> Result<(), String> {
+        (self.log.set)(filter)?;
+        *self
+            .log
+            .current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = filter.to_owned();
+        info!(filter, "log filter changed");
+        Ok(())
+    }
+
+    fn log_level(&self) -> String {
+        self.log
+            .current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        let enrolled = self.node.enrolled_pods();
+        let snap = self.node.registry.snapshot();
+        let mut missing = Vec::new();
+        for p in snap
+            .pods
+            .iter()
+            .filter(|p| p.node == self.node.cfg.node && p.netns.is_some())
+        {
+            let key = format!("{}/{}", p.namespace, p.name);
+            match enrolled.iter().find(|e| e.key == key) {
+                None => missing.push(format!("{key} not enrolled")),
+                Some(e) => {
+                    if !self.node.certs.state(&e.identity).is_some_and(|s| s.valid) {
+                        missing.push(format!("{key} has no valid certificate"));
+                    }
+                }
+            }
+        }
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(missing.join("; "))
+        }
+    }
+
+    fn metrics(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            error!(error = %e, "encoding metrics");
+        }
+        out
+    }
+}
