@@ -30,6 +30,10 @@ pub trait AdminState: Send + Sync + 'static {
     fn ready(&self) -> Result<(), String>;
     /// Prometheus text exposition.
     fn metrics(&self) -> String;
+    /// Why a pod's connection to a destination goes where it goes (or is
+    /// refused): `query` is the raw query string (`pod=NS/NAME&dst=IP:PORT`
+    /// or `flow=COOKIE`). `Err((status, message))` for bad requests.
+    fn explain(&self, query: &str) -> Result<serde_json::Value, (StatusCode, String)>;
 }
 
 /// Which door a listener is.
@@ -46,6 +50,8 @@ GET  /workloads          pods this node serves (enrolled, listeners, identity)\n
 GET  /certs              certificate state per identity\n\
 GET  /flows              live flows from the kernel flow map\n\
 GET  /stats              kernel event counters\n\
+GET  /explain?pod=NS/NAME&dst=IP:PORT   route, kernel state and policy decision for a connection\n\
+GET  /explain?flow=COOKIE               the same for a live flow of the kernel flow map\n\
 GET  /logging            current log filter\n\
 POST /logging?level=F    set the log filter (RUST_LOG syntax), e.g. level=debug,mesh_proxy=trace\n";
 
@@ -63,12 +69,36 @@ fn json(v: serde_json::Value) -> Response<Full<Bytes>> {
     text(StatusCode::OK, body, "application/json")
 }
 
-fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
+/// The value of `key` in a query string, percent-decoded.
+pub fn query_param(query: &str, key: &str) -> Option<String> {
     query
         .split('&')
         .filter_map(|kv| kv.split_once('='))
         .find(|(k, _)| *k == key)
-        .map(|(_, v)| v)
+        .map(|(_, v)| percent_decode(v))
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match b[i] {
+            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Routes one request. Public for tests.
@@ -99,6 +129,10 @@ pub fn route(
         (Door::Admin, &Method::GET, "/certs") => json(state.certs()),
         (Door::Admin, &Method::GET, "/flows") => json(state.flows()),
         (Door::Admin, &Method::GET, "/stats") => json(state.stats()),
+        (Door::Admin, &Method::GET, "/explain") => match state.explain(query) {
+            Ok(v) => json(v),
+            Err((status, msg)) => text(status, format!("{msg}\n"), "text/plain"),
+        },
         (Door::Admin, &Method::GET, "/logging") => text(
             StatusCode::OK,
             format!("{}\n", state.log_level()),
@@ -110,7 +144,7 @@ pub fn route(
                 "missing ?level=FILTER (RUST_LOG syntax, e.g. level=debug)\n",
                 "text/plain",
             ),
-            Some(level) => match state.set_log_level(level) {
+            Some(level) => match state.set_log_level(&level) {
                 Ok(()) => text(
                     StatusCode::OK,
                     format!("log filter set to {level}\n"),
@@ -227,6 +261,31 @@ mod tests {
         fn metrics(&self) -> String {
             "x 1\n".into()
         }
+        fn explain(&self, q: &str) -> Result<serde_json::Value, (StatusCode, String)> {
+            query_param(q, "pod")
+                .map(|p| serde_json::json!({"pod": p}))
+                .ok_or((StatusCode::BAD_REQUEST, "need pod=".into()))
+        }
+    }
+
+    #[test]
+    fn explain_decodes_its_query() {
+        let s = Fake::default();
+        let r = route(
+            Door::Admin,
+            &s,
+            &Method::GET,
+            "/explain",
+            "pod=default%2Fclient&dst=10.0.0.1%3A80",
+        );
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            route(Door::Admin, &s, &Method::GET, "/explain", "").status(),
+            400
+        );
+        assert_eq!(query_param("a=1&pod=x%2Fy", "pod").as_deref(), Some("x/y"));
+        assert_eq!(query_param("pod=%zz", "pod").as_deref(), Some("%zz"));
+        assert_eq!(query_param("pod=%2", "pod").as_deref(), Some("%2"));
     }
 
     #[test]

@@ -432,6 +432,10 @@ impl AdminState for Admin {
         }
     }
 
+    fn explain(&self, query: &str) -> Result<serde_json::Value, (http::StatusCode, String)> {
+        self.node.explain(query)
+    }
+
     fn metrics(&self) -> String {
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {

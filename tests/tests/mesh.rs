@@ -11,6 +11,7 @@ use anyhow::{Context, Result, bail, ensure};
 use mesh_local::control::{Binaries, ControlOptions};
 use mesh_local::{Mesh, Topology};
 use serde_json::Value;
+use sockmesh_tests::flowdata;
 
 const T: Duration = Duration::from_secs(60);
 
@@ -335,5 +336,260 @@ fn pods_talk_over_mtls_across_and_within_nodes_by_ip_and_service() -> Result<()>
     );
     assert!(text.contains("connection_security_policy=\"mutual_tls\""));
     assert!(text.contains("source_principal=\"spiffe://cluster.local/ns/default/sa/client\""));
+    Ok(())
+}
+
+fn deny_from(ns: &str) -> serde_yaml::Value {
+    serde_yaml::from_str(&format!(
+        "- apiVersion: security.sockmesh.io/v1\n  kind: AuthorizationPolicy\n  metadata: {{name: deny-{ns}, namespace: default}}\n  spec:\n    selector: {{matchLabels: {{app: web}}}}\n    action: DENY\n    rules: [{{from: [{{source: {{namespaces: [{ns}]}}}}]}}]\n"
+    ))
+    .unwrap_or(serde_yaml::Value::Null)
+}
+
+/// One connection attempt from `client` to `to`: `Ok(received bytes)` or
+/// the error the app saw.
+fn attempt(m: &TestMesh, client: &str, to: &str) -> Result<Result<u64, String>> {
+    let mut c = m.spawn(
+        client,
+        &["connect", "--to", to, "--send", "1000", "--seed", "3"],
+    )?;
+    let st = c.child.wait()?;
+    let mut out = String::new();
+    let mut err = String::new();
+    use std::io::Read;
+    if let Some(mut o) = c.child.stdout.take() {
+        o.read_to_string(&mut out)?;
+    }
+    if let Some(mut e) = c.child.stderr.take() {
+        e.read_to_string(&mut err)?;
+    }
+    if !st.success() {
+        return Ok(Err(err));
+    }
+    let t = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["event"] == "transfer")
+        .with_context(|| format!("no transfer in {out}"))?;
+    Ok(Ok(t["transfer"]["received"].as_u64().unwrap_or(0)))
+}
+
+#[test]
+fn deny_policy_resets_and_a_policy_change_applies_without_restart() -> Result<()> {
+    let opts = ControlOptions {
+        policies: Some(deny_from("other")),
+        ..ControlOptions::default()
+    };
+    let m = TestMesh::up("p", opts)?;
+    let web = format!("{}:8080", m.ip("default/web")?);
+    let mut s = serve(&m, "default/web", 8080, 2, 500)?;
+
+    // other/iperf is denied by the destination's policy: the app sees a reset.
+    let denied = attempt(&m, "other/iperf", &web)?;
+    let err = denied
+        .err()
+        .context("other/iperf reached web despite the DENY policy")?;
+    assert!(
+        err.to_lowercase().contains("reset"),
+        "expected a reset, the app saw: {err}"
+    );
+    // default/client is not.
+    assert_eq!(attempt(&m, "default/client", &web)?, Ok(500));
+    s.event("accepted")?;
+    s.event("transfer")?;
+    // The proxy's explain names the rule that denied it.
+    let (code, body) = m
+        .mesh
+        .admin_get("node-b", &format!("/explain?pod=other/iperf&dst={web}"))?;
+    assert_eq!(code, 200, "{body}");
+    let v: Value = serde_json::from_str(&body)?;
+    assert_eq!(v["policy"]["allowed"], false, "{v}");
+    assert_eq!(v["policy"]["policy"], "default/deny-other", "{v}");
+    assert!(
+        v["verdict"].as_str().unwrap_or("").contains("DENIED"),
+        "{v}"
+    );
+    let log_b = m.log("proxy-node-b");
+    assert!(
+        log_b.contains("deny-other"),
+        "denial not logged with its rule:\n{log_b}"
+    );
+
+    // Swap the policy: now default is denied and other allowed; no restart.
+    m.mesh.write_control_registry(Some(&deny_from("default")))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let client = attempt(&m, "default/client", &web)?;
+        if client.is_err() {
+            break;
+        }
+        s.event("accepted")?;
+        s.event("transfer")?;
+        ensure!(
+            Instant::now() < deadline,
+            "the new policy was not applied within 10s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
+}
+
+#[test]
+fn the_fabric_carries_only_tls_on_15008_and_non_mesh_traffic_passes_through() -> Result<()> {
+    let m = TestMesh::up("w", ControlOptions::default())?;
+    let web = format!("{}:8080", m.ip("default/web")?);
+    let fabric = m.mesh.state().fabric.netns.clone();
+    let pcap = m.mesh.state_dir().join("fabric.pcap");
+    let mut dump = std::process::Command::new("ip")
+        .args([
+            "netns", "exec", &fabric, "tcpdump", "-i", "br0", "-U", "-s", "0", "-w",
+        ])
+        .arg(&pcap)
+        .arg("tcp")
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("tcpdump (installed by ./x setup)")?;
+    // Wait until tcpdump is capturing.
+    let start = Instant::now();
+    while !pcap.exists() && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let mut s = serve(&m, "default/web", 8080, 1, 2_000_000)?;
+    transfer(&m, "default/client", &web, &mut s, 2_000_000, 2_000_000)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(dump.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    );
+    let _ = dump.wait();
+    let raw = std::fs::read(&pcap)?;
+    // The transfer's bytes never appear in clear (client's and server's).
+    for seed in [11u64, 22] {
+        let needle = flowdata::prefix(seed, 64);
+        assert!(
+            !raw.windows(needle.len()).any(|w| w == needle.as_slice()),
+            "plaintext of stream {seed} seen on the fabric"
+        );
+    }
+    let listing = sockmesh_tests::run(
+        std::process::Command::new("tcpdump")
+            .args(["-nn", "-r"])
+            .arg(&pcap),
+    )?;
+    let data_lines: Vec<&str> = listing.lines().filter(|l| l.contains(" IP ")).collect();
+    assert!(data_lines.len() > 10, "capture saw too little: {listing}");
+    let client_ip = m.ip("default/client")?;
+    for l in &data_lines {
+        // Pod-to-pod traffic is HBONE on 15008; the proxies' CA calls are TLS
+        // on 15012.
+        assert!(
+            l.contains(".15008") || l.contains(".15012"),
+            "non-mesh port on the fabric: {l}"
+        );
+    }
+    assert!(
+        data_lines
+            .iter()
+            .any(|l| l.contains(&format!("{client_ip}.")) && l.contains(".15008")),
+        "no HBONE from the client pod's own address: {listing}"
+    );
+
+    // Passthrough: a destination that is not in the mesh (node-b's own
+    // address) is reached as plain TCP.
+    let node_b = m.mesh.node("node-b")?.fabric_ip.to_string();
+    let to = format!("{node_b}:9099");
+    let mut argv = vec![probe().display().to_string()];
+    argv.extend(["server", "--listen", &to].iter().map(|s| s.to_string()));
+    let mut srv = m.mesh.node_command("node-b", &argv)?;
+    srv.stdout(Stdio::piped());
+    let mut srv = Proc {
+        child: srv.spawn()?,
+        what: "node-b server".into(),
+        lines: None,
+    };
+    srv.event("listening")?;
+    let mut c = m.spawn("default/client", &["connect", "--to", &to])?;
+    c.event("connected")?;
+    let b = c.event("banner")?;
+    assert_eq!(b["line"], format!("server {to}"));
+    let (code, body) = m
+        .mesh
+        .admin_get("node-a", &format!("/explain?pod=default/client&dst={to}"))?;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("passthrough"), "{body}");
+    Ok(())
+}
+
+#[test]
+fn a_client_without_a_certificate_gets_no_tunnel() -> Result<()> {
+    let m = TestMesh::up("n", ControlOptions::default())?;
+    let web = format!("{}:15008", m.ip("default/web")?);
+    // From node-a's own netns (not a pod, no certificate): TLS to the pod's
+    // HBONE port with ALPN h2 and no client certificate.
+    let mut cmd = m.mesh.node_command(
+        "node-a",
+        &[
+            "sh",
+            "-c",
+            &format!("sleep 2 | timeout 10 openssl s_client -connect {web} -alpn h2 -tls1_3 2>&1"),
+        ],
+    )?;
+    let out = cmd.output()?;
+    let text = String::from_utf8_lossy(&out.stdout).to_lowercase();
+    assert!(
+        text.contains("certificate required"),
+        "the server did not demand a certificate:\n{text}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_killed_proxy_restarts_and_new_connections_work_without_leaking_plaintext() -> Result<()> {
+    let mut m = TestMesh::up("k", ControlOptions::default())?;
+    let web = format!("{}:8080", m.ip("default/web")?);
+    let mut s = serve(&m, "default/web", 8080, 2, 100)?;
+    assert_eq!(attempt(&m, "default/client", &web)?, Ok(100));
+    s.event("accepted")?;
+    s.event("transfer")?;
+
+    let pids = m.mesh.node_pids("node-a", &m.bins.proxy);
+    ensure!(!pids.is_empty(), "no proxy process on node-a");
+    for pid in pids {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )?;
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    // Meanwhile: captured and refused, never sent in clear to the server.
+    let during = attempt(&m, "default/client", &web)?;
+    assert!(
+        during.is_err(),
+        "a connection got through with no proxy: {during:?}"
+    );
+
+    let restarted = Instant::now();
+    m.mesh.start_proxy("node-a", &m.bins, &m.opts)?;
+    m.mesh.wait_proxy_ready("node-a", Duration::from_secs(30))?;
+    assert_eq!(attempt(&m, "default/client", &web)?, Ok(100));
+    eprintln!(
+        "proxy restart to first new connection: {:?}",
+        restarted.elapsed()
+    );
+    s.event("accepted")?;
+    s.event("transfer")?;
+    // The kernel counters carried across the restart: both flows are there.
+    let (_, flows) = m.mesh.admin_get("node-a", "/flows")?;
+    let flows: Value = serde_json::from_str(&flows)?;
+    let to_web = flows
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|f| f["original_dst"] == web.as_str())
+                .count()
+        })
+        .unwrap_or(0);
+    assert!(to_web >= 1, "flows after restart: {flows}");
     Ok(())
 }
