@@ -102,7 +102,16 @@ impl Service {
     }
 }
 
+/// The opt-out: `sockmesh.io/mesh: disabled` on a pod keeps it out of the
+/// mesh (in the file registry it is a label; in Kubernetes an annotation).
+pub const MESH_LABEL: &str = "sockmesh.io/mesh";
+
 impl Pod {
+    /// Whether the pod is in the mesh (not opted out).
+    pub fn meshed(&self) -> bool {
+        self.labels.get(MESH_LABEL).map(String::as_str) != Some("disabled")
+    }
+
     /// The pod's SPIFFE identity in `trust_domain`.
     pub fn identity(&self, trust_domain: &str) -> Result<Identity, IdentityError> {
         Identity::new(trust_domain, &self.namespace, &self.service_account)

@@ -113,13 +113,18 @@ pub fn route(snapshot: &Snapshot, orig: SocketAddr, rr: usize) -> Route {
             .iter()
             .find(|ip| ip.is_ipv4() == orig.is_ipv4())
             .unwrap_or(&pod.ips[0]);
+        if !pod.meshed() {
+            return Route::Passthrough {
+                target: SocketAddr::new(*ip, port),
+            };
+        }
         return Route::Mesh {
             dst: Box::new(pod.clone()),
             target: SocketAddr::new(*ip, port),
             service: Some(name),
         };
     }
-    match snapshot.pod_by_ip(orig.ip()) {
+    match snapshot.pod_by_ip(orig.ip()).filter(|p| p.meshed()) {
         Some(pod) => Route::Mesh {
             dst: Box::new(pod.clone()),
             target: orig,
@@ -276,6 +281,14 @@ impl NodeProxy {
             .map_err(|e| e.to_string())
     }
 
+    /// The pods this node must enroll: scheduled here, with a netns, and not
+    /// opted out of the mesh.
+    pub fn wanted_pods<'a>(&'a self, snap: &'a Snapshot) -> impl Iterator<Item = &'a Pod> + 'a {
+        snap.pods
+            .iter()
+            .filter(|p| p.node == self.cfg.node && p.netns.is_some() && p.meshed())
+    }
+
     /// Brings enrollment in line with the registry: new pods of this node
     /// are enrolled, removed ones unenrolled. Returns problems, one per pod.
     pub async fn reconcile(self: &Arc<Self>) -> Vec<String> {
@@ -289,10 +302,8 @@ impl NodeProxy {
             }
             Err(e) => warn!(error = %e, "policies not updated: keeping the previous ones"),
         }
-        let wanted: BTreeMap<String, Pod> = snap
-            .pods
-            .iter()
-            .filter(|p| p.node == self.cfg.node && p.netns.is_some())
+        let wanted: BTreeMap<String, Pod> = self
+            .wanted_pods(&snap)
             .map(|p| (format!("{}/{}", p.namespace, p.name), p.clone()))
             .collect();
         let mut problems = Vec::new();

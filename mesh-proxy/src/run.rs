@@ -171,12 +171,7 @@ pub fn run(cfg: Config, log: LogControl) -> Result<(), RunError> {
 }
 
 fn wanted(node: &NodeProxy) -> usize {
-    node.registry
-        .snapshot()
-        .pods
-        .iter()
-        .filter(|p| p.node == node.cfg.node && p.netns.is_some())
-        .count()
+    node.wanted_pods(&node.registry.snapshot()).count()
 }
 
 /// The kernel flow map, through the node's data-path handle.
@@ -410,11 +405,7 @@ impl AdminState for Admin {
         let enrolled = self.node.enrolled_pods();
         let snap = self.node.registry.snapshot();
         let mut missing = Vec::new();
-        for p in snap
-            .pods
-            .iter()
-            .filter(|p| p.node == self.node.cfg.node && p.netns.is_some())
-        {
+        for p in self.node.wanted_pods(&snap) {
             let key = format!("{}/{}", p.namespace, p.name);
             match enrolled.iter().find(|e| e.key == key) {
                 None => missing.push(format!("{key} not enrolled")),

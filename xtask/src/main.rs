@@ -59,8 +59,9 @@ enum Cmd {
     /// Benchmarks (release builds), printed as tables and written as JSON
     /// under target/bench/.
     Bench {
-        /// `redirect` (sk_msg vs loopback TCP), `ca` (certificate signing)
-        /// or `all`.
+        /// `redirect` (sk_msg vs loopback TCP), `mesh` (pod to pod on the
+        /// local mesh vs plain TCP), `hbone` (the tunnel on loopback, per
+        /// rustls provider), `ca` (certificate signing) or `all`.
         #[arg(default_value = "all")]
         what: String,
     },
@@ -227,6 +228,10 @@ fn test(_root: &Path) -> Result<()> {
     sh(cargo().args(["fmt", "--all", "--", "--check"]))?;
     println!("test: cargo clippy --all-targets -- -D warnings");
     sh(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    // The end-to-end tests run other packages' binaries (mesh-proxy,
+    // mesh-ca, mesh): build them all first.
+    println!("test: cargo build --bins");
+    sh(cargo().args(["build", "--bins"]))?;
     println!("test: cargo test (unit, privileged, end-to-end)");
     let out = cargo()
         .args(["test", "--no-fail-fast"])
@@ -290,31 +295,60 @@ fn leftovers() -> Vec<String> {
 fn bench(root: &Path, what: &str) -> Result<()> {
     let out_dir = target_dir(root).join("bench");
     std::fs::create_dir_all(&out_dir)?;
-    let all = what == "all";
-    if !all && !["redirect", "ca"].contains(&what) {
-        bail!("unknown benchmark {what:?}: choose redirect, ca or all");
-    }
-    if all || what == "redirect" {
+    const ALL: [&str; 4] = ["redirect", "mesh", "hbone", "ca"];
+    let chosen: Vec<&str> = match what {
+        "all" => ALL.to_vec(),
+        w if ALL.contains(&w) => vec![w],
+        w => bail!(
+            "unknown benchmark {w:?}: choose one of {} or all",
+            ALL.join(", ")
+        ),
+    };
+    if chosen.iter().any(|w| *w == "redirect" || *w == "mesh") {
         println!("bench: building release binaries...");
-        sh(cargo().args(["build", "--release", "-p", "sockmesh-tests", "--bins"]))?;
-        sh(
-            Command::new(target_dir(root).join("release/sockmesh-bench"))
-                .arg("redirect")
-                .arg(out_dir.join("redirect.json")),
-        )?;
+        sh(cargo().args([
+            "build",
+            "--release",
+            "-p",
+            "sockmesh-tests",
+            "-p",
+            "mesh-proxy",
+            "-p",
+            "mesh-ca",
+            "--bins",
+        ]))?;
     }
-    if all || what == "ca" {
-        sh(cargo()
-            .args([
-                "run",
-                "--release",
-                "-p",
-                "mesh-ca",
-                "--example",
-                "bench",
-                "--",
-            ])
-            .arg(out_dir.join("ca.json")))?;
+    for w in chosen {
+        let json = out_dir.join(format!("{w}.json"));
+        match w {
+            "redirect" | "mesh" => sh(Command::new(
+                target_dir(root).join("release/sockmesh-bench"),
+            )
+            .arg(w)
+            .arg(&json))?,
+            "hbone" => sh(cargo()
+                .args([
+                    "run",
+                    "--release",
+                    "-p",
+                    "mesh-proxy",
+                    "--example",
+                    "hbone_bench",
+                    "--",
+                ])
+                .arg(&json))?,
+            _ => sh(cargo()
+                .args([
+                    "run",
+                    "--release",
+                    "-p",
+                    "mesh-ca",
+                    "--example",
+                    "bench",
+                    "--",
+                ])
+                .arg(&json))?,
+        }
     }
     Ok(())
 }

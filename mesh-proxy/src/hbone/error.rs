@@ -66,6 +66,12 @@ pub enum HboneError {
         what: &'static str,
         after: Duration,
     },
+    #[error("hbone server: TLS accept from {peer:?}: {source}")]
+    Accept {
+        peer: Option<SocketAddr>,
+        #[source]
+        source: io::Error,
+    },
     #[error("hbone server: client negotiated ALPN {alpn:?}, not h2")]
     ServerAlpn { alpn: Option<String> },
     #[error("hbone server: HTTP/2 connection: {source}")]

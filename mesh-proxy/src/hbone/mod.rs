@@ -30,7 +30,10 @@ use std::time::Duration;
 pub use authority::{AuthorityError, fuzz_authority, parse_authority};
 pub use error::HboneError;
 pub use pool::{Connector, Pool, PoolKey, TunnelStream};
-pub use server::{Handler, Refusal, ServeSummary, Tunnel, TunnelClosed, handler_fn, serve};
+pub use server::{
+    Handler, Refusal, ServeSummary, TLS_READ_BUFFER, Tunnel, TunnelClosed, accept, buffer_reads,
+    handler_fn, serve,
+};
 
 /// The HBONE port in every meshed pod's netns.
 pub const HBONE_PORT: u16 = 15008;

@@ -438,7 +438,7 @@ impl<C: Connector> Pool<C> {
                 warn!(pool = %key, error = %e, "hbone: TCP_NODELAY");
             }
             let tls = tokio_rustls::TlsConnector::from(tls)
-                .connect(server_name, tcp)
+                .connect(server_name, super::buffer_reads(tcp))
                 .await
                 .map_err(|source| HboneError::Tls { dest, source })?;
             let session = tls.get_ref().1;

@@ -23,11 +23,48 @@ use http_body_util::Empty;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::CertificateDer;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::{ALPN_H2, H2Config, HboneError, parse_authority};
+
+/// rustls reads the socket 4 KiB at a time; under a 16 KiB record stream
+/// that is several `read` syscalls per record. A user-space read buffer
+/// below TLS turns them into one large read.
+pub const TLS_READ_BUFFER: usize = 256 * 1024;
+
+/// Wraps the socket under TLS in a large read buffer ([`TLS_READ_BUFFER`]).
+/// Use it below the TLS accept (the pool does it on the client side).
+pub fn buffer_reads<S: AsyncRead>(io: S) -> BufReader<S> {
+    BufReader::with_capacity(TLS_READ_BUFFER, io)
+}
+
+/// The TLS accept of an HBONE connection, as [`serve`] wants it:
+/// `TCP_NODELAY`, a read buffer under TLS, a bounded handshake. The
+/// caller's `acceptor` must require client certificates and offer ALPN h2.
+pub async fn accept(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    tcp: TcpStream,
+    timeout: Duration,
+) -> Result<tokio_rustls::server::TlsStream<BufReader<TcpStream>>, HboneError> {
+    let peer = tcp.peer_addr().ok();
+    if let Err(e) = tcp.set_nodelay(true) {
+        debug!(?peer, error = %e, "hbone: TCP_NODELAY");
+    }
+    match tokio::time::timeout(timeout, acceptor.accept(buffer_reads(tcp))).await {
+        Ok(Ok(tls)) => Ok(tls),
+        Ok(Err(source)) => Err(HboneError::Accept { peer, source }),
+        Err(_) => Err(HboneError::Accept {
+            peer,
+            source: io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("TLS handshake took over {timeout:?}"),
+            ),
+        }),
+    }
+}
 
 /// One tunnel the peer asked for, before the handler decides.
 #[derive(Debug)]
@@ -174,8 +211,9 @@ fn status(code: StatusCode) -> Response<Body> {
 /// (HTTP/2 GOAWAY: no new streams). Returns once every tunnel's copy has
 /// ended. Bound the whole call with a timeout to cap a drain.
 ///
-/// The TLS session must have negotiated ALPN `h2`. Set `TCP_NODELAY` on the
-/// socket before the TLS accept. Run it inside a span naming the peer.
+/// The TLS session must have negotiated ALPN `h2`. Accept with [`accept`]
+/// (or do what it does: `TCP_NODELAY`, [`buffer_reads`] under TLS). Run it
+/// inside a span naming the peer.
 pub async fn serve<S, H, D>(
     tls: tokio_rustls::server::TlsStream<S>,
     handler: H,

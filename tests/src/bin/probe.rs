@@ -92,6 +92,17 @@ enum Cmd {
         rounds: usize,
         #[arg(long)]
         stream: Option<u64>,
+        /// Open and close this many connections one after another (1-byte
+        /// echo each) and report the rate.
+        #[arg(long)]
+        connections: Option<usize>,
+        /// Open this many connections, print `held`, keep them open until a
+        /// line arrives on stdin.
+        #[arg(long)]
+        idle: Option<usize>,
+        /// Carry the proxy's SO_MARK: bypass capture (the plain baseline).
+        #[arg(long)]
+        mark: bool,
     },
     /// An app: connect somewhere, then banner or transfer.
     Connect {
@@ -195,7 +206,10 @@ fn main() -> Result<()> {
             size,
             rounds,
             stream,
-        } => load(to, size, rounds, stream)?,
+            connections,
+            idle,
+            mark,
+        } => load(to, size, rounds, stream, connections, idle, mark)?,
         Cmd::Connect {
             to,
             mark,
@@ -340,7 +354,6 @@ fn accept_any(listeners: &[TcpListener]) -> Result<TcpStream> {
 }
 
 fn bench_server(listen: &[SocketAddr], sink: bool, count: usize) -> Result<()> {
-    use std::io::Read;
     let listeners = listen
         .iter()
         .map(|a| {
@@ -350,36 +363,88 @@ fn bench_server(listen: &[SocketAddr], sink: bool, count: usize) -> Result<()> {
         })
         .collect::<Result<Vec<_>>>()?;
     emit(json!({"event": "listening"}));
-    for _ in 0..count {
-        let mut s = accept_any(&listeners)?;
-        s.set_nodelay(true)?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut total = 0u64;
-        loop {
-            let n = match s.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                // The FIN quirk of blocking sockets in the socket map.
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e.into()),
-            };
-            total += n as u64;
-            if !sink {
-                s.write_all(&buf[..n])?;
-            }
+    std::thread::scope(|scope| -> Result<()> {
+        for _ in 0..count {
+            let s = accept_any(&listeners)?;
+            scope.spawn(move || {
+                if let Err(e) = serve_bench_conn(s, sink) {
+                    eprintln!("bench connection: {e:#}");
+                }
+            });
         }
-        if sink {
-            s.write_all(&total.to_le_bytes())?;
+        Ok(())
+    })
+}
+
+fn serve_bench_conn(mut s: TcpStream, sink: bool) -> Result<()> {
+    use std::io::Read;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(600)))?;
+    let mut buf = vec![0u8; if sink { 1 << 20 } else { 64 << 10 }];
+    let mut total = 0u64;
+    loop {
+        let n = match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            // The FIN quirk of blocking sockets in the socket map.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e.into()),
+        };
+        total += n as u64;
+        if !sink {
+            s.write_all(&buf[..n])?;
         }
+    }
+    if sink {
+        s.write_all(&total.to_le_bytes())?;
     }
     Ok(())
 }
 
-fn load(to: SocketAddr, size: usize, rounds: usize, stream: Option<u64>) -> Result<()> {
+fn load(
+    to: SocketAddr,
+    size: usize,
+    rounds: usize,
+    stream: Option<u64>,
+    connections: Option<usize>,
+    idle: Option<usize>,
+    mark: bool,
+) -> Result<()> {
     use std::io::Read;
     use std::time::Instant;
-    let mut s = TcpStream::connect(to).with_context(|| format!("connect {to}"))?;
+    if let Some(n) = connections {
+        let start = Instant::now();
+        for i in 0..n {
+            let mut c = dial(to, mark)?;
+            c.set_nodelay(true)?;
+            c.set_read_timeout(Some(IO_TIMEOUT))?;
+            c.write_all(b"x")?;
+            let mut b = [0u8; 1];
+            c.read_exact(&mut b)
+                .with_context(|| format!("connection {i}"))?;
+        }
+        let secs = start.elapsed().as_secs_f64();
+        emit(
+            json!({"event": "connections", "count": n, "seconds": secs, "per_second": n as f64 / secs}),
+        );
+        return Ok(());
+    }
+    if let Some(n) = idle {
+        let mut held = Vec::with_capacity(n);
+        for _ in 0..n {
+            let mut c = dial(to, mark)?;
+            c.set_read_timeout(Some(IO_TIMEOUT))?;
+            c.write_all(b"x")?;
+            let mut b = [0u8; 1];
+            c.read_exact(&mut b)?;
+            held.push(c);
+        }
+        emit(json!({"event": "held", "count": held.len()}));
+        wait_stdin();
+        return Ok(());
+    }
+    let mut s = dial(to, mark)?;
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(IO_TIMEOUT))?;
     if let Some(total) = stream {
