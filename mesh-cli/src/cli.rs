@@ -1,0 +1,332 @@
+//! The command line: every command, its arguments and its help (each
+//! teaches with an example).
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+const ROOT_HELP: &str = "\
+Get started (as root):
+  mesh up                                          # a 2-node mesh with demo apps, in seconds
+  mesh exec default/client -- curl -s http://web:8080/
+  mesh top                                         # live flows, counted by the kernel
+  mesh explain other/iperf web.default:8080        # why is this connection refused?
+  mesh down
+
+Exit codes (scripts can rely on them):
+  0  success
+  1  failure (the message says what failed and the value that made it fail);
+     `mesh status` also exits 1 when it found problems
+  2  usage: bad arguments or option values
+  3  not root (the local mesh needs root)
+  4  the mesh is not up (status, exec, ...) or already up (up)
+  5  unknown pod, service or flow
+  6  the machine lacks something the mesh needs (kernel feature, program)
+  130  interrupted (Ctrl-C during `mesh up` removes what it had built)
+  `mesh exec` exits with its program's code (128+N when killed by signal N).
+
+Colors only on a terminal; NO_COLOR=1 turns them off.";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "mesh",
+    version,
+    about = "sockmesh: a sidecarless service mesh; this command runs a whole mesh on one Linux machine",
+    after_help = ROOT_HELP,
+    propagate_version = true
+)]
+pub struct Cli {
+    /// The local mesh to act on: 1-16 lowercase letters and digits,
+    /// starting with a letter.
+    #[arg(long, global = true, env = "SOCKMESH_MESH", default_value = "demo")]
+    pub name: String,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Human-readable tables.
+    #[default]
+    Table,
+    /// JSON, for scripts.
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, Default, Args)]
+pub struct OutputArg {
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+impl OutputArg {
+    pub fn json(&self) -> bool {
+        self.output == Output::Json
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Build a local mesh: node and pod namespaces, the CA, one proxy per node, demo apps.
+    #[command(after_help = "\
+Examples:
+  mesh up                     # demo: 2 nodes, default/{client,web,web-2}, other/iperf, one DENY policy
+  mesh up --nodes 4           # the demo on 4 nodes (more web pods)
+  mesh up -f mesh.yaml --name lab
+                              # your own nodes, pods, services and `policies:`
+
+Without -f, the web pods run `python3 -m http.server 8080`, other/iperf runs
+`iperf3 -s`, and the policy `default/deny-other-to-web` denies namespace
+`other` from reaching `app: web`. Everything stays up after `mesh up` exits;
+`mesh down` removes it all.")]
+    Up(UpArgs),
+
+    /// Remove a local mesh: processes, namespaces, cgroups, eBPF pins, files. Safe to run twice.
+    #[command(after_help = "\
+Examples:
+  mesh down                   # the mesh named demo
+  mesh down lab               # or: mesh down --name lab")]
+    Down(DownArgs),
+
+    /// Run a program inside a pod (its network namespace, cgroup and /etc/hosts).
+    #[command(after_help = "\
+Examples:
+  mesh exec default/client -- curl -s http://web:8080/
+  mesh exec default/client -- iperf3 -c iperf.other -t 5
+  mesh exec other/iperf -- curl -s -m 3 http://web.default:8080/     # denied by policy
+  mesh exec client -- sh                                              # `client` = default/client
+
+Service names resolve inside the pod (web, web.default,
+web.default.svc.cluster.local). Stdin, stdout and stderr are the terminal's;
+the exit code is the program's.")]
+    Exec(ExecArgs),
+
+    /// Nodes, proxies, pods (meshed?, identity, certificate expiry) and policies, with problems highlighted.
+    #[command(after_help = "\
+Examples:
+  mesh status
+  mesh status -o json | jq '.problems'
+
+Exits 1 when it found problems (a proxy down or not ready, a pod not
+enrolled, a certificate not valid).")]
+    Status(StatusArgs),
+
+    /// Live table of flows, counted by the kernel's flow maps on every node.
+    #[command(after_help = "\
+Examples:
+  mesh top                           # refreshes every second; Ctrl-C quits
+  mesh top --sort bytes
+  mesh top --once                    # one snapshot (rates measured over --interval)
+  mesh top --once -o json | jq '.flows[] | select(.bytes_sent > 0)'")]
+    Top(TopArgs),
+
+    /// Why a connection goes where it goes, or is refused: kernel, proxy and policy in one answer.
+    #[command(after_help = "\
+Examples:
+  mesh explain default/client web:8080           # a Service in the pod's namespace
+  mesh explain other/iperf web.default:8080      # names the policy and rule that deny it
+  mesh explain default/client 10.77.2.2:8080     # an address
+  mesh explain default/client                    # the pod's latest flows
+  mesh explain --flow 4113                       # a flow id from `mesh top`")]
+    Explain(ExplainArgs),
+
+    /// A pod's certificate: SPIFFE ID, serial, validity, next renewal.
+    #[command(after_help = "\
+Examples:
+  mesh certs default/client
+  mesh certs web -o json")]
+    Certs(CertsArgs),
+
+    /// Print the version.
+    #[command(after_help = "Example:\n  mesh version -o json")]
+    Version(VersionArgs),
+
+    /// Print a shell completion script.
+    #[command(after_help = "\
+Examples:
+  mesh completions bash > /etc/bash_completion.d/mesh
+  mesh completions zsh > \"${fpath[1]}/_mesh\"")]
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct UpArgs {
+    /// A topology file (nodes, pods, services, and optional `policies:`);
+    /// without it, the demo topology and its apps.
+    #[arg(short = 'f', long = "file", value_name = "mesh.yaml")]
+    pub file: Option<PathBuf>,
+
+    /// Number of nodes of the demo topology (1-26).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=26), conflicts_with = "file")]
+    pub nodes: u8,
+
+    /// How long to wait for each proxy to become ready, in seconds.
+    #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+    pub ready_timeout: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DownArgs {
+    /// The mesh to remove (default: --name).
+    pub name: Option<String>,
+
+    #[command(flatten)]
+    pub output: OutputArg,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ExecArgs {
+    /// The pod: NAMESPACE/NAME, or NAME in namespace default.
+    pub pod: String,
+
+    /// The program and its arguments (after `--`).
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "CMD"
+    )]
+    pub command: Vec<OsString>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub output: OutputArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SortKey {
+    /// Bytes per second, both ways (highest first).
+    Rate,
+    /// Bytes moved, both ways (most first).
+    Bytes,
+    /// Age (newest first).
+    Age,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TopArgs {
+    /// Print one snapshot and exit.
+    #[arg(long)]
+    pub once: bool,
+
+    /// Stop after this many refreshes (default: until Ctrl-C on a
+    /// terminal, 1 otherwise).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub iterations: Option<u64>,
+
+    /// Seconds between refreshes (rates are measured over it).
+    #[arg(long, default_value_t = 1.0)]
+    pub interval: f64,
+
+    /// Sort order.
+    #[arg(long, value_enum, default_value_t = SortKey::Rate)]
+    pub sort: SortKey,
+
+    /// Also show closed flows still in the kernel's flow map (shown by
+    /// default with --once).
+    #[arg(long)]
+    pub all: bool,
+
+    #[command(flatten)]
+    pub output: OutputArg,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ExplainArgs {
+    /// The source pod: NAMESPACE/NAME, or NAME in namespace default.
+    #[arg(required_unless_present = "flow", conflicts_with = "flow")]
+    pub pod: Option<String>,
+
+    /// The destination: IP:PORT, SERVICE:PORT, SERVICE.NAMESPACE:PORT or
+    /// POD.NAMESPACE:PORT (default: the pod's latest flows).
+    pub dest: Option<String>,
+
+    /// A flow id (the kernel's socket cookie, as `mesh top` shows it).
+    #[arg(long, value_name = "ID")]
+    pub flow: Option<u64>,
+
+    #[command(flatten)]
+    pub output: OutputArg,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CertsArgs {
+    /// The pod: NAMESPACE/NAME, or NAME in namespace default.
+    pub pod: String,
+
+    #[command(flatten)]
+    pub output: OutputArg,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct VersionArgs {
+    #[command(flatten)]
+    pub output: OutputArg,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_command_teaches_with_an_example() {
+        let cmd = Cli::command();
+        for sub in cmd.get_subcommands() {
+            let help = sub
+                .get_after_help()
+                .map(|h| h.to_string())
+                .unwrap_or_default();
+            assert!(
+                help.contains("mesh "),
+                "`mesh {} --help` has no example",
+                sub.get_name()
+            );
+        }
+    }
+
+    #[test]
+    fn exec_takes_everything_after_the_pod() {
+        let cli = Cli::parse_from([
+            "mesh",
+            "exec",
+            "default/client",
+            "--",
+            "curl",
+            "-s",
+            "http://web:8080/",
+        ]);
+        let Command::Exec(a) = cli.command else {
+            panic!("not exec")
+        };
+        assert_eq!(a.pod, "default/client");
+        assert_eq!(a.command, ["curl", "-s", "http://web:8080/"]);
+        let cli = Cli::parse_from(["mesh", "--name", "x1", "exec", "client", "ls", "-l"]);
+        let Command::Exec(a) = cli.command else {
+            panic!("not exec")
+        };
+        assert_eq!((cli.name.as_str(), a.command.len()), ("x1", 2));
+    }
+
+    #[test]
+    fn usage_errors_exit_2() {
+        let e = Cli::try_parse_from(["mesh", "top", "--sort", "nope"]).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        let e = Cli::try_parse_from(["mesh", "explain"]).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+    }
+}

@@ -1,0 +1,448 @@
+//! `mesh status`: nodes, proxies, pods, certificates and policies, with
+//! problems collected and highlighted.
+
+use anyhow::Result;
+use mesh_local::Mesh;
+use serde::Serialize;
+
+use crate::admin::{self, CertState, Workloads};
+use crate::cli::StatusArgs;
+use crate::failure::require_root;
+use crate::paint::{Paint, Style};
+use crate::table::Table;
+use crate::units;
+
+/// The redirection mode of a fully working eBPF data path (anything else,
+/// e.g. `degraded (...)`, is a problem).
+pub const HEALTHY_MODE: &str = "sockmap";
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Status {
+    pub mesh: String,
+    pub state_dir: String,
+    pub nodes: Vec<NodeStatus>,
+    pub pods: Vec<PodStatus>,
+    pub policies: Vec<PolicyStatus>,
+    pub problems: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct NodeStatus {
+    pub name: String,
+    pub netns: String,
+    pub fabric_ip: String,
+    pub pod_cidr: String,
+    /// Pid of the node's mesh-proxy, when it runs.
+    pub proxy_pid: Option<u32>,
+    pub ready: bool,
+    /// Why not ready (empty when ready).
+    pub ready_detail: String,
+    pub redirection_mode: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct PodStatus {
+    pub pod: String,
+    pub node: String,
+    pub ip: String,
+    /// Enrolled by its node proxy; `None` when the proxy did not answer.
+    pub meshed: Option<bool>,
+    pub identity: String,
+    pub cert_valid: Option<bool>,
+    pub cert_not_after: Option<u64>,
+    pub cert_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PolicyStatus {
+    pub namespace: String,
+    pub name: String,
+    pub action: String,
+    pub selector: String,
+    pub rules: usize,
+}
+
+/// Collects the status of `mesh` from its state and its proxies' admin API.
+pub fn collect(mesh: &Mesh) -> Status {
+    let st = mesh.state();
+    let mut s = Status {
+        mesh: mesh.name().to_owned(),
+        state_dir: mesh.state_dir().display().to_string(),
+        ..Status::default()
+    };
+    let mut workloads: Vec<Workloads> = Vec::new();
+    let mut certs: Vec<CertState> = Vec::new();
+    let mut answered: Vec<String> = Vec::new();
+    for n in &st.nodes {
+        let proxy_pid = st
+            .created
+            .processes
+            .iter()
+            .filter(|p| p.role == n.name)
+            .filter(|p| p.argv.first().is_some_and(|a| a.ends_with("mesh-proxy")))
+            .filter(|p| p.alive())
+            .map(|p| p.pid)
+            .next_back();
+        let ready = admin::ready(mesh, &n.name);
+        let mode = admin::get_json::<serde_json::Value>(mesh, &n.name, "/config_dump")
+            .ok()
+            .and_then(|v| v["redirection_mode"].as_str().map(str::to_owned));
+        if proxy_pid.is_none() {
+            s.problems.push(format!(
+                "node {}: mesh-proxy is not running (log {})",
+                n.name,
+                mesh.control_log(&format!("proxy-{}", n.name)).display()
+            ));
+        } else if let Err(why) = &ready {
+            s.problems
+                .push(format!("node {}: mesh-proxy {why}", n.name));
+        }
+        if let Some(m) = &mode
+            && m != HEALTHY_MODE
+        {
+            s.problems
+                .push(format!("node {}: redirection mode is {m}", n.name));
+        }
+        if let Ok(w) = admin::get_json::<Workloads>(mesh, &n.name, "/workloads") {
+            workloads.push(w);
+            answered.push(n.name.clone());
+        }
+        if let Ok(c) = admin::get_json::<Vec<CertState>>(mesh, &n.name, "/certs") {
+            certs.extend(c);
+        }
+        s.nodes.push(NodeStatus {
+            name: n.name.clone(),
+            netns: n.netns.clone(),
+            fabric_ip: n.fabric_ip.to_string(),
+            pod_cidr: n.pod_cidr.clone(),
+            proxy_pid,
+            ready: ready.is_ok(),
+            ready_detail: ready.err().unwrap_or_default(),
+            redirection_mode: mode,
+        });
+    }
+    for p in &st.pods {
+        let key = p.key();
+        let w = workloads
+            .iter()
+            .flat_map(|w| w.pods.iter())
+            .find(|w| w.pod == key);
+        let identity = w.map(|w| w.identity.clone()).unwrap_or_default();
+        let cert = certs
+            .iter()
+            .find(|c| !identity.is_empty() && c.identity == identity);
+        let meshed = if answered.contains(&p.node) {
+            Some(w.is_some_and(|w| w.enrolled))
+        } else {
+            None
+        };
+        if meshed == Some(false) {
+            s.problems.push(format!(
+                "pod {key}: not enrolled by the proxy on {}",
+                p.node
+            ));
+        }
+        if meshed == Some(true) {
+            match cert {
+                None => s
+                    .problems
+                    .push(format!("pod {key}: no certificate for {identity}")),
+                Some(c) if !c.valid => s.problems.push(format!(
+                    "pod {key}: certificate of {identity} is not valid{}",
+                    c.last_error
+                        .as_deref()
+                        .map(|e| format!(" (last error: {e})"))
+                        .unwrap_or_default()
+                )),
+                Some(_) => {}
+            }
+        }
+        s.pods.push(PodStatus {
+            pod: key,
+            node: p.node.clone(),
+            ip: p.ip.to_string(),
+            meshed,
+            identity,
+            cert_valid: cert.map(|c| c.valid),
+            cert_not_after: cert.and_then(|c| c.not_after),
+            cert_error: cert.and_then(|c| c.last_error.clone()),
+        });
+    }
+    s.policies = policies(&mesh.control_registry());
+    s
+}
+
+/// The policies of the registry file the proxies read.
+pub fn policies(registry: &std::path::Path) -> Vec<PolicyStatus> {
+    let Ok(text) = std::fs::read_to_string(registry) else {
+        return Vec::new();
+    };
+    let Ok(doc) = serde_yaml::from_str::<serde_yaml::Value>(&text) else {
+        return Vec::new();
+    };
+    let Some(list) = doc["policies"].as_sequence() else {
+        return Vec::new();
+    };
+    list.iter()
+        .map(|d| {
+            let labels = d["spec"]["selector"]["matchLabels"]
+                .as_mapping()
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| {
+                            format!(
+                                "{}={}",
+                                k.as_str().unwrap_or("?"),
+                                v.as_str().unwrap_or("?")
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .unwrap_or_default();
+            PolicyStatus {
+                namespace: d["metadata"]["namespace"].as_str().unwrap_or("").into(),
+                name: d["metadata"]["name"].as_str().unwrap_or("").into(),
+                action: d["spec"]["action"].as_str().unwrap_or("ALLOW").into(),
+                selector: if labels.is_empty() {
+                    "(all workloads)".into()
+                } else {
+                    labels
+                },
+                rules: d["spec"]["rules"].as_sequence().map_or(0, Vec::len),
+            }
+        })
+        .collect()
+}
+
+/// The status as tables.
+pub fn render(s: &Status, now: u64, paint: &Paint) -> String {
+    let mut out = format!(
+        "{} {}  (state {})\n\n",
+        paint.bold("Mesh"),
+        s.mesh,
+        s.state_dir
+    );
+    let mut nodes = Table::new(&[
+        "NODE",
+        "ADDRESS",
+        "PODS CIDR",
+        "PROXY",
+        "READY",
+        "REDIRECTION",
+    ]);
+    for n in &s.nodes {
+        let proxy = match n.proxy_pid {
+            Some(pid) => (format!("up (pid {pid})"), Style::Green),
+            None => ("DOWN".into(), Style::RedBold),
+        };
+        let ready = if n.ready {
+            ("ready".into(), Style::Green)
+        } else {
+            ("NOT READY".into(), Style::RedBold)
+        };
+        let mode = match &n.redirection_mode {
+            Some(m) if m == HEALTHY_MODE => (m.clone(), Style::Plain),
+            Some(m) => (m.clone(), Style::Yellow),
+            None => ("?".into(), Style::Yellow),
+        };
+        nodes.styled([
+            (n.name.clone(), Style::Plain),
+            (n.fabric_ip.clone(), Style::Plain),
+            (n.pod_cidr.clone(), Style::Plain),
+            proxy,
+            ready,
+            mode,
+        ]);
+    }
+    out.push_str(&nodes.render(paint));
+    out.push('\n');
+    let mut pods = Table::new(&["POD", "NODE", "IP", "MESHED", "IDENTITY", "CERTIFICATE"]);
+    for p in &s.pods {
+        let meshed = match p.meshed {
+            Some(true) => ("yes".into(), Style::Green),
+            Some(false) => ("NO".into(), Style::RedBold),
+            None => ("?".into(), Style::Yellow),
+        };
+        let cert = match (p.cert_valid, p.cert_not_after) {
+            (Some(true), Some(end)) => (
+                format!("valid, expires {}", units::relative(end, now)),
+                Style::Plain,
+            ),
+            (Some(true), None) => ("valid".into(), Style::Plain),
+            (Some(false), _) => (
+                format!(
+                    "NOT VALID{}",
+                    p.cert_error
+                        .as_deref()
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default()
+                ),
+                Style::RedBold,
+            ),
+            (None, _) => ("-".into(), Style::Yellow),
+        };
+        pods.styled([
+            (p.pod.clone(), Style::Plain),
+            (p.node.clone(), Style::Plain),
+            (p.ip.clone(), Style::Plain),
+            meshed,
+            (p.identity.clone(), Style::Plain),
+            cert,
+        ]);
+    }
+    out.push_str(&pods.render(paint));
+    out.push('\n');
+    if s.policies.is_empty() {
+        out.push_str("No policies: every connection between meshed pods is allowed.\n");
+    } else {
+        let mut pol = Table::new(&["POLICY", "ACTION", "APPLIES TO", "RULES>"]);
+        for p in &s.policies {
+            pol.styled([
+                (format!("{}/{}", p.namespace, p.name), Style::Plain),
+                (
+                    p.action.clone(),
+                    if p.action == "DENY" {
+                        Style::Yellow
+                    } else {
+                        Style::Plain
+                    },
+                ),
+                (p.selector.clone(), Style::Plain),
+                (p.rules.to_string(), Style::Plain),
+            ]);
+        }
+        out.push_str(&pol.render(paint));
+    }
+    out.push('\n');
+    if s.problems.is_empty() {
+        out.push_str(&format!("{} no problems found\n", paint.green("✓")));
+    } else {
+        out.push_str(&format!(
+            "{}\n",
+            paint.red_bold(&format!("{} problem(s):", s.problems.len()))
+        ));
+        for p in &s.problems {
+            out.push_str(&format!("  {} {p}\n", paint.red("✗")));
+        }
+    }
+    out
+}
+
+pub fn run(name: &str, args: &StatusArgs) -> Result<u8> {
+    require_root("status")?;
+    let mesh = crate::local::open(name)?;
+    let s = collect(&mesh);
+    if args.output.json() {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        print!("{}", render(&s, units::now_unix(), &Paint::stdout()));
+    }
+    Ok(if s.problems.is_empty() { 0 } else { 1 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_table_snapshot() {
+        let s = Status {
+            mesh: "demo".into(),
+            state_dir: "/run/sockmesh/demo".into(),
+            nodes: vec![
+                NodeStatus {
+                    name: "node-a".into(),
+                    netns: "sockmesh-demo-node-a".into(),
+                    fabric_ip: "10.77.0.1".into(),
+                    pod_cidr: "10.77.1.0/24".into(),
+                    proxy_pid: Some(4242),
+                    ready: true,
+                    ready_detail: String::new(),
+                    redirection_mode: Some("sockmap".into()),
+                },
+                NodeStatus {
+                    name: "node-b".into(),
+                    netns: "sockmesh-demo-node-b".into(),
+                    fabric_ip: "10.77.0.2".into(),
+                    pod_cidr: "10.77.2.0/24".into(),
+                    proxy_pid: None,
+                    ready: false,
+                    ready_detail: "not answering".into(),
+                    redirection_mode: None,
+                },
+            ],
+            pods: vec![
+                PodStatus {
+                    pod: "default/client".into(),
+                    node: "node-a".into(),
+                    ip: "10.77.1.2".into(),
+                    meshed: Some(true),
+                    identity: "spiffe://cluster.local/ns/default/sa/client".into(),
+                    cert_valid: Some(true),
+                    cert_not_after: Some(1000 + 86_400),
+                    cert_error: None,
+                },
+                PodStatus {
+                    pod: "default/web".into(),
+                    node: "node-b".into(),
+                    ip: "10.77.2.2".into(),
+                    meshed: None,
+                    identity: String::new(),
+                    cert_valid: None,
+                    cert_not_after: None,
+                    cert_error: None,
+                },
+            ],
+            policies: vec![PolicyStatus {
+                namespace: "default".into(),
+                name: "deny-other-to-web".into(),
+                action: "DENY".into(),
+                selector: "app=web".into(),
+                rules: 1,
+            }],
+            problems: vec!["node node-b: mesh-proxy is not running".into()],
+        };
+        let got = render(&s, 1000, &Paint::off());
+        let want = "\
+Mesh demo  (state /run/sockmesh/demo)
+
+NODE    ADDRESS    PODS CIDR     PROXY          READY      REDIRECTION
+node-a  10.77.0.1  10.77.1.0/24  up (pid 4242)  ready      sockmap
+node-b  10.77.0.2  10.77.2.0/24  DOWN           NOT READY  ?
+
+POD             NODE    IP         MESHED  IDENTITY                                     CERTIFICATE
+default/client  node-a  10.77.1.2  yes     spiffe://cluster.local/ns/default/sa/client  valid, expires in 1d00h
+default/web     node-b  10.77.2.2  ?                                                    -
+
+POLICY                     ACTION  APPLIES TO  RULES
+default/deny-other-to-web  DENY    app=web         1
+
+1 problem(s):
+  ✗ node node-b: mesh-proxy is not running
+";
+        assert_eq!(got, want, "got:\n{got}");
+    }
+
+    #[test]
+    fn policies_are_read_from_the_registry() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("registry.yaml");
+        std::fs::write(
+            &p,
+            format!("nodes: []\npolicies:\n{}", crate::demo::DEMO_POLICY),
+        )
+        .unwrap();
+        let got = policies(&p);
+        assert_eq!(
+            got,
+            [PolicyStatus {
+                namespace: "default".into(),
+                name: "deny-other-to-web".into(),
+                action: "DENY".into(),
+                selector: "app=web".into(),
+                rules: 1,
+            }]
+        );
+    }
+}
