@@ -440,6 +440,16 @@ impl Datapath {
     /// connection accepted on the outbound listener) in namespace
     /// `netns_cookie` wanted to connect.
     pub fn original_dst(&self, netns_cookie: u64, app: SocketAddr) -> Result<Option<SocketAddr>> {
+        Ok(self.original(netns_cookie, app)?.map(|(dst, _)| dst))
+    }
+
+    /// Like [`Datapath::original_dst`], with the app socket's cookie: the
+    /// key of the connection's entry in the flow map.
+    pub fn original(
+        &self,
+        netns_cookie: u64,
+        app: SocketAddr,
+    ) -> Result<Option<(SocketAddr, u64)>> {
         let family = if app.is_ipv4() { AF_INET } else { AF_INET6 };
         let key = PortKey {
             netns: netns_cookie,
@@ -448,7 +458,10 @@ impl Datapath {
             _pad: 0,
         };
         match self.orig_dst.get(&key, 0) {
-            Ok(d) => Ok(Some(SocketAddr::new(ip_from_words(d.family, d.ip), d.port))),
+            Ok(d) => Ok(Some((
+                SocketAddr::new(ip_from_words(d.family, d.ip), d.port),
+                d.cookie,
+            ))),
             Err(MapError::KeyNotFound) => Ok(None),
             Err(source) => Err(Error::Map {
                 map: maps::ORIG_DST,

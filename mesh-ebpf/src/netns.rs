@@ -127,7 +127,10 @@ impl PodSockets {
             .map_err(|e| io::Error::other(format!("setns {}: {e}", self.path.display())))?;
         let out = f();
         if let Err(e) = setns(home.as_fd(), CloneFlags::CLONE_NEWNET) {
-            eprintln!("fatal: cannot return from netns {}: {e}", self.path.display());
+            eprintln!(
+                "fatal: cannot return from netns {}: {e}",
+                self.path.display()
+            );
             std::process::abort();
         }
         out

@@ -212,6 +212,9 @@ pub struct NodeProxy {
     pub h2: H2Config,
     pods: RwLock<BTreeMap<String, Arc<EnrolledPod>>>,
     rr: AtomicUsize,
+    /// The endpoint pod each Service flow went to, by flow cookie (pruned
+    /// when the flow leaves the kernel map), so metrics label it right.
+    chosen: Mutex<std::collections::HashMap<u64, String>>,
     pub stats: ProxyStats,
     /// Handle of the data-plane runtime (accept loops and copies run there).
     data: tokio::runtime::Handle,
@@ -239,6 +242,7 @@ impl NodeProxy {
             policies: RwLock::new(Arc::new(policies)),
             pods: RwLock::new(BTreeMap::new()),
             rr: AtomicUsize::new(0),
+            chosen: Mutex::new(std::collections::HashMap::new()),
             stats: ProxyStats::default(),
             data,
             drain,
@@ -469,9 +473,9 @@ impl NodeProxy {
         let start = Instant::now();
         let orig = {
             let dp = self.datapath.lock().unwrap_or_else(PoisonError::into_inner);
-            dp.original_dst(pod.cookie, peer)
+            dp.original(pod.cookie, peer)
         };
-        let orig = match orig {
+        let (orig, flow_cookie) = match orig {
             Ok(Some(o)) => o,
             Ok(None) => {
                 self.stats.outbound_failed.fetch_add(1, Ordering::Relaxed);
@@ -493,6 +497,12 @@ impl NodeProxy {
                 target,
                 service,
             } => {
+                if service.is_some() {
+                    self.chosen
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(flow_cookie, format!("{}/{}", dst.namespace, dst.name));
+                }
                 let dst_ip = target.ip();
                 let key =
                     PoolKey::new(pod.key.as_str(), SocketAddr::new(dst_ip, hbone::HBONE_PORT));
@@ -672,6 +682,7 @@ impl NodeProxy {
             let dp = self.datapath.lock().unwrap_or_else(PoisonError::into_inner);
             dp.flows().unwrap_or_default()
         };
+        self.prune_chosen(&flows);
         flows
             .into_iter()
             .map(|f| {
@@ -938,6 +949,36 @@ impl hbone::Handler for Inbound {
     }
 }
 
+impl NodeProxy {
+    /// Forgets endpoint choices of flows the kernel map no longer holds.
+    pub fn prune_chosen(&self, flows: &[FlowEntry]) {
+        let live: std::collections::HashSet<u64> = flows.iter().map(|f| f.cookie).collect();
+        self.chosen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|c, _| live.contains(c));
+    }
+
+    /// The pod a flow reaches: the endpoint chosen for a Service flow, the
+    /// pod with the destination address otherwise.
+    pub fn destination_pod(&self, f: &FlowEntry) -> Option<String> {
+        self.chosen_endpoint(f.cookie).or_else(|| {
+            self.registry
+                .snapshot()
+                .pod_by_ip(f.original_dst.ip())
+                .map(|p| format!("{}/{}", p.namespace, p.name))
+        })
+    }
+
+    fn chosen_endpoint(&self, cookie: u64) -> Option<String> {
+        self.chosen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&cookie)
+            .cloned()
+    }
+}
+
 impl FlowResolver for NodeProxy {
     fn labels(&self, f: &FlowEntry) -> Option<FlowLabels> {
         let src = self.by_cookie(f.netns)?;
@@ -959,11 +1000,13 @@ impl FlowResolver for NodeProxy {
                 l.destination_service = format!("{}.{}.svc.cluster.local", svc.name, svc.namespace);
                 l.destination_service_name = svc.name.clone();
                 l.destination_service_namespace = svc.namespace.clone();
-                // The endpoint is chosen per connection; label the service's
-                // workload by its selector's app label.
-                l.destination_workload = svc.selector.get("app").cloned().unwrap_or_default();
-                l.destination_workload_namespace = svc.namespace.clone();
-                snap.endpoints(svc).next()
+                // The endpoint the proxy chose for this connection.
+                let chosen = self.chosen_endpoint(f.cookie);
+                snap.endpoints(svc)
+                    .find(|p| {
+                        chosen.as_deref() == Some(format!("{}/{}", p.namespace, p.name).as_str())
+                    })
+                    .or_else(|| snap.endpoints(svc).next())
             }
             None => snap.pod_by_ip(f.original_dst.ip()),
         };

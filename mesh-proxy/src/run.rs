@@ -345,6 +345,7 @@ impl AdminState for Admin {
                     "original_dst": f.original_dst,
                     "destination_workload": format!("{}/{}", l.destination_workload_namespace, l.destination_workload),
                     "destination_principal": l.destination_principal,
+                    "destination_pod": self.node.destination_pod(&f),
                     "destination_service": l.destination_service,
                     "security": l.connection_security_policy,
                     "bytes_sent": f.bytes_sent,

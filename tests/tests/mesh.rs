@@ -307,6 +307,43 @@ fn pods_talk_over_mtls_across_and_within_nodes_by_ip_and_service() -> Result<()>
         "node-b access log lacks the client's SPIFFE ID:\n{log_b}"
     );
 
+    // Each VIP connection is labelled with the endpoint that served it
+    // (read before the scrape below folds closed flows into totals).
+    let (_, flows) = m.mesh.admin_get("node-a", "/flows")?;
+    let flows: Value = serde_json::from_str(&flows)?;
+    let via_vip: Vec<&Value> = flows
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|f| f["original_dst"] == format!("{vip}:8080").as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(via_vip.len(), 2, "{flows}");
+    // Both pods are the workload "web" (same app label, as Istio counts
+    // workloads); each flow names the endpoint pod that served it.
+    assert!(
+        via_vip
+            .iter()
+            .all(|f| f["destination_workload"] == "default/web"),
+        "{flows}"
+    );
+    let mut served: Vec<String> = via_vip
+        .iter()
+        .map(|f| f["destination_pod"].as_str().unwrap_or("").to_owned())
+        .collect();
+    served.sort();
+    assert_eq!(served, ["default/web", "default/web-2"], "{flows}");
+    let principals: Vec<&str> = via_vip
+        .iter()
+        .map(|f| f["destination_principal"].as_str().unwrap_or(""))
+        .collect();
+    assert!(
+        principals
+            .iter()
+            .all(|p| *p == "spiffe://cluster.local/ns/default/sa/web"),
+        "{principals:?}"
+    );
     // Kernel-counted metrics on the client's node equal the bytes moved.
     let text = m.mesh.metrics("node-a")?;
     let to_web = [
