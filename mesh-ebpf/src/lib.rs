@@ -22,13 +22,14 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, SockHash};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, SockHash};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SkMsg, SockOps};
 use aya::{Ebpf, EbpfLoader};
 pub use mesh_ebpf_common::{
-    ABI_VERSION, AF_INET, AF_INET6, EnrolledNetns, Flow, HBONE_PORT, INBOUND_PLAINTEXT_PORT, IpKey,
-    OUTBOUND_PORT, OrigDst, PROXY_MARK, PortKey, SockKey, Stat, tcp_state,
+    ABI_VERSION, AF_INET, AF_INET6, Config, EnrolledNetns, FLOW_REDIRECT, Flow, HBONE_PORT,
+    INBOUND_PLAINTEXT_PORT, IpKey, OUTBOUND_PORT, OrigDst, PROXY_MARK, PortKey, SockKey, Stat,
+    tcp_state,
 };
 use mesh_ebpf_common::{map_names as maps, program_names as progs};
 
@@ -150,6 +151,8 @@ pub struct FlowEntry {
     pub end_ns: u64,
     pub tcp_state: u32,
     pub srtt_us: u32,
+    /// Whether sk_msg redirects this flow's bytes (else only counts them).
+    pub redirected: bool,
 }
 
 impl FlowEntry {
@@ -252,6 +255,7 @@ pub struct Datapath {
     socks: SockHash<MapData, SockKey>,
     inbound: SockHash<MapData, IpKey>,
     stats: PerCpuArray<MapData, u64>,
+    config: Array<MapData, Config>,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -329,6 +333,7 @@ impl Datapath {
             socks: typed_map!(&pins, maps::SOCKS),
             inbound: typed_map!(&pins, maps::INBOUND),
             stats: typed_map!(&pins, maps::STATS),
+            config: typed_map!(&pins, maps::CONFIG),
             mode: Mode::Sockmap,
             pins,
         };
@@ -355,6 +360,35 @@ impl Datapath {
 
     pub fn mode(&self) -> &Mode {
         &self.mode
+    }
+
+    /// Whether flows established from now on have their bytes redirected
+    /// by sk_msg (`true`) or only counted, taking loopback TCP (`false`,
+    /// the default: TCP's flow control bounds what a fast writer can queue;
+    /// the redirect has no such bound). Flows already established keep
+    /// their path. Has no effect in degraded mode (sk_msg not attached).
+    pub fn set_redirect(&mut self, on: bool) -> Result<()> {
+        let cfg = Config {
+            flow_flags: if on { FLOW_REDIRECT } else { 0 },
+            _pad: 0,
+        };
+        self.config.set(0, &cfg, 0).map_err(|source| Error::Map {
+            map: maps::CONFIG,
+            action: format!("set redirect={on}"),
+            source,
+        })
+    }
+
+    /// What [`Datapath::set_redirect`] last set.
+    pub fn redirect(&self) -> Result<bool> {
+        self.config
+            .get(&0, 0)
+            .map(|c| c.flow_flags & FLOW_REDIRECT != 0)
+            .map_err(|source| Error::Map {
+                map: maps::CONFIG,
+                action: "read".into(),
+                source,
+            })
     }
 
     /// The directory holding this installation's pins.
@@ -492,6 +526,7 @@ impl Datapath {
                 end_ns: f.end_ns,
                 tcp_state: f.state,
                 srtt_us: f.srtt_us,
+                redirected: f.flags & FLOW_REDIRECT != 0,
             });
         }
         Ok(out)

@@ -19,7 +19,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
-use mesh_proxy::hbone::{Connector, H2Config, Pool, PoolKey, Refusal, Tunnel, handler_fn, serve};
+use mesh_proxy::hbone::{
+    Connector, H2Config, Pool, PoolKey, Refusal, Tunnel, accept, handler_fn, serve,
+};
 use rcgen::{
     BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
@@ -227,10 +229,9 @@ async fn hbone_server(tls: Arc<rustls::ServerConfig>, h2: H2Config) -> Result<So
     }));
     tokio::spawn(async move {
         while let Ok((tcp, _)) = l.accept().await {
-            let _ = tcp.set_nodelay(true);
             let (acceptor, handler, h2) = (acceptor.clone(), handler.clone(), h2.clone());
             tokio::spawn(async move {
-                let Ok(Ok(tls)) = tokio::time::timeout(WAIT, acceptor.accept(tcp)).await else {
+                let Ok(tls) = accept(&acceptor, tcp, WAIT).await else {
                     return;
                 };
                 let _ = serve(tls, handler, std::future::pending(), &h2).await;
@@ -255,13 +256,38 @@ impl Connector for Dialer {
 
 // ------------------------------------------------------------------ measurements
 
+/// CPU seconds (user + system, all threads) this process has used so far,
+/// from /proc/self/stat (USER_HZ = 100, as on every Linux ABI in use).
+fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return f64::NAN;
+    };
+    // Fields after the parenthesised command: utime is the 12th, stime the 13th.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return f64::NAN;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| {
+        f.get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    (tick(11) + tick(12)) / 100.0
+}
+
 /// Sends `bytes` and half-closes; the sink's count must match.
-async fn throughput<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, bytes: u64) -> Result<f64> {
-    let buf = vec![0x5au8; BUF];
+/// Writes are `chunk` bytes, as the proxy's copy loop would hand them on.
+async fn throughput<S: AsyncRead + AsyncWrite + Unpin>(
+    mut s: S,
+    bytes: u64,
+    chunk: usize,
+) -> Result<Throughput> {
+    let buf = vec![0x5au8; chunk];
+    let cpu = cpu_seconds();
     let start = Instant::now();
     let mut left = bytes;
     while left > 0 {
-        let k = (left as usize).min(BUF);
+        let k = (left as usize).min(chunk);
         s.write_all(&buf[..k]).await?;
         left -= k as u64;
     }
@@ -269,13 +295,23 @@ async fn throughput<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, bytes: u64) -> 
     let mut count = [0u8; 8];
     s.read_exact(&mut count).await?;
     let secs = start.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu;
     if u64::from_le_bytes(count) != bytes {
         bail!(
             "sink counted {} bytes, sent {bytes}",
             u64::from_le_bytes(count)
         );
     }
-    Ok(bytes as f64 * 8.0 / secs / 1e9)
+    Ok(Throughput {
+        gbps: bytes as f64 * 8.0 / secs / 1e9,
+        cpu_s_per_gib: cpu / (bytes as f64 / f64::from(1u32 << 30)),
+    })
+}
+
+struct Throughput {
+    gbps: f64,
+    /// CPU time of the whole path (sender, proxies, receiver) per GiB moved.
+    cpu_s_per_gib: f64,
 }
 
 /// `rounds` 1 KiB request/response exchanges, after warm-up; (p50, p99) µs.
@@ -299,6 +335,7 @@ async fn latency<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, rounds: usize) -> 
 struct Row {
     name: String,
     gbps: f64,
+    cpu: f64,
     p50: f64,
     p99: f64,
 }
@@ -306,13 +343,14 @@ struct Row {
 async fn plain(sink: SocketAddr, echo: SocketAddr, bytes: u64, rounds: usize) -> Result<Row> {
     let s = TcpStream::connect(sink).await?;
     s.set_nodelay(true)?;
-    let gbps = within("plain throughput", throughput(s, bytes)).await??;
+    let tp = within("plain throughput", throughput(s, bytes, BUF)).await??;
     let s = TcpStream::connect(echo).await?;
     s.set_nodelay(true)?;
     let (p50, p99) = within("plain latency", latency(s, rounds)).await??;
     Ok(Row {
         name: "plain TCP".into(),
-        gbps,
+        gbps: tp.gbps,
+        cpu: tp.cpu_s_per_gib,
         p50,
         p99,
     })
@@ -330,30 +368,61 @@ async fn hbone(
     let provider = Arc::new(provider);
     let pki = Pki::new()?;
     let server = hbone_server(pki.server(&provider)?, h2.clone()).await?;
+    let chunk = h2.copy_buffer;
     let pool = Pool::new(Dialer(pki.client(&provider)?), h2);
     let key = PoolKey::new("spiffe://cluster.local/ns/bench/sa/client", server);
     // Connection set-up is not what is measured: open it first.
     drop(within("warm-up", pool.connect(&key, echo)).await??);
     let t = within("connect", pool.connect(&key, sink)).await??;
-    let gbps = within("hbone throughput", throughput(t, bytes)).await??;
+    let tp = within("hbone throughput", throughput(t, bytes, chunk)).await??;
     let t = within("connect", pool.connect(&key, echo)).await??;
     let (p50, p99) = within("hbone latency", latency(t, rounds)).await??;
     Ok(Row {
         name: name.into(),
-        gbps,
+        gbps: tp.gbps,
+        cpu: tp.cpu_s_per_gib,
         p50,
         p99,
     })
+}
+
+/// `H2Config::default()`, with overrides from the environment for
+/// sweeps: HBONE_STREAM_WINDOW, HBONE_CONN_WINDOW, HBONE_FRAME,
+/// HBONE_COPY_BUFFER, HBONE_SEND_BUF (bytes).
+fn h2_config() -> Result<H2Config> {
+    let mut c = H2Config::default();
+    let var = |name: &str| -> Result<Option<u64>> {
+        std::env::var(name)
+            .ok()
+            .map(|v| v.parse::<u64>().with_context(|| format!("{name}={v}")))
+            .transpose()
+    };
+    if let Some(v) = var("HBONE_STREAM_WINDOW")? {
+        c.stream_window = v.try_into()?;
+    }
+    if let Some(v) = var("HBONE_CONN_WINDOW")? {
+        c.connection_window = v.try_into()?;
+    }
+    if let Some(v) = var("HBONE_FRAME")? {
+        c.max_frame_size = v.try_into()?;
+    }
+    if let Some(v) = var("HBONE_COPY_BUFFER")? {
+        c.copy_buffer = v.try_into()?;
+    }
+    if let Some(v) = var("HBONE_SEND_BUF")? {
+        c.max_send_buf_size = v.try_into()?;
+    }
+    Ok(c)
 }
 
 async fn run(bytes: u64, rounds: usize) -> Result<Vec<Row>> {
     let sink = sink_app().await?;
     let echo = echo_app().await?;
     let mut rows = vec![plain(sink, echo, bytes, rounds).await?];
-    let fixed = H2Config::default();
+    let fixed = h2_config()?;
     let adaptive = H2Config {
         adaptive_window: true,
-        ..H2Config::default()
+        ..fixed.clone()
     };
     rows.push(
         hbone(
@@ -410,16 +479,17 @@ fn main() -> Result<()> {
 
     let base = &rows[0];
     println!(
-        "{:<28} {:>10} {:>8} {:>10} {:>10} {:>10} {:>10}",
-        "path", "Gbit/s", "x TCP", "p50 µs", "p99 µs", "+p50 µs", "+p99 µs"
+        "{:<28} {:>8} {:>7} {:>11} {:>9} {:>9} {:>8} {:>8}",
+        "path", "Gbit/s", "x TCP", "CPU s/GiB", "p50 µs", "p99 µs", "+p50", "+p99"
     );
     let mut json = Vec::new();
     for r in &rows {
         println!(
-            "{:<28} {:>10.2} {:>8.2} {:>10.1} {:>10.1} {:>10.1} {:>10.1}",
+            "{:<28} {:>8.2} {:>7.2} {:>11.2} {:>9.1} {:>9.1} {:>8.1} {:>8.1}",
             r.name,
             r.gbps,
             r.gbps / base.gbps,
+            r.cpu,
             r.p50,
             r.p99,
             r.p50 - base.p50,
@@ -429,6 +499,7 @@ fn main() -> Result<()> {
             "path": r.name,
             "throughput_gbit_s": r.gbps,
             "throughput_ratio_to_tcp": r.gbps / base.gbps,
+            "cpu_seconds_per_gib": r.cpu,
             "rr_1k_p50_us": r.p50,
             "rr_1k_p99_us": r.p99,
             "rr_1k_p50_added_us": r.p50 - base.p50,

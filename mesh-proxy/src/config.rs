@@ -52,6 +52,11 @@ pub struct Config {
     pub inbound_mode: InboundMode,
     /// Data-plane worker threads.
     pub workers: usize,
+    /// Let sk_msg redirect app<->proxy bytes (skipping loopback TCP). Off:
+    /// the kernel only counts them and TCP's flow control applies; the
+    /// redirect has none, so a writer faster than the mesh can queue
+    /// without bound (ARCHITECTURE.md, known limits).
+    pub app_redirect: bool,
     /// How often the registry file is checked for changes.
     pub registry_poll: Duration,
     /// How long SIGTERM waits for open connections.
@@ -141,6 +146,7 @@ mod tests {
             readiness_addr: "0.0.0.0:15021".parse().unwrap(),
             inbound_mode: InboundMode::Strict,
             workers: 2,
+            app_redirect: false,
             registry_poll: Duration::from_millis(500),
             drain_deadline: Duration::from_secs(5),
         }

@@ -66,6 +66,11 @@ struct Args {
     /// Data-plane worker threads.
     #[arg(long, default_value_t = 2)]
     workers: usize,
+    /// Redirect app<->proxy bytes with sk_msg instead of only counting them.
+    /// Faster, but with no flow control: a writer faster than the mesh
+    /// queues without bound in the kernel (until ENOMEM). Off by default.
+    #[arg(long)]
+    app_redirect: bool,
     /// Log filter (RUST_LOG syntax); switchable at run time on the admin port.
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log: String,
@@ -110,6 +115,7 @@ fn main() -> std::process::ExitCode {
         readiness_addr: args.readiness,
         inbound_mode: args.inbound_mode,
         workers: args.workers,
+        app_redirect: args.app_redirect,
         registry_poll: Duration::from_millis(500),
         drain_deadline: Duration::from_secs(args.drain_seconds),
     };

@@ -283,6 +283,7 @@ mod tests {
                 mesh_ebpf::tcp_state::ESTABLISHED
             },
             srtt_us: 0,
+            redirected: false,
         }
     }
 

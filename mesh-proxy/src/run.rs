@@ -71,13 +71,16 @@ pub fn run(cfg: Config, log: LogControl) -> Result<(), RunError> {
         .build()
         .map_err(|e| fail("control runtime", e))?;
 
-    let datapath = mesh_ebpf::Datapath::install(&cfg.cgroup, &cfg.pin_root).map_err(|e| {
+    let mut datapath = mesh_ebpf::Datapath::install(&cfg.cgroup, &cfg.pin_root).map_err(|e| {
         fail(
             format!("eBPF data path on cgroup {}", cfg.cgroup.display()),
             e,
         )
     })?;
-    info!(mode = %datapath.mode(), pins = %datapath.pin_dir().display(), "data path ready");
+    datapath
+        .set_redirect(cfg.app_redirect)
+        .map_err(|e| fail("eBPF flow mode", e))?;
+    info!(mode = %datapath.mode(), app_redirect = cfg.app_redirect, pins = %datapath.pin_dir().display(), "data path ready");
     let registry = FileRegistry::load(&cfg.registry).map_err(|e| fail("registry", e))?;
     let anchors = load_pem_certs(&cfg.ca_bundle).map_err(|e| fail("--ca-bundle", e))?;
     let token = std::fs::read_to_string(&cfg.token_file)
@@ -296,6 +299,7 @@ impl AdminState for Admin {
         json!({
             "config": self.node.cfg,
             "redirection_mode": dp.mode().to_string(),
+            "app_redirect": dp.redirect().unwrap_or(false),
             "pins": dp.pin_dir(),
             "policies": self.node.policies.read().unwrap_or_else(PoisonError::into_inner).len(),
         })

@@ -24,6 +24,8 @@ fn pod_sandbox() -> Result<(Sandbox, std::path::PathBuf, Datapath)> {
     let pod = sb.add_netns("pod")?;
     let mut dp = Datapath::install(&sb.cgroup, &sb.pin_root)?;
     assert_eq!(dp.mode(), &Mode::Sockmap, "self-test on load failed");
+    assert!(!dp.redirect()?, "redirect must be opt-in");
+    dp.set_redirect(true)?;
     dp.enroll(&pod)?;
     Ok((sb, pod, dp))
 }
@@ -283,6 +285,7 @@ fn a_restarted_loader_reopens_the_pins_and_counters_carry_on() -> Result<()> {
         "{v}"
     );
     let mut dp = Datapath::open(&sb.pin_root)?;
+    dp.set_redirect(true)?;
     let netns = dp.enroll(&pod)?;
 
     one_transfer(&sb, &pod, "10.77.0.1:1000", "1000000")?;
@@ -328,7 +331,7 @@ fn uninstall_leaves_no_attachment_pin_or_map_behind() -> Result<()> {
     let (sb, _pod, dp) = pod_sandbox()?;
     let ids = dp.kernel_ids()?;
     assert_eq!(ids.links.len(), 5, "4 links + 1 sk_lookup link: {ids:?}");
-    assert_eq!(ids.maps.len(), 7, "{ids:?}");
+    assert_eq!(ids.maps.len(), 8, "{ids:?}");
     drop(dp);
 
     let report = mesh_ebpf::uninstall(&sb.pin_root)?;
@@ -458,5 +461,48 @@ fn inbound_tcp_is_steered_to_the_pods_15006_listener_except_hbone_and_the_pod_it
     );
     app.wait(T)?;
     assert!(dp.stats()?["lookup_steered"] >= 1);
+    Ok(())
+}
+
+#[test]
+fn count_only_flows_take_loopback_tcp_and_are_still_counted_exactly() -> Result<()> {
+    let (sb, pod, mut dp) = pod_sandbox()?;
+    dp.set_redirect(false)?;
+    let netns = mesh_ebpf::netns::cookie(&pod)?;
+    let before = dp.stats()?;
+    let n = (256u64 << 20).to_string();
+    let mut proxy = start_proxy(&sb, &pod, 1, &["--send", &n, "--seed", "8"])?;
+    let mut app = sb.probe(
+        &pod,
+        &[
+            "connect",
+            "--to",
+            "10.77.0.8:8000",
+            "--send",
+            &n,
+            "--seed",
+            "7",
+        ],
+    )?;
+    expect_event(&mut app, "connected")?;
+    expect_event(&mut proxy, "accepted")?;
+    let a = expect_event(&mut app, "transfer")?["transfer"].clone();
+    let p = expect_event(&mut proxy, "transfer")?["transfer"].clone();
+    app.wait(T)?;
+    proxy.wait(T)?;
+    assert_eq!(a["sent_sha256"], p["received_sha256"]);
+    assert_eq!(p["sent_sha256"], a["received_sha256"]);
+    let after = dp.stats()?;
+    assert_eq!(
+        after["msg_redirected"], before["msg_redirected"],
+        "count-only flow was redirected"
+    );
+    assert!(after["msg_passthrough"] > before["msg_passthrough"]);
+    let flow = flow_to(&dp, netns, "10.77.0.8:8000")?.context("no flow entry")?;
+    assert!(!flow.redirected);
+    assert_eq!(
+        (flow.bytes_sent, flow.bytes_received),
+        (256 << 20, 256 << 20)
+    );
     Ok(())
 }

@@ -36,7 +36,7 @@ const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 #[command(
     about = "sockmesh's developer tasks",
     long_about = "sockmesh's developer tasks. Run as root on Debian bookworm; every task runs `setup` first.\n\n\
-                  Examples:\n  ./x demo            # bring up the eBPF redirect demo\n  \
+                  Examples:\n  ./x demo            # bring up the local mesh (mesh up) with demo apps\n  \
                   ./x test            # fmt, clippy, every test tier, leftover check\n  \
                   ./x bench redirect  # sk_msg redirect vs plain loopback TCP"
 )]
@@ -50,9 +50,13 @@ enum Cmd {
     /// Install what is missing: apt packages, the eBPF nightly with
     /// rust-src, bpf-linker, a bpffs mount. A second run does nothing.
     Setup,
-    /// Build and run the demo: loads the programs into a sandbox, sends
-    /// traffic through the redirect, prints the kernel's per-flow counters.
-    Demo,
+    /// Build and bring up the local mesh (`mesh up`: 2 nodes, pods, CA,
+    /// proxies, demo apps) and print what to try; `redirect` instead runs
+    /// the eBPF path alone in a sandbox and prints the kernel's counters.
+    Demo {
+        #[arg(default_value = "mesh")]
+        what: String,
+    },
     /// Everything CI runs: fmt check, clippy -D warnings, all tests (unit,
     /// privileged, end to end), then a check that nothing was left behind.
     Test,
@@ -74,7 +78,7 @@ fn main() -> Result<()> {
     setup()?;
     match cli.cmd {
         Cmd::Setup => Ok(()),
-        Cmd::Demo => demo(&root),
+        Cmd::Demo { what } => demo(&root, &what),
         Cmd::Test => test(&root),
         Cmd::Bench { what } => bench(&root, &what),
     }
@@ -214,12 +218,28 @@ fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
-fn demo(root: &Path) -> Result<()> {
-    println!("demo: building (first build takes a few minutes)...");
-    sh(cargo().args(["build", "-p", "sockmesh-tests", "--bins"]))?;
-    sh(&mut Command::new(
-        target_dir(root).join("debug/sockmesh-demo"),
-    ))
+fn demo(root: &Path, what: &str) -> Result<()> {
+    println!("demo: building (the first build takes a few minutes)...");
+    sh(cargo().args(["build", "--bins"]))?;
+    let bin = target_dir(root).join("debug");
+    match what {
+        "redirect" => sh(&mut Command::new(bin.join("sockmesh-demo"))),
+        "mesh" => {
+            // A mesh left by an earlier demo is replaced, not refused.
+            let mesh = bin.join("mesh");
+            let _ = Command::new(&mesh).args(["down"]).status();
+            sh(Command::new(&mesh).arg("up"))?;
+            println!(
+                "\nThe `mesh` CLI is {}; for the commands above:\n  export PATH={}:$PATH",
+                mesh.display(),
+                bin.display()
+            );
+            Ok(())
+        }
+        w => {
+            bail!("unknown demo {w:?}: `mesh` (the local mesh) or `redirect` (the eBPF path alone)")
+        }
+    }
 }
 
 fn test(_root: &Path) -> Result<()> {

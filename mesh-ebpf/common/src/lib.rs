@@ -17,7 +17,7 @@
 /// Bumped whenever a map layout, map name or program name changes. Pins live
 /// under `<pin root>/abi-v<ABI_VERSION>/`, so a proxy never re-opens maps of
 /// another layout.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// In-pod outbound capture listener (127.0.0.1 / [::1]).
 pub const OUTBOUND_PORT: u16 = 15001;
@@ -51,8 +51,10 @@ pub mod map_names {
     pub const INBOUND: &str = "sm_inbound";
     /// per-CPU counters indexed by [`super::Stat`].
     pub const STATS: &str = "sm_stats";
+    /// index 0: [`super::Config`], read when a flow is established.
+    pub const CONFIG: &str = "sm_config";
 
-    pub const ALL: [&str; 7] = [
+    pub const ALL: [&str; 8] = [
         ENROLLED,
         CONNECT_DST,
         ORIG_DST,
@@ -60,6 +62,7 @@ pub mod map_names {
         FLOWS,
         INBOUND,
         STATS,
+        CONFIG,
     ];
 }
 
@@ -211,6 +214,21 @@ pub struct IpKey {
     pub family: u32,
 }
 
+/// Value at index 0 of `sm_config`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// [`FLOW_REDIRECT`] and friends: what new flows get.
+    pub flow_flags: u32,
+    pub _pad: u32,
+}
+
+/// Flow flag: sk_msg redirects the flow's bytes straight to the peer's
+/// ingress queue. Without it sk_msg only counts and the bytes take loopback
+/// TCP (with TCP's flow control: the redirect has none, so a fast writer
+/// can queue without bound in front of a slower reader).
+pub const FLOW_REDIRECT: u32 = 1;
+
 /// TCP states as the kernel numbers them (`include/net/tcp_states.h`).
 pub mod tcp_state {
     pub const ESTABLISHED: u32 = 1;
@@ -251,7 +269,9 @@ pub struct Flow {
     /// Kernel TCP state ([`tcp_state`]).
     pub state: u32,
     pub protocol: u32,
-    pub _pad: u32,
+    /// [`FLOW_REDIRECT`], fixed when the flow is established (switching a
+    /// live flow between the two paths could reorder its bytes).
+    pub flags: u32,
 }
 
 const _: () = {
@@ -261,6 +281,7 @@ const _: () = {
     assert!(core::mem::size_of::<SockKey>() == 56);
     assert!(core::mem::size_of::<IpKey>() == 20);
     assert!(core::mem::size_of::<Flow>() == 112);
+    assert!(core::mem::size_of::<Config>() == 8);
 };
 
 #[cfg(feature = "user")]
@@ -279,6 +300,8 @@ mod pod {
     unsafe impl aya::Pod for IpKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Flow {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Config {}
 }
 
 #[cfg(test)]

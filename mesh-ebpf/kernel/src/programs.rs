@@ -12,12 +12,12 @@ use aya_ebpf::bindings::{
 };
 use aya_ebpf::helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns};
 use aya_ebpf::macros::{cgroup_sock_addr, map, sk_lookup, sk_msg, sock_ops};
-use aya_ebpf::maps::{HashMap, LruHashMap, PerCpuArray, SockHash};
+use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash};
 use aya_ebpf::programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext};
 use mesh_ebpf_common::{
-    AF_INET, AF_INET6, EnrolledNetns, Flow, HBONE_PORT, INBOUND_PLAINTEXT_PORT, IPPROTO_TCP, IpKey,
-    MAX_ENROLLED, MAX_FLOWS, MAX_INBOUND, MAX_SOCKS, OUTBOUND_PORT, OrigDst, PROXY_MARK, PortKey,
-    STAT_COUNT, SockKey, Stat, tcp_state,
+    AF_INET, AF_INET6, Config, EnrolledNetns, FLOW_REDIRECT, Flow, HBONE_PORT,
+    INBOUND_PLAINTEXT_PORT, IPPROTO_TCP, IpKey, MAX_ENROLLED, MAX_FLOWS, MAX_INBOUND, MAX_SOCKS,
+    OUTBOUND_PORT, OrigDst, PROXY_MARK, PortKey, STAT_COUNT, SockKey, Stat, tcp_state,
 };
 
 #[map(name = "sm_enrolled")]
@@ -40,6 +40,9 @@ static INBOUND: SockHash<IpKey> = SockHash::with_max_entries(MAX_INBOUND, 0);
 
 #[map(name = "sm_stats")]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
+
+#[map(name = "sm_config")]
+static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
 const SOCK_STREAM: u32 = 1;
 const ENOENT: i32 = 2;
@@ -241,6 +244,7 @@ fn active_established(ctx: &SockOpsContext) {
         family: key.family as u16,
         state: tcp_state::ESTABLISHED,
         protocol: IPPROTO_TCP,
+        flags: CONFIG.get(0).map(|c| c.flow_flags).unwrap_or(0),
         ..Flow::default()
     };
     let _ = FLOWS.insert(&cookie, &flow, BPF_ANY as u64);
@@ -340,7 +344,16 @@ pub fn sm_sk_msg(ctx: SkMsgContext) -> u32 {
         key.remote_port = u32::from_be(read_volatile(&(*md).remote_port));
         read_volatile(&(*md).size)
     };
-    account(&key, size as u64);
+    // Flows of the mesh follow the flag fixed at their establishment; a pair
+    // with no flow (the loader's self-test) is always redirected.
+    let redirect = match account(&key, size as u64) {
+        Some(flags) => flags & FLOW_REDIRECT != 0,
+        None => true,
+    };
+    if !redirect {
+        bump(Stat::MsgPassthrough);
+        return sk_action::SK_PASS;
+    }
     let mut peer = key.peer();
     if SOCKS.redirect_msg(&ctx, &mut peer, BPF_F_INGRESS as u64) == sk_action::SK_PASS as i64 {
         bump(Stat::MsgRedirected);
@@ -352,15 +365,16 @@ pub fn sm_sk_msg(ctx: SkMsgContext) -> u32 {
 }
 
 /// Adds a message to its flow: the app socket's sends are `bytes_sent`, the
-/// proxy socket's sends are the app's `bytes_received`.
+/// proxy socket's sends are the app's `bytes_received`. Returns the flow's
+/// flags, or `None` when the message belongs to no flow.
 #[inline(always)]
-fn account(key: &SockKey, size: u64) {
+fn account(key: &SockKey, size: u64) -> Option<u32> {
     let (app_port, sent) = if key.remote_port == OUTBOUND_PORT as u32 {
         (key.local_port, true)
     } else if key.local_port == OUTBOUND_PORT as u32 {
         (key.remote_port, false)
     } else {
-        return;
+        return None;
     };
     let port_key = PortKey {
         netns: key.netns,
@@ -373,7 +387,7 @@ fn account(key: &SockKey, size: u64) {
         Some(p) => unsafe { (*p).cookie },
         None => {
             bump(Stat::MsgUnaccounted);
-            return;
+            return None;
         }
     };
     match FLOWS.get_ptr_mut(&cookie) {
@@ -385,8 +399,12 @@ fn account(key: &SockKey, size: u64) {
             } else {
                 (*flow).bytes_received += size;
             }
+            Some((*flow).flags)
         },
-        None => bump(Stat::MsgUnaccounted),
+        None => {
+            bump(Stat::MsgUnaccounted);
+            None
+        }
     }
 }
 

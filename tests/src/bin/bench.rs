@@ -59,6 +59,8 @@ fn main() -> Result<()> {
     let pod = sb.add_netns("pod")?;
     let mut dp = Datapath::install(&sb.cgroup, &sb.pin_root)?;
     ensure!(dp.mode() == &mesh_ebpf::Mode::Sockmap, "mode {}", dp.mode());
+    // The leg under test is the sk_msg redirect (opt-in in the mesh).
+    dp.set_redirect(true)?;
     dp.enroll(&pod)?;
 
     let mut rows = Vec::new();

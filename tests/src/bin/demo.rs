@@ -79,6 +79,7 @@ fn main() -> Result<()> {
             dp.mode()
         ),
     );
+    dp.set_redirect(true)?;
     let cookie = dp.enroll(&pod)?;
     step(
         3,
