@@ -162,10 +162,8 @@ impl Mesh {
             "pods": pods,
             "services": services,
         });
-        if let Some(p) = policies {
-            if let Ok(v) = serde_json::to_value(p) {
-                doc["policies"] = v;
-            }
+        if let Some(v) = policies.and_then(|p| serde_json::to_value(p).ok()) {
+            doc["policies"] = v;
         }
         doc
     }

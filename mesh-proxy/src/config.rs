@@ -156,7 +156,8 @@ mod tests {
     fn bad_values_are_named() {
         let d = tempfile::tempdir().unwrap();
         assert!(good(d.path()).validate().is_ok());
-        let cases: Vec<(Box<dyn Fn(&mut Config)>, &str)> = vec![
+        type Mutation = Box<dyn Fn(&mut Config)>;
+        let cases: Vec<(Mutation, &str)> = vec![
             (
                 Box::new(|c| c.trust_domain = "Bad Domain".into()),
                 "\"Bad Domain\"",

@@ -39,9 +39,12 @@ fn fail(what: impl Into<String>, reason: impl std::fmt::Display) -> RunError {
     }
 }
 
+/// Replaces the log filter; `Err` names why the filter is bad.
+pub type SetFilter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
 /// Switches the log filter at run time (the admin port's `/logging`).
 pub struct LogControl {
-    pub set: Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>,
+    pub set: SetFilter,
     pub current: Mutex<String>,
 }
 
@@ -49,10 +52,10 @@ pub struct LogControl {
 /// sockets, plus the pooled ones.
 fn raise_nofile() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-            warn!(error = %e, "could not raise RLIMIT_NOFILE");
-        }
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        warn!(error = %e, "could not raise RLIMIT_NOFILE");
     }
 }
 

@@ -778,7 +778,6 @@ async fn drain_finishes_open_tunnels_and_refuses_new_streams() {
         }
     })
     .await;
-    eventually("client to see the connection closing", || send.is_closed()).await;
 
     open.write_all(b"still here").await.unwrap();
     let mut buf = [0; 10];
