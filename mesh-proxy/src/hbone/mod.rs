@@ -20,7 +20,7 @@
 //! Both sides use [`H2Config`]: large flow-control windows and frames, so a
 //! single tunnel is not window-bound on a fast path.
 //!
-//! ```ignore
+//! ```text
 //! // Server (destination node, in the pod's netns, port 15008):
 //! let acceptor = tokio_rustls::TlsAcceptor::from(server_config); // mTLS, ALPN h2
 //! let (tcp, _) = listener.accept().await?;
