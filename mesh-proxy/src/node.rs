@@ -216,6 +216,8 @@ pub struct NodeProxy {
     /// when the flow leaves the kernel map), so metrics label it right.
     chosen: Mutex<std::collections::HashMap<u64, String>>,
     pub stats: ProxyStats,
+    /// Open connections (every direction), so SIGTERM can wait for them.
+    pub conns: crate::drain::Tracker,
     /// Handle of the data-plane runtime (accept loops and copies run there).
     data: tokio::runtime::Handle,
     drain: crate::drain::Watch,
@@ -244,6 +246,7 @@ impl NodeProxy {
             rr: AtomicUsize::new(0),
             chosen: Mutex::new(std::collections::HashMap::new()),
             stats: ProxyStats::default(),
+            conns: crate::drain::Tracker::default(),
             data,
             drain,
         }))
@@ -459,7 +462,9 @@ impl NodeProxy {
             let node = self.clone();
             let pod = pod.clone();
             let drain = self.drain.clone();
+            let guard = self.conns.guard();
             tokio::spawn(async move {
+                let _guard = guard;
                 match port {
                     Port::Outbound => node.outbound(&pod, stream, peer).await,
                     Port::Hbone => node.inbound_hbone(pod, stream, peer, drain).await,

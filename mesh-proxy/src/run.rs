@@ -163,11 +163,15 @@ pub fn run(cfg: Config, log: LogControl) -> Result<(), RunError> {
                 }
             }
         }
-        info!("draining: no new connections; waiting for open ones");
+        info!(open = node.conns.open(), "draining: no new connections; waiting for open ones");
+        trigger.signal();
         let _ = cert_stop_tx.send(true);
         drop(watch);
-        if !trigger.drain(cfg.drain_deadline).await {
-            warn!(deadline = ?cfg.drain_deadline, "drain deadline passed; closing what is left");
+        if node.conns.idle(cfg.drain_deadline).await {
+            info!("drained: every connection finished");
+        } else {
+            warn!(deadline = ?cfg.drain_deadline, open = node.conns.open(),
+                  "drain deadline passed; closing what is left");
         }
         Ok::<(), RunError>(())
     })?;

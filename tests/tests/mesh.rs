@@ -630,3 +630,56 @@ fn a_killed_proxy_restarts_and_new_connections_work_without_leaking_plaintext() 
     assert!(to_web >= 1, "flows after restart: {flows}");
     Ok(())
 }
+
+#[test]
+fn sigterm_stops_new_connections_and_drains_open_ones() -> Result<()> {
+    let m = TestMesh::up("d", ControlOptions::default())?;
+    let web = format!("{}:8080", m.ip("default/web")?);
+    let mut s = serve(&m, "default/web", 8080, 1, 4000)?;
+    let mut held = m.spawn(
+        "default/client",
+        &[
+            "connect", "--to", &web, "--send", "3000", "--seed", "5", "--hold",
+        ],
+    )?;
+    held.event("connected")?;
+    held.event("holding")?;
+    let pids = m.mesh.node_pids("node-a", &m.bins.proxy);
+    ensure!(pids.len() == 1, "proxies on node-a: {pids:?}");
+    let pid = nix::unistd::Pid::from_raw(pids[0] as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+    std::thread::sleep(Duration::from_millis(500));
+    let alive = |p: nix::unistd::Pid| {
+        std::path::Path::new(&format!("/proc/{p}")).exists()
+            && !std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .unwrap_or_default()
+                .contains(") Z ")
+    };
+    assert!(alive(pid), "the proxy exited with a connection still open");
+    // New connections are no longer taken (the app sees a refusal).
+    assert!(
+        attempt(&m, "default/client", &web)?.is_err(),
+        "a new connection was accepted while draining"
+    );
+    // The open one finishes normally, then the proxy exits.
+    {
+        use std::io::Write;
+        let stdin = held.child.stdin.as_mut().context("stdin")?;
+        stdin.write_all(b"go\n")?;
+    }
+    let t = held.event("transfer")?;
+    assert_eq!(t["transfer"]["received"], 4000, "{t}");
+    s.event("accepted")?;
+    s.event("transfer")?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while alive(pid) {
+        ensure!(
+            Instant::now() < deadline,
+            "the proxy did not exit after draining"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = m.log("proxy-node-a");
+    assert!(log.contains("drained: every connection finished"), "{log}");
+    Ok(())
+}
