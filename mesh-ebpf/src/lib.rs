@@ -24,7 +24,9 @@ use std::time::Duration;
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, SockHash};
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SkMsg, SockOps};
+use aya::programs::{
+    CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SkMsg, SkSkb, SockOps,
+};
 use aya::{Ebpf, EbpfLoader};
 pub use mesh_ebpf_common::{
     ABI_VERSION, AF_INET, AF_INET6, Config, EnrolledNetns, FLOW_REDIRECT, Flow, HBONE_PORT,
@@ -349,6 +351,7 @@ impl Datapath {
                     // Do not redirect into a broken path: detach sk_msg.
                     tracing::error!(%reason, "sockmap self-test failed; running degraded");
                     let _ = fs::remove_file(&sk_msg_pin);
+                    let _ = fs::remove_file(dp.pins.link(progs::SK_SKB));
                     Mode::Degraded { reason }
                 }
             }
@@ -633,6 +636,7 @@ fn kernel_ids(pins: &Pins) -> Result<KernelIds> {
         progs::CONNECT6,
         progs::SOCKOPS,
         progs::SK_MSG,
+        progs::SK_SKB,
     ]
     .iter()
     .map(|p| pins.link(p))
@@ -771,6 +775,38 @@ fn load_attach_pin(cgroup: &Path, pins: &Pins) -> Result<()> {
                 detail: format!("sk_msg link is not a bpf_link: {e}"),
             })?;
         pin_link(link, &pins.link(progs::SK_MSG))?;
+    }
+
+    // The stream verdict on the same map: counts what proxy sockets receive.
+    {
+        let socks: SockHash<_, SockKey> = SockHash::try_from(
+            ebpf.map(maps::SOCKS)
+                .ok_or(Error::MissingProgram(maps::SOCKS))?,
+        )
+        .map_err(|source| Error::Map {
+            map: maps::SOCKS,
+            action: "open".into(),
+            source,
+        })?;
+        let map_fd = socks
+            .fd()
+            .try_clone()
+            .map_err(io_err(&pins.map(maps::SOCKS)))?;
+        let prog: &mut SkSkb = program_mut(&mut ebpf, progs::SK_SKB)?;
+        prog.load().map_err(program_err(progs::SK_SKB, "load"))?;
+        let id = prog.attach(&map_fd).map_err(program_err(
+            progs::SK_SKB,
+            format!("attach to map {}", maps::SOCKS),
+        ))?;
+        let link: FdLink = prog
+            .take_link(id)
+            .map_err(program_err(progs::SK_SKB, "take link"))?
+            .try_into()
+            .map_err(|e: aya::programs::links::LinkError| Error::Pin {
+                path: pins.link(progs::SK_SKB),
+                detail: format!("sk_skb link is not a bpf_link: {e}"),
+            })?;
+        pin_link(link, &pins.link(progs::SK_SKB))?;
     }
 
     // sockops first, so every connection the connect hooks rewrite is seen

@@ -10,6 +10,10 @@ use sha2::{Digest, Sha256};
 
 const CHUNK: usize = 256 * 1024;
 
+/// When set, a spurious EAGAIN on a blocking read is an error (an app that
+/// does not expect it would fail), not retried.
+pub static STRICT_EAGAIN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// What one end moved.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Transfer {
@@ -78,7 +82,13 @@ pub fn receive(mut r: impl Read) -> io::Result<(u64, String)> {
             // ARCHITECTURE.md "Known limits"); retry as a non-blocking app
             // would. A real read timeout also surfaces as WouldBlock, so the
             // retries are bounded.
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock && eagain < 3 => eagain += 1,
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock
+                    && eagain < 3
+                    && !STRICT_EAGAIN.load(std::sync::atomic::Ordering::Relaxed) =>
+            {
+                eagain += 1
+            }
             Err(e) => return Err(e),
         }
     }

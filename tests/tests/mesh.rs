@@ -173,7 +173,17 @@ fn transfer(
     let (u, d) = (up.to_string(), down.to_string());
     let mut c = m.spawn(
         client,
-        &["connect", "--to", to, "--send", &u, "--seed", "11"],
+        // Strict: a blocking app must never see a spurious EAGAIN.
+        &[
+            "--strict-eagain",
+            "connect",
+            "--to",
+            to,
+            "--send",
+            &u,
+            "--seed",
+            "11",
+        ],
     )?;
     c.event("connected")?;
     server.event("accepted")?;
@@ -388,7 +398,16 @@ fn deny_from(ns: &str) -> serde_yaml::Value {
 fn attempt(m: &TestMesh, client: &str, to: &str) -> Result<Result<u64, String>> {
     let mut c = m.spawn(
         client,
-        &["connect", "--to", to, "--send", "1000", "--seed", "3"],
+        &[
+            "--strict-eagain",
+            "connect",
+            "--to",
+            to,
+            "--send",
+            "1000",
+            "--seed",
+            "3",
+        ],
     )?;
     let st = c.child.wait()?;
     let mut out = String::new();

@@ -330,8 +330,8 @@ fn a_restarted_loader_reopens_the_pins_and_counters_carry_on() -> Result<()> {
 fn uninstall_leaves_no_attachment_pin_or_map_behind() -> Result<()> {
     let (sb, _pod, dp) = pod_sandbox()?;
     let ids = dp.kernel_ids()?;
-    assert_eq!(ids.links.len(), 5, "4 links + 1 sk_lookup link: {ids:?}");
-    assert_eq!(ids.maps.len(), 8, "{ids:?}");
+    assert_eq!(ids.links.len(), 6, "5 links + 1 sk_lookup link: {ids:?}");
+    assert_eq!(ids.maps.len(), 9, "{ids:?}");
     drop(dp);
 
     let report = mesh_ebpf::uninstall(&sb.pin_root)?;
@@ -472,9 +472,12 @@ fn count_only_flows_take_loopback_tcp_and_are_still_counted_exactly() -> Result<
     let before = dp.stats()?;
     let n = (256u64 << 20).to_string();
     let mut proxy = start_proxy(&sb, &pod, 1, &["--send", &n, "--seed", "8"])?;
+    // A blocking app that fails on a spurious EAGAIN: its socket is not in
+    // the socket map in count-only mode, so it sees plain TCP.
     let mut app = sb.probe(
         &pod,
         &[
+            "--strict-eagain",
             "connect",
             "--to",
             "10.77.0.8:8000",
@@ -498,6 +501,12 @@ fn count_only_flows_take_loopback_tcp_and_are_still_counted_exactly() -> Result<
         "count-only flow was redirected"
     );
     assert!(after["msg_passthrough"] > before["msg_passthrough"]);
+    // Only the proxy's end joined the socket map.
+    assert_eq!(
+        after["sock_inserted"] - before["sock_inserted"],
+        1,
+        "{after:?}"
+    );
     let flow = flow_to(&dp, netns, "10.77.0.8:8000")?.context("no flow entry")?;
     assert!(!flow.redirected);
     assert_eq!(

@@ -17,7 +17,7 @@
 /// Bumped whenever a map layout, map name or program name changes. Pins live
 /// under `<pin root>/abi-v<ABI_VERSION>/`, so a proxy never re-opens maps of
 /// another layout.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// In-pod outbound capture listener (127.0.0.1 / [::1]).
 pub const OUTBOUND_PORT: u16 = 15001;
@@ -53,8 +53,10 @@ pub mod map_names {
     pub const STATS: &str = "sm_stats";
     /// index 0: [`super::Config`], read when a flow is established.
     pub const CONFIG: &str = "sm_config";
+    /// proxy socket cookie -> app socket cookie (the flow's key).
+    pub const PROXY_FLOW: &str = "sm_proxy_flow";
 
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 9] = [
         ENROLLED,
         CONNECT_DST,
         ORIG_DST,
@@ -63,6 +65,7 @@ pub mod map_names {
         INBOUND,
         STATS,
         CONFIG,
+        PROXY_FLOW,
     ];
 }
 
@@ -72,6 +75,7 @@ pub mod program_names {
     pub const CONNECT6: &str = "sm_connect6";
     pub const SOCKOPS: &str = "sm_sockops";
     pub const SK_MSG: &str = "sm_sk_msg";
+    pub const SK_SKB: &str = "sm_sk_skb";
     pub const SK_LOOKUP: &str = "sm_sk_lookup";
 }
 
@@ -224,9 +228,11 @@ pub struct Config {
 }
 
 /// Flow flag: sk_msg redirects the flow's bytes straight to the peer's
-/// ingress queue. Without it sk_msg only counts and the bytes take loopback
-/// TCP (with TCP's flow control: the redirect has none, so a fast writer
-/// can queue without bound in front of a slower reader).
+/// ingress queue (both ends are in `sm_socks`). Without it only the proxy's
+/// end is in `sm_socks` — the app's socket is left alone — and the bytes
+/// take loopback TCP with its flow control (the redirect has none, so a
+/// fast writer can queue without bound in front of a slower reader): sk_msg
+/// counts what the proxy sends, sk_skb what it receives.
 pub const FLOW_REDIRECT: u32 = 1;
 
 /// TCP states as the kernel numbers them (`include/net/tcp_states.h`).
@@ -237,11 +243,11 @@ pub mod tcp_state {
 
 /// Value of `sm_flows`: one app connection that the mesh captured.
 ///
-/// Written only in the kernel. Each counter has exactly one writer at a time:
-/// `bytes_sent` is only written by sk_msg on the app's socket and
-/// `bytes_received` only by sk_msg on the proxy's socket, and the kernel runs
-/// sk_msg for a socket under that socket's lock, so plain (non-atomic)
-/// read-modify-write is exact.
+/// Written only in the kernel. Each counter has exactly one writer:
+/// `bytes_received` is written by sk_msg on the proxy's socket; `bytes_sent`
+/// by sk_msg on the app's socket for redirected flows, by the stream verdict
+/// on the proxy's socket otherwise. Each runs serialized per socket, so
+/// plain (non-atomic) read-modify-write is exact.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Flow {
@@ -359,6 +365,7 @@ mod tests {
             program_names::CONNECT6,
             program_names::SOCKOPS,
             program_names::SK_MSG,
+            program_names::SK_SKB,
             program_names::SK_LOOKUP,
         ] {
             assert!(n.len() <= 15, "{n} is longer than 15 bytes");

@@ -5,15 +5,18 @@
 use core::ffi::c_void;
 use core::ptr::{read_volatile, write_volatile};
 
+use aya_ebpf::EbpfContext as _;
 use aya_ebpf::bindings::{
     BPF_ANY, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
     BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_RTT_CB_FLAG,
     BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, sk_action,
 };
 use aya_ebpf::helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns};
-use aya_ebpf::macros::{cgroup_sock_addr, map, sk_lookup, sk_msg, sock_ops};
+use aya_ebpf::macros::{cgroup_sock_addr, map, sk_lookup, sk_msg, sock_ops, stream_verdict};
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash};
-use aya_ebpf::programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext};
+use aya_ebpf::programs::{
+    SkBuffContext, SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext,
+};
 use mesh_ebpf_common::{
     AF_INET, AF_INET6, Config, EnrolledNetns, FLOW_REDIRECT, Flow, HBONE_PORT,
     INBOUND_PLAINTEXT_PORT, IPPROTO_TCP, IpKey, MAX_ENROLLED, MAX_FLOWS, MAX_INBOUND, MAX_SOCKS,
@@ -43,6 +46,9 @@ static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
 
 #[map(name = "sm_config")]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+#[map(name = "sm_proxy_flow")]
+static PROXY_FLOW: LruHashMap<u64, u64> = LruHashMap::with_max_entries(MAX_SOCKS, 0);
 
 const SOCK_STREAM: u32 = 1;
 const ENOENT: i32 = 2;
@@ -247,8 +253,14 @@ fn active_established(ctx: &SockOpsContext) {
         flags: CONFIG.get(0).map(|c| c.flow_flags).unwrap_or(0),
         ..Flow::default()
     };
+    let redirect = flow.flags & FLOW_REDIRECT != 0;
     let _ = FLOWS.insert(&cookie, &flow, BPF_ANY as u64);
     let _ = ctx.set_cb_flags((BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG) as i32);
+    // Only a redirected flow puts the app's socket in the map: otherwise the
+    // app's socket is left exactly as the app made it.
+    if !redirect {
+        return;
+    }
     // SAFETY: ctx.ops is the sock_ops context the helper expects.
     match SOCKS.update(&mut key, unsafe { &mut *ctx.ops }, BPF_ANY as u64) {
         Ok(()) => bump(Stat::SockInserted),
@@ -272,9 +284,14 @@ fn passive_established(ctx: &SockOpsContext) {
         family: key.family as u16,
         _pad: 0,
     };
-    if ORIG_DST.get_ptr(&port_key).is_none() {
-        return;
-    }
+    let app_cookie = match ORIG_DST.get_ptr(&port_key) {
+        // SAFETY: value pointer just returned for this key.
+        Some(p) => unsafe { (*p).cookie },
+        None => return,
+    };
+    // SAFETY: helper on our context.
+    let proxy_cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
+    let _ = PROXY_FLOW.insert(&proxy_cookie, &app_cookie, BPF_ANY as u64);
     // SAFETY: ctx.ops is the sock_ops context the helper expects.
     match SOCKS.update(&mut key, unsafe { &mut *ctx.ops }, BPF_ANY as u64) {
         Ok(()) => bump(Stat::SockInserted),
@@ -406,6 +423,32 @@ fn account(key: &SockKey, size: u64) -> Option<u32> {
             None
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// sk_skb stream verdict (on sm_socks): what the proxy's socket receives
+// ---------------------------------------------------------------------------
+
+/// Counts what the proxy's end of a count-only flow receives over loopback
+/// TCP: the app's `bytes_sent`. Always passes the data on unchanged.
+#[stream_verdict]
+pub fn sm_sk_skb(ctx: SkBuffContext) -> u32 {
+    // SAFETY: helper on our context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if let Some(app) = PROXY_FLOW.get_ptr(&cookie) {
+        // SAFETY: value pointer just returned for this key.
+        let app = unsafe { *app };
+        if let Some(flow) = FLOWS.get_ptr_mut(&app) {
+            // SAFETY: value pointer just returned for this key; the only
+            // writer of bytes_sent for a count-only flow (see `Flow`).
+            unsafe {
+                if (*flow).flags & FLOW_REDIRECT == 0 {
+                    (*flow).bytes_sent += ctx.len() as u64;
+                }
+            }
+        }
+    }
+    sk_action::SK_PASS
 }
 
 // ---------------------------------------------------------------------------

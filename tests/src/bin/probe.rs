@@ -28,6 +28,9 @@ struct Args {
     /// Network namespace to enter (e.g. /run/netns/NAME).
     #[arg(long)]
     netns: Option<PathBuf>,
+    /// Fail on a spurious EAGAIN from a blocking read instead of retrying.
+    #[arg(long)]
+    strict_eagain: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -143,6 +146,7 @@ fn wait_stdin() {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    flowdata::STRICT_EAGAIN.store(args.strict_eagain, std::sync::atomic::Ordering::Relaxed);
     if let Some(cg) = &args.cgroup {
         let procs = cg.join("cgroup.procs");
         std::fs::write(&procs, std::process::id().to_string())
