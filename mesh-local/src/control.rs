@@ -32,6 +32,8 @@ pub struct ControlOptions {
     pub policies: Option<serde_yaml::Value>,
     /// Bound on each readiness wait.
     pub ready_timeout: Duration,
+    /// Data-plane worker threads of each proxy.
+    pub proxy_workers: usize,
 }
 
 impl Default for ControlOptions {
@@ -42,6 +44,7 @@ impl Default for ControlOptions {
             log: "info".into(),
             policies: None,
             ready_timeout: Duration::from_secs(30),
+            proxy_workers: 2,
         }
     }
 }
@@ -322,6 +325,8 @@ impl Mesh {
             opts.inbound_mode.clone(),
             "--log".into(),
             opts.log.clone(),
+            "--workers".into(),
+            opts.proxy_workers.to_string(),
         ];
         let log = self.control_log(&format!("proxy-{node}"));
         self.spawn_node_process(node, &argv, &log)?;

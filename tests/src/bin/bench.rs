@@ -249,8 +249,13 @@ fn mesh(json_out: Option<String>) -> Result<()> {
         &mesh_local::Options::default(),
         &mut |_| {},
     )?;
+    let workers: usize = std::env::var("SOCKMESH_BENCH_WORKERS")
+        .ok()
+        .and_then(|w| w.parse().ok())
+        .unwrap_or(ControlOptions::default().proxy_workers);
     let opts = ControlOptions {
         log: "warn".into(),
+        proxy_workers: workers,
         ..ControlOptions::default()
     };
     mesh.start_control(&bins, &opts, &mut |_| {})?;
