@@ -197,7 +197,7 @@ pub fn validate_trust_domain(value: &str) -> Result<(), IdentityError> {
 }
 
 /// A Kubernetes DNS-1123 label: 1–63 of `[a-z0-9-]`, alphanumeric at both ends.
-fn dns1123_label(value: &str) -> Result<(), &'static str> {
+pub fn dns1123_label(value: &str) -> Result<(), &'static str> {
     if value.is_empty() {
         return Err("empty");
     }
@@ -218,7 +218,7 @@ fn dns1123_label(value: &str) -> Result<(), &'static str> {
 }
 
 /// A Kubernetes DNS-1123 subdomain: labels joined by `.`, at most 253 bytes.
-fn dns1123_subdomain(value: &str) -> Result<(), &'static str> {
+pub fn dns1123_subdomain(value: &str) -> Result<(), &'static str> {
     if value.is_empty() {
         return Err("empty");
     }

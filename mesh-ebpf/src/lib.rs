@@ -711,6 +711,26 @@ fn program_err(
     }
 }
 
+/// Loads program `$name` of type `$ty`, attaches it with `$attach` (which
+/// sees the program as `$p`), and pins the resulting bpf_link.
+macro_rules! attach_and_pin {
+    ($ebpf:expr, $pins:expr, $ty:ty, $name:expr, $what:expr, |$p:ident| $attach:expr) => {{
+        let name: &'static str = $name;
+        let $p: &mut $ty = program_mut($ebpf, name)?;
+        $p.load().map_err(program_err(name, "load"))?;
+        let id = $attach.map_err(program_err(name, format!("attach to {}", $what)))?;
+        let link: FdLink = $p
+            .take_link(id)
+            .map_err(program_err(name, "take link"))?
+            .try_into()
+            .map_err(|e: aya::programs::links::LinkError| Error::Pin {
+                path: $pins.link(name),
+                detail: format!("{name} link is not a bpf_link: {e}"),
+            })?;
+        pin_link(link, &$pins.link(name))?;
+    }};
+}
+
 fn load_attach_pin(cgroup: &Path, pins: &Pins) -> Result<()> {
     let cg = File::open(cgroup).map_err(|source| Error::Cgroup {
         path: cgroup.to_owned(),
@@ -745,8 +765,13 @@ fn load_attach_pin(cgroup: &Path, pins: &Pins) -> Result<()> {
         })?;
     }
 
-    // sk_msg on the socket map, before anything can fill the map.
-    {
+    // sk_msg and the stream verdict on the socket map, before anything can
+    // fill the map; then sockops, so every connection the connect hooks
+    // rewrite is seen established; then the connect hooks. With bpf_link
+    // (kernel >= 5.7) `CgroupAttachMode::Single` (flags 0) still coexists
+    // with other programs on the cgroup: links are multi-attach by nature
+    // and the kernel rejects BPF_F_ALLOW_MULTI there.
+    let socks_fd = {
         let socks: SockHash<_, SockKey> = SockHash::try_from(
             ebpf.map(maps::SOCKS)
                 .ok_or(Error::MissingProgram(maps::SOCKS))?,
@@ -756,100 +781,28 @@ fn load_attach_pin(cgroup: &Path, pins: &Pins) -> Result<()> {
             action: "open".into(),
             source,
         })?;
-        let map_fd = socks
+        socks
             .fd()
             .try_clone()
-            .map_err(io_err(&pins.map(maps::SOCKS)))?;
-        let prog: &mut SkMsg = program_mut(&mut ebpf, progs::SK_MSG)?;
-        prog.load().map_err(program_err(progs::SK_MSG, "load"))?;
-        let id = prog.attach(&map_fd).map_err(program_err(
-            progs::SK_MSG,
-            format!("attach to map {}", maps::SOCKS),
-        ))?;
-        let link: FdLink = prog
-            .take_link(id)
-            .map_err(program_err(progs::SK_MSG, "take link"))?
-            .try_into()
-            .map_err(|e: aya::programs::links::LinkError| Error::Pin {
-                path: pins.link(progs::SK_MSG),
-                detail: format!("sk_msg link is not a bpf_link: {e}"),
-            })?;
-        pin_link(link, &pins.link(progs::SK_MSG))?;
-    }
-
-    // The stream verdict on the same map: counts what proxy sockets receive.
-    {
-        let socks: SockHash<_, SockKey> = SockHash::try_from(
-            ebpf.map(maps::SOCKS)
-                .ok_or(Error::MissingProgram(maps::SOCKS))?,
-        )
-        .map_err(|source| Error::Map {
-            map: maps::SOCKS,
-            action: "open".into(),
-            source,
-        })?;
-        let map_fd = socks
-            .fd()
-            .try_clone()
-            .map_err(io_err(&pins.map(maps::SOCKS)))?;
-        let prog: &mut SkSkb = program_mut(&mut ebpf, progs::SK_SKB)?;
-        prog.load().map_err(program_err(progs::SK_SKB, "load"))?;
-        let id = prog.attach(&map_fd).map_err(program_err(
-            progs::SK_SKB,
-            format!("attach to map {}", maps::SOCKS),
-        ))?;
-        let link: FdLink = prog
-            .take_link(id)
-            .map_err(program_err(progs::SK_SKB, "take link"))?
-            .try_into()
-            .map_err(|e: aya::programs::links::LinkError| Error::Pin {
-                path: pins.link(progs::SK_SKB),
-                detail: format!("sk_skb link is not a bpf_link: {e}"),
-            })?;
-        pin_link(link, &pins.link(progs::SK_SKB))?;
-    }
-
-    // sockops first, so every connection the connect hooks rewrite is seen
-    // established. `Single` means flags 0: with bpf_link (kernel >= 5.7) that
-    // still coexists with other programs on the same cgroup (links are
-    // multi-attach by nature; the kernel rejects BPF_F_ALLOW_MULTI there).
-    {
-        let prog: &mut SockOps = program_mut(&mut ebpf, progs::SOCKOPS)?;
-        prog.load().map_err(program_err(progs::SOCKOPS, "load"))?;
-        let id = prog
-            .attach(&cg, CgroupAttachMode::Single)
-            .map_err(program_err(
-                progs::SOCKOPS,
-                format!("attach to cgroup {}", cgroup.display()),
-            ))?;
-        let link: FdLink = prog
-            .take_link(id)
-            .map_err(program_err(progs::SOCKOPS, "take link"))?
-            .try_into()
-            .map_err(|e: aya::programs::links::LinkError| Error::Pin {
-                path: pins.link(progs::SOCKOPS),
-                detail: format!("sockops link is not a bpf_link: {e}"),
-            })?;
-        pin_link(link, &pins.link(progs::SOCKOPS))?;
-    }
+            .map_err(io_err(&pins.map(maps::SOCKS)))?
+    };
+    let socks_what = format!("map {}", maps::SOCKS);
+    let cgroup_what = format!("cgroup {}", cgroup.display());
+    attach_and_pin!(&mut ebpf, pins, SkMsg, progs::SK_MSG, &socks_what, |p| p
+        .attach(&socks_fd));
+    attach_and_pin!(&mut ebpf, pins, SkSkb, progs::SK_SKB, &socks_what, |p| p
+        .attach(&socks_fd));
+    attach_and_pin!(
+        &mut ebpf,
+        pins,
+        SockOps,
+        progs::SOCKOPS,
+        &cgroup_what,
+        |p| p.attach(&cg, CgroupAttachMode::Single)
+    );
     for name in [progs::CONNECT4, progs::CONNECT6] {
-        let prog: &mut CgroupSockAddr = program_mut(&mut ebpf, name)?;
-        prog.load().map_err(program_err(name, "load"))?;
-        let id = prog
-            .attach(&cg, CgroupAttachMode::Single)
-            .map_err(program_err(
-                name,
-                format!("attach to cgroup {}", cgroup.display()),
-            ))?;
-        let link: FdLink = prog
-            .take_link(id)
-            .map_err(program_err(name, "take link"))?
-            .try_into()
-            .map_err(|e: aya::programs::links::LinkError| Error::Pin {
-                path: pins.link(name),
-                detail: format!("cgroup link is not a bpf_link: {e}"),
-            })?;
-        pin_link(link, &pins.link(name))?;
+        attach_and_pin!(&mut ebpf, pins, CgroupSockAddr, name, &cgroup_what, |p| p
+            .attach(&cg, CgroupAttachMode::Single));
     }
     Ok(())
 }

@@ -26,6 +26,7 @@
 //!     selector: {app: web}
 //! ```
 
+use mesh_core::identity::{dns1123_label, dns1123_subdomain};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::Path;
@@ -417,38 +418,6 @@ impl Topology {
                     .all(|(k, v)| p.labels.get(k) == Some(v))
         })
     }
-}
-
-/// A Kubernetes DNS-1123 label: 1–63 of `[a-z0-9-]`, alphanumeric at both ends.
-fn dns1123_label(value: &str) -> Result<(), &'static str> {
-    if value.is_empty() {
-        return Err("empty");
-    }
-    if value.len() > 63 {
-        return Err("longer than 63 characters");
-    }
-    if !value
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-    {
-        return Err("only lowercase letters, digits and '-' are allowed");
-    }
-    let ends_ok = |b: Option<u8>| b.is_some_and(|b| b.is_ascii_alphanumeric());
-    if !ends_ok(value.bytes().next()) || !ends_ok(value.bytes().last()) {
-        return Err("must start and end with a letter or digit");
-    }
-    Ok(())
-}
-
-/// A Kubernetes DNS-1123 subdomain: labels joined by `.`, at most 253 bytes.
-fn dns1123_subdomain(value: &str) -> Result<(), &'static str> {
-    if value.is_empty() {
-        return Err("empty");
-    }
-    if value.len() > 253 {
-        return Err("longer than 253 characters");
-    }
-    value.split('.').try_for_each(dns1123_label)
 }
 
 #[cfg(test)]
