@@ -246,6 +246,11 @@ fn test(_root: &Path) -> Result<()> {
     let start = Instant::now();
     println!("test: cargo fmt --check");
     sh(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    // The fuzz targets (their own workspace; cargo-fuzz needs nightly to
+    // run them, but they must keep compiling). Their bodies also run over
+    // seeds in ordinary unit tests.
+    println!("test: cargo check --manifest-path fuzz/Cargo.toml");
+    sh(cargo().args(["check", "--manifest-path", "fuzz/Cargo.toml"]))?;
     println!("test: cargo clippy --all-targets -- -D warnings");
     sh(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
     // The end-to-end tests run other packages' binaries (mesh-proxy,
