@@ -344,7 +344,16 @@ impl NodeProxy {
         let identity = pod
             .identity(&self.cfg.trust_domain)
             .map_err(|e| e.to_string())?;
-        // Certificate first: without it the pod could not talk anyway.
+        // Capture first (fail closed): once the netns is in sm_enrolled its
+        // connects go to 15001, which has no listener until enrollment
+        // completes, so they are refused rather than sent in clear while
+        // the certificate or a listener is missing.
+        let cookie = self
+            .datapath
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .enroll(&netns)
+            .map_err(|e| e.to_string())?;
         self.certs
             .fetch(&identity)
             .await
@@ -377,10 +386,8 @@ impl NodeProxy {
         let hbone_l = bind("0.0.0.0:15008".parse().map_err(|_| "addr")?)?;
         listeners.push((hbone_l, Port::Hbone));
         let plain = bind("0.0.0.0:15006".parse().map_err(|_| "addr")?)?;
-        let cookie;
         {
             let mut dp = self.datapath.lock().unwrap_or_else(PoisonError::into_inner);
-            cookie = dp.enroll(&netns).map_err(|e| e.to_string())?;
             for ip in pod.ips.iter().filter(|ip| ip.is_ipv4()) {
                 dp.set_inbound_listener(*ip, &plain)
                     .map_err(|e| e.to_string())?;

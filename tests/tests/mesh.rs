@@ -702,3 +702,48 @@ fn sigterm_stops_new_connections_and_drains_open_ones() -> Result<()> {
     assert!(log.contains("drained: every connection finished"), "{log}");
     Ok(())
 }
+
+#[test]
+fn a_pod_that_cannot_get_a_certificate_is_captured_and_refused_not_sent_in_clear() -> Result<()> {
+    let mut m = TestMesh::up("f", ControlOptions::default())?;
+    let web = format!("{}:8080", m.ip("default/web")?);
+    let mut s = serve(&m, "default/web", 8080, 1, 100)?;
+    // node-a starts from nothing (no pins, no capture) while the CA is down.
+    for program in [&m.bins.proxy, &m.bins.ca] {
+        for pid in m.mesh.node_pids("node-a", program) {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            )?;
+        }
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let pins = m.mesh.node("node-a")?.pin_root.clone();
+    mesh_ebpf::uninstall(&pins)?;
+    m.mesh.start_proxy("node-a", &m.bins, &m.opts)?;
+    // Not ready: it cannot obtain the pods' certificates.
+    let err = m
+        .mesh
+        .wait_proxy_ready("node-a", Duration::from_secs(3))
+        .err()
+        .context("node-a became ready with the CA down")?;
+    assert!(err.to_string().contains("not enrolled"), "{err}");
+    // Its pods are captured anyway: the connection is refused, not sent in clear.
+    let r = attempt(&m, "default/client", &web)?;
+    assert!(
+        r.is_err(),
+        "the client reached web with no certificate and no proxy path: {r:?}"
+    );
+    // And the server never saw it.
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(s.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    assert!(
+        s.event("accepted").is_err(),
+        "the server accepted a connection"
+    );
+    let log = m.log("proxy-node-a");
+    assert!(log.contains("enrollment failed"), "{log}");
+    Ok(())
+}
