@@ -383,7 +383,14 @@ impl NodeProxy {
                 warn!(pod = %key, error = %e, "no IPv6 outbound listener; IPv6 connects of this pod will be refused")
             }
         }
-        let hbone_l = bind("0.0.0.0:15008".parse().map_err(|_| "addr")?)?;
+        // Dual stack ([::] also takes IPv4): pods have IPv6 addresses too.
+        let hbone_l = match bind("[::]:15008".parse().map_err(|_| "addr")?) {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(pod = %key, error = %e, "no IPv6 in the pod netns: HBONE on IPv4 only");
+                bind("0.0.0.0:15008".parse().map_err(|_| "addr")?)?
+            }
+        };
         listeners.push((hbone_l, Port::Hbone));
         let plain = bind("0.0.0.0:15006".parse().map_err(|_| "addr")?)?;
         {

@@ -747,3 +747,47 @@ fn a_pod_that_cannot_get_a_certificate_is_captured_and_refused_not_sent_in_clear
     assert!(log.contains("enrollment failed"), "{log}");
     Ok(())
 }
+
+#[test]
+fn pods_talk_over_ipv6_through_the_mesh() -> Result<()> {
+    let m = TestMesh::up("s", ControlOptions::default())?;
+    let web6 = m
+        .mesh
+        .pod("default/web")?
+        .ip6
+        .context("the mesh has no IPv6 (pods got no IPv6 address)")?;
+    // The app listens on [::]; the client dials web's IPv6 address: the
+    // tunnel runs to web's [IPv6]:15008.
+    let mut s6 = {
+        let mut p = m.spawn(
+            "default/web",
+            &[
+                "serve",
+                "--listen",
+                "[::]:8081",
+                "--count",
+                "1",
+                "--send",
+                "1000000",
+                "--seed",
+                "22",
+            ],
+        )?;
+        p.event("listening")?;
+        p
+    };
+    transfer(
+        &m,
+        "default/client",
+        &format!("[{web6}]:8081"),
+        &mut s6,
+        2_000_000,
+        1_000_000,
+    )?;
+    let log_b = m.log("proxy-node-b");
+    assert!(
+        log_b.contains("spiffe://cluster.local/ns/default/sa/client"),
+        "{log_b}"
+    );
+    Ok(())
+}
