@@ -791,3 +791,71 @@ fn pods_talk_over_ipv6_through_the_mesh() -> Result<()> {
     );
     Ok(())
 }
+
+/// A plain TCP client outside the mesh: a probe in node-b's own netns.
+fn plain_attempt(m: &TestMesh, to: &str) -> Result<Result<String, String>> {
+    let argv: Vec<String> = [probe().display().to_string()]
+        .into_iter()
+        .chain(
+            ["--strict-eagain", "connect", "--to", to]
+                .iter()
+                .map(|s| s.to_string()),
+        )
+        .collect();
+    let out = m.mesh.node_command("node-b", &argv)?.output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        return Ok(Err(String::from_utf8_lossy(&out.stderr).into_owned()));
+    }
+    Ok(stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["event"] == "banner")
+        .map(|v| v["line"].as_str().unwrap_or("").to_owned())
+        .ok_or_else(|| format!("no banner in {stdout}")))
+}
+
+#[test]
+fn inbound_plaintext_is_refused_when_strict_and_forwarded_when_permissive() -> Result<()> {
+    for (mode, tag) in [("STRICT", "i"), ("PERMISSIVE", "j")] {
+        let opts = ControlOptions {
+            inbound_mode: mode.into(),
+            ..ControlOptions::default()
+        };
+        let m = TestMesh::up(tag, opts)?;
+        let web = format!("{}:8080", m.ip("default/web")?);
+        let mut argv = vec![probe().display().to_string()];
+        argv.extend(
+            ["server", "--listen", "0.0.0.0:8080"]
+                .iter()
+                .map(|s| s.to_string()),
+        );
+        let mut cmd = m.mesh.pod_command("default/web", &argv)?;
+        cmd.stdout(Stdio::piped());
+        let mut srv = Proc {
+            child: cmd.spawn()?,
+            what: "web server".into(),
+            lines: None,
+        };
+        srv.event("listening")?;
+        let r = plain_attempt(&m, &web)?;
+        let log = m.log("proxy-node-b");
+        if mode == "STRICT" {
+            let err = r
+                .err()
+                .with_context(|| format!("STRICT let plaintext through:\n{log}"))?;
+            // Reset at once: seen on the first read, or already on getpeername.
+            let e = err.to_lowercase();
+            assert!(e.contains("reset") || e.contains("not connected"), "{err}");
+            assert!(log.contains("STRICT: plaintext to a meshed pod"), "{log}");
+        } else {
+            assert_eq!(r.map_err(anyhow::Error::msg)?, "server 0.0.0.0:8080");
+            srv.event("accepted")?;
+            assert!(
+                log.contains("security=\"plaintext\"") || log.contains("security=plaintext"),
+                "{log}"
+            );
+        }
+    }
+    Ok(())
+}
