@@ -859,3 +859,72 @@ fn inbound_plaintext_is_refused_when_strict_and_forwarded_when_permissive() -> R
     }
     Ok(())
 }
+
+fn write_registry(m: &TestMesh, doc: &Value) -> Result<()> {
+    let path = m.mesh.control_registry();
+    let tmp = path.with_extension("yaml.test-tmp");
+    std::fs::write(&tmp, serde_yaml::to_string(doc)?)?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(())
+}
+
+fn workload_enrolled(m: &TestMesh, node: &str, pod: &str) -> Result<Option<bool>> {
+    let (_, body) = m.mesh.admin_get(node, "/workloads")?;
+    let v: Value = serde_json::from_str(&body)?;
+    Ok(v["pods"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["pod"] == pod))
+        .map(|p| p["enrolled"] == true))
+}
+
+fn wait_until(what: &str, mut ok: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ok()? {
+        ensure!(
+            Instant::now() < deadline,
+            "{what} did not happen within 10s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+#[test]
+fn pods_removed_from_and_added_to_the_registry_are_unenrolled_and_enrolled_live() -> Result<()> {
+    let m = TestMesh::up("r", ControlOptions::default())?;
+    assert_eq!(
+        workload_enrolled(&m, "node-a", "default/web-2")?,
+        Some(true)
+    );
+    let full = m.mesh.registry_document(None);
+    let mut without = full.clone();
+    if let Some(pods) = without["pods"].as_array_mut() {
+        pods.retain(|p| p["name"] != "web-2");
+    }
+    write_registry(&m, &without)?;
+    wait_until("unenrolling default/web-2", || {
+        Ok(workload_enrolled(&m, "node-a", "default/web-2")?.is_none())
+    })?;
+    let log = m.log("proxy-node-a");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("unenrolled") && l.contains("default/web-2")),
+        "{log}"
+    );
+    // Out of the mesh, web-2's connection to web is plain TCP, which web's
+    // STRICT inbound refuses.
+    let web = format!("{}:8080", m.ip("default/web")?);
+    let mut s = serve(&m, "default/web", 8080, 1, 100)?;
+    assert!(
+        attempt(&m, "default/web-2", &web)?.is_err(),
+        "an unenrolled pod got through STRICT"
+    );
+    // Back in the registry: enrolled again, and carried over mTLS.
+    write_registry(&m, &full)?;
+    wait_until("re-enrolling default/web-2", || {
+        Ok(workload_enrolled(&m, "node-a", "default/web-2")? == Some(true))
+    })?;
+    assert_eq!(attempt(&m, "default/web-2", &web)?, Ok(100));
+    s.event("accepted")?;
+    Ok(())
+}
