@@ -2,5 +2,21 @@
 #![forbid(unsafe_code)]
 
 fn main() -> std::process::ExitCode {
+    // Rust ignores SIGPIPE, so `mesh top --once | head` would panic on the
+    // next print once `head` exits. Exit quietly instead, with the status a
+    // shell gives a process killed by SIGPIPE (128 + 13).
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default_hook(info);
+    }));
     mesh_cli::main()
 }
