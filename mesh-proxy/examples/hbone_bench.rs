@@ -10,7 +10,12 @@
 //! would share its cores. Plain TCP is app to app; HBONE is app to the
 //! client pool, mTLS HTTP/2 to `serve`, TCP to the app. Every transfer and
 //! round count is bounded; every wait has a timeout.
+
 #![allow(clippy::unwrap_used)]
+
+/// The same allocator as the `mesh-proxy` binary.
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 use std::future::Future;
 use std::io;
