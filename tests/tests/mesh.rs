@@ -218,6 +218,19 @@ fn serve(m: &TestMesh, pod: &str, port: u16, count: usize, down: u64) -> Result<
     Ok(s)
 }
 
+/// Polls `ok` every 100 ms until it holds, failing after `timeout`.
+fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !ok()? {
+        ensure!(
+            Instant::now() < deadline,
+            "{what} did not happen within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
 fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<u64> {
     text.lines()
         .filter(|l| l.starts_with(&format!("{name}{{")))
@@ -438,7 +451,7 @@ fn deny_policy_resets_and_a_policy_change_applies_without_restart() -> Result<()
     };
     let m = TestMesh::up("p", opts)?;
     let web = format!("{}:8080", m.ip("default/web")?);
-    let mut s = serve(&m, "default/web", 8080, 2, 500)?;
+    let mut s = serve(&m, "default/web", 8080, 200, 500)?;
 
     // other/iperf is denied by the destination's policy: the app sees a reset.
     let denied = attempt(&m, "other/iperf", &web)?;
@@ -473,20 +486,20 @@ fn deny_policy_resets_and_a_policy_change_applies_without_restart() -> Result<()
 
     // Swap the policy: now default is denied and other allowed; no restart.
     m.mesh.write_control_registry(Some(&deny_from("default")))?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let client = attempt(&m, "default/client", &web)?;
-        if client.is_err() {
-            break;
+    wait_until("the new policy to apply", Duration::from_secs(10), || {
+        let allowed = attempt(&m, "default/client", &web)?.is_ok();
+        if allowed {
+            s.event("accepted")?;
+            s.event("transfer")?;
         }
-        s.event("accepted")?;
-        s.event("transfer")?;
-        ensure!(
-            Instant::now() < deadline,
-            "the new policy was not applied within 10s"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        Ok(!allowed)
+    })?;
+    // Refused by the new rule, not for want of a server.
+    let (_, body) = m
+        .mesh
+        .admin_get("node-a", &format!("/explain?pod=default/client&dst={web}"))?;
+    let v: Value = serde_json::from_str(&body)?;
+    assert_eq!(v["policy"]["policy"], "default/deny-default", "{v}");
     Ok(())
 }
 
@@ -690,14 +703,11 @@ fn sigterm_stops_new_connections_and_drains_open_ones() -> Result<()> {
     assert_eq!(t["transfer"]["received"], 4000, "{t}");
     s.event("accepted")?;
     s.event("transfer")?;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while alive(pid) {
-        ensure!(
-            Instant::now() < deadline,
-            "the proxy did not exit after draining"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        "the proxy's exit after draining",
+        Duration::from_secs(5),
+        || Ok(!alive(pid)),
+    )?;
     let log = m.log("proxy-node-a");
     assert!(log.contains("drained: every connection finished"), "{log}");
     Ok(())
@@ -877,18 +887,6 @@ fn workload_enrolled(m: &TestMesh, node: &str, pod: &str) -> Result<Option<bool>
         .map(|p| p["enrolled"] == true))
 }
 
-fn wait_until(what: &str, mut ok: impl FnMut() -> Result<bool>) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !ok()? {
-        ensure!(
-            Instant::now() < deadline,
-            "{what} did not happen within 10s"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Ok(())
-}
-
 #[test]
 fn pods_removed_from_and_added_to_the_registry_are_unenrolled_and_enrolled_live() -> Result<()> {
     let m = TestMesh::up("r", ControlOptions::default())?;
@@ -902,7 +900,7 @@ fn pods_removed_from_and_added_to_the_registry_are_unenrolled_and_enrolled_live(
         pods.retain(|p| p["name"] != "web-2");
     }
     write_registry(&m, &without)?;
-    wait_until("unenrolling default/web-2", || {
+    wait_until("unenrolling default/web-2", Duration::from_secs(10), || {
         Ok(workload_enrolled(&m, "node-a", "default/web-2")?.is_none())
     })?;
     let log = m.log("proxy-node-a");
@@ -921,9 +919,11 @@ fn pods_removed_from_and_added_to_the_registry_are_unenrolled_and_enrolled_live(
     );
     // Back in the registry: enrolled again, and carried over mTLS.
     write_registry(&m, &full)?;
-    wait_until("re-enrolling default/web-2", || {
-        Ok(workload_enrolled(&m, "node-a", "default/web-2")? == Some(true))
-    })?;
+    wait_until(
+        "re-enrolling default/web-2",
+        Duration::from_secs(10),
+        || Ok(workload_enrolled(&m, "node-a", "default/web-2")? == Some(true)),
+    )?;
     assert_eq!(attempt(&m, "default/web-2", &web)?, Ok(100));
     s.event("accepted")?;
     Ok(())
