@@ -155,6 +155,24 @@ pub struct FlowEntry {
     pub srtt_us: u32,
     /// Whether sk_msg redirects this flow's bytes (else only counts them).
     pub redirected: bool,
+    /// Which side of the mesh saw this flow: the source pod's app socket
+    /// (outbound, Istio's `reporter="source"`) or the destination proxy's
+    /// delivery into a pod (inbound, `reporter="destination"`).
+    pub direction: Direction,
+}
+
+/// Which end of a mesh connection a kernel flow describes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Direction {
+    /// An app's connection out of its pod (`cookie` is the app socket's).
+    /// `bytes_sent` is what the app wrote, `bytes_received` what it read.
+    #[default]
+    Outbound,
+    /// The destination proxy's delivery into a pod (`cookie` is the proxy's
+    /// socket in the pod netns). `bytes_sent` is what the source sent (what
+    /// the proxy delivered to the app), `bytes_received` what the app
+    /// answered, so both reporters count one direction the same way.
+    Inbound,
 }
 
 impl FlowEntry {
@@ -530,6 +548,7 @@ impl Datapath {
                 tcp_state: f.state,
                 srtt_us: f.srtt_us,
                 redirected: f.flags & FLOW_REDIRECT != 0,
+                direction: Direction::Outbound,
             });
         }
         Ok(out)

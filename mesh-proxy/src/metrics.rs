@@ -284,6 +284,7 @@ mod tests {
             },
             srtt_us: 0,
             redirected: false,
+            direction: mesh_ebpf::Direction::Outbound,
         }
     }
 
