@@ -28,6 +28,7 @@ const APT_PACKAGES: &[&str] = &[
     "openssl",
     "curl",
     "python3",
+    "prometheus", // promtool: the metrics tests check both exposition formats
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
