@@ -15,28 +15,36 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::display::{MAX_SHOWN_CHARS, Shown, backslash_run, bounded_len, check_message};
+
 /// Longest SPIFFE ID the SPIFFE spec allows (bytes).
 pub const MAX_SPIFFE_ID_LEN: usize = 2048;
 /// Longest trust domain the SPIFFE spec allows (bytes).
 pub const MAX_TRUST_DOMAIN_LEN: usize = 255;
 const SCHEME: &str = "spiffe://";
 
+/// Longest message an [`IdentityError`] prints: the longest fixed text
+/// and one value shown through [`Shown`].
+pub const MAX_ERROR_LEN: usize = 128 + bounded_len(MAX_SHOWN_CHARS);
+
 /// Why a SPIFFE ID or one of its parts was refused. Each variant carries the
-/// offending value.
+/// offending value, as shown in the message: quoted, escaped once, cut to
+/// [`MAX_SHOWN_CHARS`] characters (a SPIFFE ID comes from peers and sign
+/// requests).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdentityError {
-    #[error("SPIFFE ID {value:?}: longer than {MAX_SPIFFE_ID_LEN} bytes")]
-    TooLong { value: String },
-    #[error("SPIFFE ID {value:?}: does not start with \"spiffe://\"")]
-    Scheme { value: String },
-    #[error("trust domain {value:?}: {reason}")]
-    TrustDomain { value: String, reason: &'static str },
-    #[error("SPIFFE ID {value:?}: path must be /ns/<namespace>/sa/<service-account>")]
-    Path { value: String },
-    #[error("namespace {value:?}: {reason}")]
-    Namespace { value: String, reason: &'static str },
-    #[error("service account {value:?}: {reason}")]
-    ServiceAccount { value: String, reason: &'static str },
+    #[error("SPIFFE ID {value}: longer than {MAX_SPIFFE_ID_LEN} bytes")]
+    TooLong { value: Shown },
+    #[error("SPIFFE ID {value}: does not start with \"spiffe://\"")]
+    Scheme { value: Shown },
+    #[error("trust domain {value}: {reason}")]
+    TrustDomain { value: Shown, reason: &'static str },
+    #[error("SPIFFE ID {value}: path must be /ns/<namespace>/sa/<service-account>")]
+    Path { value: Shown },
+    #[error("namespace {value}: {reason}")]
+    Namespace { value: Shown, reason: &'static str },
+    #[error("service account {value}: {reason}")]
+    ServiceAccount { value: Shown, reason: &'static str },
 }
 
 /// A workload identity. Always valid: it can only be made through
@@ -66,7 +74,7 @@ impl Identity {
         let len = id.to_string().len();
         if len > MAX_SPIFFE_ID_LEN {
             return Err(IdentityError::TooLong {
-                value: truncate_for_error(&id.to_string()),
+                value: Shown::new(&id.to_string()),
             });
         }
         Ok(id)
@@ -76,13 +84,13 @@ impl Identity {
     pub fn parse(value: &str) -> Result<Self, IdentityError> {
         if value.len() > MAX_SPIFFE_ID_LEN {
             return Err(IdentityError::TooLong {
-                value: truncate_for_error(value),
+                value: Shown::new(value),
             });
         }
         let rest = value
             .strip_prefix(SCHEME)
             .ok_or_else(|| IdentityError::Scheme {
-                value: value.to_owned(),
+                value: Shown::new(value),
             })?;
         let (trust_domain, path) = match rest.find('/') {
             Some(i) => rest.split_at(i),
@@ -90,7 +98,7 @@ impl Identity {
         };
         validate_trust_domain(trust_domain)?;
         let path_err = || IdentityError::Path {
-            value: value.to_owned(),
+            value: Shown::new(value),
         };
         // path is "/ns/<ns>/sa/<sa>": split gives ["", "ns", ns, "sa", sa].
         let mut parts = path.split('/');
@@ -161,23 +169,12 @@ impl<'de> Deserialize<'de> for Identity {
     }
 }
 
-fn truncate_for_error(value: &str) -> String {
-    if value.len() <= 64 {
-        return value.to_owned();
-    }
-    let mut end = value.len().min(64);
-    while !value.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &value[..end])
-}
-
 /// A trust domain: lowercase letters, digits, `.`, `-`, `_` (the SPIFFE
 /// spec's set), at most 255 bytes.
 pub fn validate_trust_domain(value: &str) -> Result<(), IdentityError> {
     let err = |reason| {
         Err(IdentityError::TrustDomain {
-            value: truncate_for_error(value),
+            value: Shown::new(value),
             reason,
         })
     };
@@ -231,7 +228,7 @@ pub fn dns1123_subdomain(value: &str) -> Result<(), &'static str> {
 /// Namespaces are DNS-1123 labels.
 pub fn validate_namespace(value: &str) -> Result<(), IdentityError> {
     dns1123_label(value).map_err(|reason| IdentityError::Namespace {
-        value: truncate_for_error(value),
+        value: Shown::new(value),
         reason,
     })
 }
@@ -239,31 +236,39 @@ pub fn validate_namespace(value: &str) -> Result<(), IdentityError> {
 /// Service accounts are DNS-1123 subdomains.
 pub fn validate_service_account(value: &str) -> Result<(), IdentityError> {
     dns1123_subdomain(value).map_err(|reason| IdentityError::ServiceAccount {
-        value: truncate_for_error(value),
+        value: Shown::new(value),
         reason,
     })
 }
 
 /// Fuzz entry point for the SPIFFE ID parser (called by `fuzz/` and by unit
 /// tests over seeds). Panics only on a broken invariant: an accepted ID must
-/// print back to its input and parse again to the same value.
+/// print back to its input and parse again to the same value; a refusal's
+/// message must pass [`check_message`] (bounded, the value escaped once).
 pub fn fuzz_parse(data: &[u8]) {
     let Ok(s) = std::str::from_utf8(data) else {
         return;
     };
-    if let Ok(id) = Identity::parse(s) {
-        let printed = id.to_string();
-        assert_eq!(printed, s, "accepted SPIFFE ID does not print back");
-        assert_eq!(
-            Identity::parse(&printed).ok(),
-            Some(id.clone()),
-            "printed SPIFFE ID does not parse back"
-        );
-        assert_eq!(
-            Identity::new(id.trust_domain(), id.namespace(), id.service_account()).ok(),
-            Some(id),
-            "parts of an accepted SPIFFE ID are refused by Identity::new"
-        );
+    match Identity::parse(s) {
+        Ok(id) => {
+            let printed = id.to_string();
+            assert_eq!(printed, s, "accepted SPIFFE ID does not print back");
+            assert_eq!(
+                Identity::parse(&printed).ok(),
+                Some(id.clone()),
+                "printed SPIFFE ID does not parse back"
+            );
+            assert_eq!(
+                Identity::new(id.trust_domain(), id.namespace(), id.service_account()).ok(),
+                Some(id),
+                "parts of an accepted SPIFFE ID are refused by Identity::new"
+            );
+        }
+        Err(e) => {
+            if let Err(why) = check_message(&e.to_string(), MAX_ERROR_LEN, backslash_run(s)) {
+                panic!("SPIFFE ID {s:?}: {why}");
+            }
+        }
     }
 }
 
@@ -364,6 +369,42 @@ mod tests {
     }
 
     #[test]
+    fn hostile_values_are_shown_once_escaped_once_and_bounded() {
+        let junk: String = (0..10 * 1024)
+            .map(|i| char::from(1 + (i % 31) as u8))
+            .collect();
+        let cases = [
+            (junk.clone(), "SPIFFE ID \"\\u{1}\\u{2}"),
+            (format!("spiffe://{junk}"), "SPIFFE ID \"spiffe://\\u{1}"),
+            (junk[..1000].to_owned(), "SPIFFE ID \"\\u{1}"),
+            (
+                format!("spiffe://{}", &junk[..1000]),
+                "trust domain \"\\u{1}",
+            ),
+            (
+                format!("spiffe://td/ns/{}/sa/b", &junk[..1000]),
+                "namespace \"\\u{1}",
+            ),
+            (
+                format!("spiffe://td/ns/a/sa/{}", &junk[..1000]),
+                "service account \"\\u{1}",
+            ),
+            (
+                format!("spiffe://td/{}", &junk[..1000]),
+                "SPIFFE ID \"spiffe://td/\\u{1}",
+            ),
+        ];
+        for (input, start) in cases {
+            let msg = Identity::parse(&input).unwrap_err().to_string();
+            assert!(msg.starts_with(start), "{msg}");
+            assert!(msg.len() <= MAX_ERROR_LEN, "{} bytes: {msg}", msg.len());
+            assert!(msg.contains(" bytes)\": "), "cut, with its size: {msg}");
+            assert!(!msg.contains("\\\\"), "escaped twice: {msg}");
+            assert_eq!(check_message(&msg, MAX_ERROR_LEN, 0), Ok(()));
+        }
+    }
+
+    #[test]
     fn fuzz_seeds() {
         for seed in [
             &b"spiffe://cluster.local/ns/default/sa/web"[..],
@@ -372,6 +413,8 @@ mod tests {
             b"\xff\xfe",
             b"spiffe://",
             b"",
+            &[1u8; 64][..],
+            b"spiffe://\\\n/ns/a/sa/b",
         ] {
             fuzz_parse(seed);
         }

@@ -2,6 +2,7 @@
 //! Types every part of sockmesh shares.
 
 pub mod ca;
+pub mod display;
 pub mod identity;
 pub mod policy;
 pub mod registry;
