@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+use crate::supervise::{self, RestartPolicy, Supervision};
 use crate::{Error, Mesh};
 
 /// Where the mesh's programs are.
@@ -19,6 +20,14 @@ use crate::{Error, Mesh};
 pub struct Binaries {
     pub ca: PathBuf,
     pub proxy: PathBuf,
+}
+
+impl Binaries {
+    /// The proxies' supervisor: the `mesh` program next to `mesh-proxy`
+    /// (its hidden `mesh supervise` command).
+    pub fn supervisor(&self) -> PathBuf {
+        self.proxy.with_file_name("mesh")
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -34,6 +43,12 @@ pub struct ControlOptions {
     pub ready_timeout: Duration,
     /// Data-plane worker threads of each proxy.
     pub proxy_workers: usize,
+    /// Run each proxy under a supervisor ([`Binaries::supervisor`]) that
+    /// restarts it when it crashes, as a DaemonSet would. Off: a proxy
+    /// that dies stays down until [`Mesh::start_proxy`].
+    pub restart_proxies: bool,
+    /// The supervisor's backoff.
+    pub restart_policy: RestartPolicy,
 }
 
 impl Default for ControlOptions {
@@ -45,6 +60,8 @@ impl Default for ControlOptions {
             policies: None,
             ready_timeout: Duration::from_secs(30),
             proxy_workers: 2,
+            restart_proxies: true,
+            restart_policy: RestartPolicy::default(),
         }
     }
 }
@@ -280,8 +297,15 @@ impl Mesh {
 
         for node in &nodes {
             self.start_proxy(node, bins, opts)?;
+            let how = match self.supervision(node) {
+                Some(s) if s.supervisor_alive() => format!(
+                    "supervised by pid {}: restarted when it crashes",
+                    s.supervisor.pid
+                ),
+                _ => "not supervised".into(),
+            };
             progress(&format!(
-                "started mesh-proxy on {node} (log {})",
+                "started mesh-proxy on {node} ({how}; log {})",
                 self.control_log(&format!("proxy-{node}")).display()
             ));
         }
@@ -292,15 +316,77 @@ impl Mesh {
         Ok(())
     }
 
-    /// Starts (or restarts) the proxy of `node`.
+    /// Starts (or restarts) the proxy of `node`. Supervised (the default,
+    /// [`ControlOptions::restart_proxies`]): lifts a [`Mesh::hold_proxy`],
+    /// has the node's supervisor start the proxy now if it is down (or
+    /// starts a supervisor if there is none), and returns once the proxy
+    /// runs; does nothing more when it already runs. Unsupervised: spawns
+    /// the proxy. Either way it returns once the proxy is in its cgroup.
     pub fn start_proxy(
         &mut self,
         node: &str,
         bins: &Binaries,
         opts: &ControlOptions,
     ) -> Result<(), Error> {
-        let n = self.node(node)?.clone();
-        let argv: Vec<String> = vec![
+        let argv = self.proxy_argv(node, bins, opts)?;
+        let log = self.control_log(&format!("proxy-{node}"));
+        if let Some(s) = self.supervision(node)
+            && s.supervisor_alive()
+        {
+            // Its supervisor is there (whatever `opts` says now).
+            let _ = std::fs::remove_file(self.proxy_hold_file(node));
+            if s.proxy_pid().is_some() {
+                return Ok(());
+            }
+            let kick = self.proxy_kick_file(node);
+            crate::state::write_file(&kick, b"")?;
+            return self.wait_supervised_proxy(node, s.supervisor.pid, &log);
+        }
+        let supervisor = bins.supervisor();
+        if !opts.restart_proxies {
+            self.spawn_node_process(node, &argv, &log)?;
+            return Ok(());
+        }
+        if !supervisor.is_file() {
+            tracing::warn!(
+                node,
+                "{} is missing: the proxy runs unsupervised (build mesh-cli: `cargo build --bins`)",
+                supervisor.display()
+            );
+            self.spawn_node_process(node, &argv, &log)?;
+            return Ok(());
+        }
+        let _ = std::fs::remove_file(self.proxy_hold_file(node));
+        let _ = std::fs::remove_file(self.proxy_kick_file(node));
+        let cfg = supervise::Config {
+            node: node.to_owned(),
+            argv: argv.into_iter().map(Into::into).collect(),
+            record: self.supervision_file(node),
+            hold: self.proxy_hold_file(node),
+            kick: self.proxy_kick_file(node),
+            mesh_state: self.options.state_file(&self.state.mesh),
+            policy: opts.restart_policy,
+        };
+        let mut sup_argv: Vec<std::ffi::OsString> = vec![supervisor.into(), "supervise".into()];
+        sup_argv.extend(cfg.to_args());
+        let mut child = self.spawn_node_process(node, &sup_argv, &log)?;
+        let r = self.wait_supervised_proxy(node, child.id(), &log);
+        if r.is_err() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        r
+    }
+
+    /// The proxy's command line on `node`.
+    fn proxy_argv(
+        &self,
+        node: &str,
+        bins: &Binaries,
+        opts: &ControlOptions,
+    ) -> Result<Vec<String>, Error> {
+        let n = self.node(node)?;
+        Ok(vec![
             bins.proxy.display().to_string(),
             "--node".into(),
             node.to_owned(),
@@ -327,10 +413,80 @@ impl Mesh {
             opts.log.clone(),
             "--workers".into(),
             opts.proxy_workers.to_string(),
-        ];
-        let log = self.control_log(&format!("proxy-{node}"));
-        self.spawn_node_process(node, &argv, &log)?;
-        Ok(())
+        ])
+    }
+
+    /// Waits (bounded by the command timeout) until the supervisor `pid`
+    /// of `node` reports a running proxy.
+    fn wait_supervised_proxy(&self, node: &str, pid: u32, log: &Path) -> Result<(), Error> {
+        let record = self.supervision_file(node);
+        let what = format!("the supervisor (pid {pid}) to start mesh-proxy on {node}");
+        wait_for(self.options.command_timeout, &what, log, || {
+            Supervision::load(&record).ok().flatten().is_some_and(|s| {
+                s.supervisor.pid == pid && s.supervisor_alive() && s.proxy_pid().is_some()
+            })
+        })
+        .map_err(|e| match Supervision::load(&record) {
+            Ok(Some(s)) if s.supervisor.pid == pid && !s.supervisor_alive() => Error::Command {
+                cmd: what,
+                status: format!("the supervisor exited ({})", s.phase),
+                stderr: log_tail(log, 15),
+            },
+            _ => e,
+        })
+    }
+
+    /// The record of `node`'s proxy supervisor (see [`supervise`]).
+    pub fn supervision_file(&self, node: &str) -> PathBuf {
+        self.state_dir()
+            .join("control")
+            .join(format!("supervise-{node}.json"))
+    }
+
+    /// While this file exists, `node`'s supervisor leaves a crashed proxy
+    /// down.
+    pub fn proxy_hold_file(&self, node: &str) -> PathBuf {
+        self.state_dir()
+            .join("control")
+            .join(format!("hold-{node}"))
+    }
+
+    fn proxy_kick_file(&self, node: &str) -> PathBuf {
+        self.state_dir()
+            .join("control")
+            .join(format!("start-{node}"))
+    }
+
+    /// What `node`'s supervisor last recorded, if the proxy is supervised.
+    pub fn supervision(&self, node: &str) -> Option<Supervision> {
+        Supervision::load(&self.supervision_file(node))
+            .ok()
+            .flatten()
+    }
+
+    /// Keeps `node`'s proxy down when it next dies (its supervisor waits)
+    /// until [`Mesh::start_proxy`]: for tests of what happens while a node
+    /// has no proxy.
+    pub fn hold_proxy(&self, node: &str) -> Result<(), Error> {
+        self.node(node)?;
+        let dir = self.control_dir("control")?;
+        crate::state::write_file(&dir.join(format!("hold-{node}")), b"")
+    }
+
+    /// The pid of `node`'s running proxy (supervised or not).
+    pub fn proxy_pid(&self, node: &str) -> Option<u32> {
+        if let Some(pid) = self.supervision(node).and_then(|s| s.proxy_pid()) {
+            return Some(pid);
+        }
+        self.state()
+            .created
+            .processes
+            .iter()
+            .filter(|p| p.role == node)
+            .filter(|p| p.argv.first().is_some_and(|a| a.ends_with("mesh-proxy")))
+            .filter(|p| p.alive())
+            .map(|p| p.pid)
+            .next_back()
     }
 
     /// Waits until `node`'s proxy answers 200 on its readiness port.
@@ -404,17 +560,24 @@ impl Mesh {
         Ok(body)
     }
 
-    /// Pids of the processes running on `node` whose program is `program`.
+    /// Pids of the processes running on `node` whose program is `program`
+    /// (including a supervised proxy).
     pub fn node_pids(&self, node: &str, program: &Path) -> Vec<u32> {
         let want = program.display().to_string();
-        self.state()
+        let supervised = self.supervision(node).and_then(|s| s.proxy);
+        let mut pids: Vec<u32> = self
+            .state()
             .created
             .processes
             .iter()
+            .chain(supervised.as_ref())
             .filter(|p| p.role == node && p.argv.first() == Some(&want))
             .filter(|p| Path::new("/proc").join(p.pid.to_string()).exists())
             .map(|p| p.pid)
-            .collect()
+            .collect();
+        pids.sort_unstable();
+        pids.dedup();
+        pids
     }
 }
 

@@ -30,6 +30,7 @@ pub mod names;
 mod preflight;
 mod process;
 pub mod state;
+pub mod supervise;
 mod teardown;
 pub mod topology;
 

@@ -10,6 +10,7 @@ use nix::unistd::Pid;
 
 use crate::command::ip;
 use crate::state::{self, ProcessRecord, State};
+use crate::supervise::Supervision;
 use crate::{Error, Options, cgroup, names};
 
 /// What `down` removed, and what it could not.
@@ -150,6 +151,64 @@ pub fn leftovers(mesh: &str, options: &Options) -> Vec<String> {
     left
 }
 
+/// Most supervisor records `down` reads (one per node).
+const MAX_SUPERVISORS: usize = 1_000;
+
+/// The proxies' supervisors still running: from their records in the
+/// state directory and from the state file.
+fn supervisors(dir: &Path, state: Option<&State>) -> Vec<ProcessRecord> {
+    let mut found: Vec<ProcessRecord> = std::fs::read_dir(dir.join("control"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .take(MAX_ENTRIES)
+        .filter(|e| {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            n.starts_with("supervise-") && n.ends_with(".json")
+        })
+        .take(MAX_SUPERVISORS)
+        .filter_map(|e| Supervision::load(&e.path()).ok().flatten())
+        .map(|s| s.supervisor)
+        .collect();
+    if let Some(s) = state {
+        found.extend(
+            s.created
+                .processes
+                .iter()
+                .filter(|p| p.argv.get(1).map(String::as_str) == Some("supervise"))
+                .cloned(),
+        );
+    }
+    found.retain(|p| p.pid != std::process::id() && p.alive());
+    found.sort_by_key(|p| p.pid);
+    found.dedup_by_key(|p| p.pid);
+    found
+}
+
+/// SIGKILLs `victims` and waits (at most `timeout`) until they are gone.
+fn kill_all(victims: &[ProcessRecord], timeout: Duration, report: &mut DownReport) {
+    for r in victims {
+        if let Ok(raw) = i32::try_from(r.pid) {
+            let _ = kill(Pid::from_raw(raw), Signal::SIGKILL);
+        }
+    }
+    let deadline = Instant::now() + timeout;
+    while victims.iter().any(ProcessRecord::alive) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for r in victims {
+        if r.alive() {
+            report
+                .problems
+                .push(format!("pid {} survived SIGKILL", r.pid));
+        }
+    }
+    report.killed.extend(victims.iter().map(|r| r.pid));
+    report.killed.sort_unstable();
+    report.killed.dedup();
+}
+
 /// Removes everything of mesh `mesh`: kills its processes (the mesh cgroup,
 /// the recorded node processes, anything inside its network namespaces),
 /// removes its bpffs pins, veths, network namespaces, cgroups, files and
@@ -180,9 +239,14 @@ pub fn down(mesh: &str, options: &Options) -> Result<DownReport, Error> {
     netns.dedup();
     netns.retain(|n| state::netns_path(n).exists());
 
-    // 1. Processes: the cgroup subtree, then recorded node processes that
-    // are still themselves (start time checked), then anything left inside
-    // the mesh's network namespaces.
+    // 1. Processes: the proxies' supervisors first (so none restarts a
+    // proxy being killed), then the cgroup subtree, then recorded node
+    // processes that are still themselves (start time checked), then
+    // anything left inside the mesh's network namespaces.
+    let supervisors = supervisors(&dir, state.as_ref());
+    if !supervisors.is_empty() {
+        kill_all(&supervisors, options.kill_timeout, &mut report);
+    }
     let mesh_cg = options.mesh_cgroup(mesh);
     match cgroup::kill_tree(&mesh_cg, options.kill_timeout) {
         Ok(pids) => report.killed.extend(pids),
@@ -212,25 +276,7 @@ pub fn down(mesh: &str, options: &Options) -> Result<DownReport, Error> {
             .iter()
             .map(|pid| ProcessRecord::new(*pid, "victim"))
             .collect();
-        for pid in &victims {
-            if let Ok(raw) = i32::try_from(*pid) {
-                let _ = kill(Pid::from_raw(raw), Signal::SIGKILL);
-            }
-        }
-        let deadline = Instant::now() + options.kill_timeout;
-        while records.iter().any(ProcessRecord::alive) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        for r in &records {
-            if r.alive() {
-                report
-                    .problems
-                    .push(format!("pid {} survived SIGKILL", r.pid));
-            }
-        }
-        report.killed.extend(victims);
-        report.killed.sort_unstable();
-        report.killed.dedup();
+        kill_all(&records, options.kill_timeout, &mut report);
     }
 
     // 2. bpffs pins (links first would be kinder to a running proxy; it is
