@@ -9,8 +9,8 @@
 //!   number of input characters with `… (N bytes)` inside the quotes. The
 //!   result has a fixed maximum length, [`bounded_len`].
 //! - [`text`]: a message from a library (serde, x509-parser) that may quote
-//!   input itself: control characters escaped, nothing else, cut with `…`.
-//!   At most [`text_len`] bytes.
+//!   input itself: control characters escaped, nothing else, cut with `…`
+//!   after a number of bytes. At most [`text_len`] bytes.
 //!
 //! A value is shown once per message and escaped once: [`Shown`] prints the
 //! same text for `{}` and `{:?}`, so formatting it again cannot escape it a
@@ -32,10 +32,9 @@ pub const fn bounded_len(max_chars: usize) -> usize {
     2 + MAX_ESCAPED_CHAR * max_chars + CUT_SUFFIX_LEN
 }
 
-/// Longest text [`text`] returns for `max_chars`: a control character
-/// escapes to at most 6 bytes (`\u{9f}`), any other stays at most 4.
-pub const fn text_len(max_chars: usize) -> usize {
-    6 * max_chars + '…'.len_utf8()
+/// Longest text [`text`] returns for `max_bytes`.
+pub const fn text_len(max_bytes: usize) -> usize {
+    max_bytes + '…'.len_utf8()
 }
 
 /// `value` quoted and escaped once, its first `max_chars` characters only:
@@ -55,19 +54,21 @@ pub fn bounded(value: &str, max_chars: usize) -> String {
 
 /// A message from a library, which may quote input itself (serde's
 /// ``unknown field `…` ``): control characters escaped, the rest as it is
-/// (what the library escaped stays escaped once), its first `max_chars`
-/// characters only, `…` when cut.
-pub fn text(message: &str, max_chars: usize) -> String {
+/// (what the library escaped stays escaped once), cut with `…` before it
+/// would pass `max_bytes`.
+pub fn text(message: &str, max_bytes: usize) -> String {
     let mut out = String::new();
-    for (n, c) in message.chars().enumerate() {
-        if n == max_chars {
-            out.push('…');
-            break;
-        }
+    for c in message.chars() {
+        let before = out.len();
         if c.is_control() {
             out.extend(c.escape_debug());
         } else {
             out.push(c);
+        }
+        if out.len() > max_bytes {
+            out.truncate(before);
+            out.push('…');
+            break;
         }
     }
     out

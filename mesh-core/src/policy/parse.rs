@@ -17,6 +17,7 @@ use serde_yaml::{Mapping, Value};
 use super::model::{
     Action, ApiVersion, AuthorizationPolicy, IpBlock, Operation, Rule, SourceMatch,
 };
+use crate::display::{self, MAX_SHOWN_CHARS, Shown, bounded, bounded_len};
 
 /// Largest policy YAML accepted, in bytes.
 pub const MAX_INPUT_BYTES: usize = 1 << 20;
@@ -36,11 +37,27 @@ pub const MAX_VALUE_LEN: usize = 2_048;
 /// Most labels in `selector.matchLabels`.
 pub const MAX_SELECTOR_LABELS: usize = 64;
 
+/// Bytes of a YAML library error a message keeps (room for a key shown by
+/// [`Shown`] in our own `duplicate key` error).
+const YAML_MESSAGE_BYTES: usize = 1024;
+/// Longest plain field name a path shows as it is (a Kubernetes label key:
+/// 253-byte prefix, `/`, 63-byte name); longer or unusual keys are shown
+/// quoted and bounded.
+const MAX_PLAIN_KEY: usize = 317;
+
+/// Longest message a [`PolicyError`] prints: where (`policy <ns>/<name>`,
+/// each at most 253 bytes), the field path (which may show one key,
+/// bounded), one value shown bounded, and the fixed text; or where and a
+/// YAML library message cut to a bound.
+pub const MAX_ERROR_LEN: usize = 1024 + 2 * bounded_len(MAX_SHOWN_CHARS);
+
 const KIND: &str = "AuthorizationPolicy";
 
 /// Why policy YAML was refused. Every variant names where (`location`: the
 /// policy as `policy <namespace>/<name>`, or `document N` before its name is
-/// known) and what (`path`, the field), and quotes the refused value.
+/// known) and what (`path`, the field), and quotes the refused value once,
+/// escaped once and bounded ([`Shown`]): the YAML may come from anyone who
+/// can write a policy.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PolicyError {
     #[error("policy YAML is {len} bytes, more than the limit of {limit} bytes")]
@@ -63,11 +80,11 @@ pub enum PolicyError {
         path: String,
         expected: String,
     },
-    #[error("{location}: {path}: invalid value {value:?}: {reason}")]
+    #[error("{location}: {path}: invalid value {value}: {reason}")]
     InvalidValue {
         location: String,
         path: String,
-        value: String,
+        value: Shown,
         reason: String,
     },
     #[error("{location}: {path}: {reason}")]
@@ -89,6 +106,22 @@ pub enum PolicyError {
     Print { message: String },
 }
 
+impl PolicyError {
+    /// Longest message a policy error prints (see [`MAX_ERROR_LEN`]).
+    pub const MAX_MESSAGE_LEN: usize = MAX_ERROR_LEN;
+
+    /// Checks this error's message, refusing `yaml`, against
+    /// [`display::check_message`]: at most [`Self::MAX_MESSAGE_LEN`] bytes,
+    /// no control character, nothing escaped twice. The policy fuzz target
+    /// asserts it on every refusal.
+    pub fn check_message(&self, yaml: &str) -> Result<(), String> {
+        // YAML decodes escapes (`\x5c`), so a value's backslash run is bounded
+        // by the input's backslash count, not its longest run.
+        let backslashes = yaml.bytes().filter(|b| *b == b'\\').count();
+        display::check_message(&self.to_string(), MAX_ERROR_LEN, backslashes)
+    }
+}
+
 /// Parses `AuthorizationPolicy` documents: one, several separated by `---`,
 /// a YAML list of them, or a Kubernetes `kind: List` with `items`. Empty
 /// documents are skipped. Refuses the whole input on the first error.
@@ -108,7 +141,8 @@ pub fn parse_policies(yaml: &str) -> Result<Vec<AuthorizationPolicy>, PolicyErro
             .deserialize(document)
             .map_err(|err| PolicyError::Yaml {
                 location: format!("document {doc}"),
-                message: err.to_string(),
+                // libyaml and serde may quote the input themselves.
+                message: display::text(&err.to_string(), YAML_MESSAGE_BYTES),
             })?;
         match &value {
             Value::Null => {}
@@ -295,8 +329,9 @@ fn parse_document(value: &Value, fallback: String) -> Result<AuthorizationPolicy
             }
             for (key, value) in map {
                 let key = ctx.str(key, "selector.matchLabels")?;
-                let path = format!("selector.matchLabels.{key}");
-                check_label(&ctx, &path, key, "label key")?;
+                // The key is the value refused: shown once, as the value.
+                check_label(&ctx, "selector.matchLabels", key, "label key")?;
+                let path = join("selector.matchLabels", key);
                 let value = ctx.str(value, &path).map_err(|_| {
                     ctx.invalid_value(
                         &path,
@@ -579,22 +614,22 @@ fn scalar_text(value: &Value) -> String {
     }
 }
 
-/// Keeps an error message short when a value is huge.
-fn clip(value: &str) -> String {
-    const MAX: usize = 120;
-    if value.len() <= MAX {
-        return value.to_owned();
-    }
-    let mut end = MAX;
-    while !value.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}… ({} bytes)", &value[..end], value.len())
-}
-
+/// `path.key`. A key from the input is shown as it is only if it is plain
+/// (printable ASCII, no quote or backslash, not too long); otherwise quoted,
+/// escaped once and bounded, like a value.
 fn join(path: &str, key: &str) -> String {
-    if path.is_empty() {
+    let plain = !key.is_empty()
+        && key.len() <= MAX_PLAIN_KEY
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\');
+    let key = if plain {
         key.to_owned()
+    } else {
+        bounded(key, MAX_SHOWN_CHARS)
+    };
+    if path.is_empty() {
+        key
     } else {
         format!("{path}.{key}")
     }
@@ -628,7 +663,7 @@ impl Ctx {
         PolicyError::InvalidValue {
             location: self.location.clone(),
             path: path.to_owned(),
-            value: clip(value),
+            value: Shown::new(value),
             reason: reason.into(),
         }
     }
@@ -727,9 +762,9 @@ impl Ctx {
                 return Err(self.invalid(
                     display,
                     format!(
-                        "keys must be strings, found {} {:?}",
+                        "keys must be strings, found {} {}",
                         kind_of(key),
-                        scalar_text(key)
+                        Shown::new(&scalar_text(key))
                     ),
                 ));
             };
@@ -748,7 +783,7 @@ impl Ctx {
             }
             return Err(PolicyError::UnknownField {
                 location: self.location.clone(),
-                path: clip(&key_path),
+                path: key_path,
                 expected: known.join(", "),
             });
         }
@@ -922,8 +957,8 @@ impl<'de> Visitor<'de> for Bounded<'_> {
         while let Some(key) = map.next_key_seed(self.again())? {
             if out.contains_key(&key) {
                 return Err(de::Error::custom(format_args!(
-                    "duplicate key {:?}",
-                    clip(&scalar_text(&key))
+                    "duplicate key {}",
+                    Shown::new(&scalar_text(&key))
                 )));
             }
             let value = map.next_value_seed(self.again())?;
@@ -1072,10 +1107,94 @@ mod tests {
         assert!(dns1123_subdomain("deny..web").is_err());
     }
 
+    fn refusal(yaml: &str) -> PolicyError {
+        match parse_policies(yaml) {
+            Ok(p) => panic!("accepted {p:?}"),
+            Err(e) => e,
+        }
+    }
+
+    /// 10 KiB of control characters (YAML `\x01` escapes) wherever the
+    /// input reaches an error message: shown once, escaped once, bounded.
     #[test]
-    fn clip_keeps_char_boundaries() {
+    fn hostile_values_and_keys_are_shown_once_escaped_once_and_bounded() {
+        let junk: String = (0..10 * 1024)
+            .map(|i| format!("\\x{:02x}", 1 + i % 31))
+            .collect();
+        let head = "apiVersion: security.sockmesh.io/v1\nkind: AuthorizationPolicy\n";
+        let meta = "metadata: {name: p, namespace: default}\n";
+        let cases = [
+            format!(
+                "{head}{meta}spec:\n  rules: [{{from: [{{source: {{ipBlocks: [\"{junk}\"]}}}}]}}]\n"
+            ),
+            format!(
+                "{head}{meta}spec:\n  rules: [{{from: [{{source: {{principals: [\"{}\"]}}}}]}}]\n",
+                &junk[..400]
+            ),
+            // An explicit key (`?`): YAML caps implicit keys at 1024 characters.
+            format!(
+                "{head}{meta}spec:\n  selector:\n    matchLabels:\n      ? \"{junk}\"\n      : a\n"
+            ),
+            format!(
+                "{head}{meta}spec:\n  selector: {{matchLabels: {{\"{}\": a}}}}\n",
+                &junk[..400]
+            ),
+            format!(
+                "{head}{meta}spec:\n  selector: {{matchLabels: {{a: \"{}\"}}}}\n",
+                &junk[..400]
+            ),
+            format!("{head}{meta}spec:\n  ? \"{junk}\"\n  : 1\n"),
+            format!(
+                "{head}{meta}spec:\n  rules: [{{to: [{{operation: {{ports: [\"{junk}\"]}}}}]}}]\n"
+            ),
+            format!("{head}metadata: {{name: \"{junk}\", namespace: default}}\n"),
+            format!("{head}{meta}spec: {{action: \"{junk}\"}}\n"),
+            format!("? \"{junk}\"\n: 1\n? \"{junk}\"\n: 2\n"),
+        ];
+        for yaml in cases {
+            let err = refusal(&yaml);
+            let msg = err.to_string();
+            assert!(msg.len() <= MAX_ERROR_LEN, "{} bytes: {msg}", msg.len());
+            assert_eq!(
+                msg.matches(" bytes)\"").count(),
+                1,
+                "shown once, cut: {msg}"
+            );
+            assert!(!msg.contains("\\\\"), "escaped twice: {msg}");
+            assert_eq!(err.check_message(&yaml), Ok(()));
+        }
+    }
+
+    #[test]
+    fn refusals_of_seeds_pass_the_message_check() {
+        for yaml in [
+            "",
+            "a: [",
+            "a: 1\na: 2\n",
+            "!Policy {a: 1}\n",
+            "{1: 2}",
+            "{[1]: 2}",
+            "apiVersion: x\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: d}\n",
+            "apiVersion: security.sockmesh.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: 'a\\\\b', namespace: d}\n",
+            "apiVersion: security.sockmesh.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: \"a\\\\\\x01\", namespace: d}\n",
+        ] {
+            if let Err(err) = parse_policies(yaml) {
+                assert_eq!(err.check_message(yaml), Ok(()), "{yaml}");
+            }
+        }
+    }
+
+    #[test]
+    fn keys_in_paths_are_plain_or_shown() {
+        assert_eq!(join("", "spec"), "spec");
+        assert_eq!(
+            join("selector.matchLabels", "app.kubernetes.io/name"),
+            "selector.matchLabels.app.kubernetes.io/name"
+        );
+        assert_eq!(join("a", "b c"), "a.\"b c\"");
+        assert_eq!(join("a", "x\ny"), "a.\"x\\ny\"");
+        assert_eq!(join("a", ""), "a.\"\"");
         let long = "é".repeat(200);
-        let clipped = clip(&long);
-        assert!(clipped.ends_with("(400 bytes)"), "{clipped}");
+        assert!(join("a", &long).ends_with("… (400 bytes)\""));
     }
 }
