@@ -273,10 +273,78 @@ pub struct VersionArgs {
     pub output: OutputArg,
 }
 
+/// `mesh supervise`: not a user command (hidden from `mesh --help`). The
+/// local mesh starts one per node, where the proxy runs; it runs the proxy
+/// and restarts it when it crashes (see `mesh_local::supervise`). `main`
+/// dispatches on it before parsing [`Cli`]; `mesh_local::supervise::Config::to_args`
+/// writes this command line.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "mesh supervise",
+    hide = true,
+    about = "Run a node's proxy and restart it when it crashes (started by `mesh up`)",
+    after_help = "Example (as the local mesh starts it):\n  mesh supervise --node node-a --record R --hold H --kick K --mesh-state S -- mesh-proxy ..."
+)]
+pub struct SuperviseArgs {
+    /// The node whose proxy this is.
+    #[arg(long)]
+    pub node: String,
+    /// The record file (restarts, last exit, the proxy's pid).
+    #[arg(long, value_name = "FILE")]
+    pub record: PathBuf,
+    /// While this file exists, a crashed proxy stays down.
+    #[arg(long, value_name = "FILE")]
+    pub hold: PathBuf,
+    /// When this file appears, a backoff ends at once.
+    #[arg(long, value_name = "FILE")]
+    pub kick: PathBuf,
+    /// The mesh's state file: when it is gone, the supervisor stops.
+    #[arg(long, value_name = "FILE")]
+    pub mesh_state: PathBuf,
+    #[arg(long, default_value_t = 500, value_name = "MS")]
+    pub backoff_initial_ms: u64,
+    #[arg(long, default_value_t = 10_000, value_name = "MS")]
+    pub backoff_max_ms: u64,
+    /// A proxy that ran this long starts the backoff over.
+    #[arg(long, default_value_t = 30_000, value_name = "MS")]
+    pub healthy_after_ms: u64,
+    /// How long a proxy may drain when the supervisor gets SIGTERM.
+    #[arg(long, default_value_t = 15_000, value_name = "MS")]
+    pub stop_timeout_ms: u64,
+    /// The proxy's program and arguments (after `--`).
+    #[arg(required = true, last = true, value_name = "PROXY")]
+    pub proxy: Vec<OsString>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn supervise_reads_the_command_line_the_harness_writes() {
+        use mesh_local::supervise::{Config, RestartPolicy};
+        use std::time::Duration;
+        let cfg = Config {
+            node: "node-a".into(),
+            argv: vec!["/t/mesh-proxy".into(), "--node".into(), "node-a".into()],
+            record: "/run/x/r.json".into(),
+            hold: "/run/x/h".into(),
+            kick: "/run/x/k".into(),
+            mesh_state: "/run/x/state.json".into(),
+            policy: RestartPolicy {
+                initial: Duration::from_millis(100),
+                ..RestartPolicy::default()
+            },
+        };
+        let argv = std::iter::once(OsString::from("mesh supervise")).chain(cfg.to_args());
+        let a = SuperviseArgs::try_parse_from(argv).unwrap();
+        assert_eq!(a.node, "node-a");
+        assert_eq!(a.mesh_state, PathBuf::from("/run/x/state.json"));
+        assert_eq!((a.backoff_initial_ms, a.backoff_max_ms), (100, 10_000));
+        assert_eq!(a.proxy, cfg.argv);
+        SuperviseArgs::command().debug_assert();
+    }
 
     #[test]
     fn the_command_line_is_consistent() {

@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use mesh_local::control::{Binaries, ControlOptions};
 use mesh_local::{Mesh, Options, PodInfo};
 
-use crate::cli::{DownArgs, ExecArgs, UpArgs};
+use crate::cli::{DownArgs, ExecArgs, SuperviseArgs, UpArgs};
 use crate::demo;
 use crate::failure::{Failure, code, name_flag, require_root};
 use crate::hosts;
@@ -457,4 +457,73 @@ pub fn exec(name: &str, args: &ExecArgs) -> Result<u8> {
 /// The state directory of `name` (whether or not it is up).
 pub fn state_dir(name: &str) -> PathBuf {
     Options::default().state_dir(name)
+}
+
+/// `mesh supervise ...` (the arguments after `supervise`): parses them and
+/// runs [`supervise`]; the exit code.
+pub fn supervise_main() -> std::process::ExitCode {
+    use clap::Parser;
+    let argv = std::iter::once(OsString::from("mesh supervise")).chain(std::env::args_os().skip(2));
+    let args = SuperviseArgs::parse_from(argv);
+    match supervise(&args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{} mesh-supervise[{}]: {e:#}", log_time(), args.node);
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs a node's proxy until it exits cleanly, the supervisor gets
+/// SIGTERM/SIGINT (the proxy gets SIGTERM and drains) or the mesh goes
+/// down; restarts it when it crashes. Its lines go to stderr (the proxy's
+/// log).
+pub fn supervise(args: &SuperviseArgs) -> Result<()> {
+    use mesh_local::supervise::{self, Config, RestartPolicy};
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone())?;
+    }
+    // A hangup does not stop the proxy.
+    signal_hook::flag::register(
+        signal_hook::consts::SIGHUP,
+        Arc::new(AtomicBool::new(false)),
+    )?;
+    let cfg = Config {
+        node: args.node.clone(),
+        argv: args.proxy.clone(),
+        record: args.record.clone(),
+        hold: args.hold.clone(),
+        kick: args.kick.clone(),
+        mesh_state: args.mesh_state.clone(),
+        policy: RestartPolicy {
+            initial: Duration::from_millis(args.backoff_initial_ms.max(1)),
+            max: Duration::from_millis(args.backoff_max_ms.max(args.backoff_initial_ms)),
+            healthy_after: Duration::from_millis(args.healthy_after_ms),
+            stop_timeout: Duration::from_millis(args.stop_timeout_ms),
+        },
+    };
+    let node = args.node.clone();
+    let mut say = |line: &str| eprintln!("{} mesh-supervise[{node}]: {line}", log_time());
+    say(&format!(
+        "supervising the proxy (pid {})",
+        std::process::id()
+    ));
+    let outcome = supervise::run(&cfg, &stop, &mut say)?;
+    say(&match outcome {
+        supervise::Outcome::ProxyStopped(e) => format!("exiting: the proxy {e}"),
+        supervise::Outcome::Stopped(e) => format!("exiting as told: the proxy {e}"),
+        supervise::Outcome::MeshGone => "exiting: the mesh is down".into(),
+    });
+    Ok(())
+}
+
+/// `2025-11-25T08:12:00.123456Z`, as the proxy's own log lines begin.
+fn log_time() -> String {
+    let f = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
+    );
+    time::OffsetDateTime::now_utc()
+        .format(&f)
+        .unwrap_or_default()
 }

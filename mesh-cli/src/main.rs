@@ -18,5 +18,9 @@ fn main() -> std::process::ExitCode {
         }
         default_hook(info);
     }));
+    // `mesh supervise` (hidden): the local mesh's proxy supervisor.
+    if std::env::args_os().nth(1).is_some_and(|a| a == "supervise") {
+        return mesh_cli::local::supervise_main();
+    }
     mesh_cli::main()
 }

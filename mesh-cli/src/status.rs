@@ -3,6 +3,7 @@
 
 use anyhow::Result;
 use mesh_local::Mesh;
+use mesh_local::supervise::Phase;
 use serde::Serialize;
 
 use crate::admin::{self, CertState, Workloads};
@@ -34,10 +35,31 @@ pub struct NodeStatus {
     pub pod_cidr: String,
     /// Pid of the node's mesh-proxy, when it runs.
     pub proxy_pid: Option<u32>,
+    /// `running`, or when it does not run: `backoff` (crashed, restarts
+    /// soon), `held` (crashed, kept down), `stopped` (exited cleanly, not
+    /// restarted), `down` (unsupervised).
+    pub proxy_state: String,
+    /// Pid of the proxy's supervisor (`None`: the proxy is not supervised).
+    pub supervisor_pid: Option<u32>,
+    /// Restarts after a crash (`None`: no supervisor ever ran).
+    pub restarts: Option<u32>,
+    /// How the proxy last ended.
+    pub last_exit: Option<ProxyExit>,
+    /// In backoff: when the proxy starts again (ms since the epoch).
+    pub next_start_unix_ms: Option<u64>,
     pub ready: bool,
     /// Why not ready (empty when ready).
     pub ready_detail: String,
     pub redirection_mode: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ProxyExit {
+    /// `killed by SIGKILL`, `exited 1`.
+    pub reason: String,
+    pub unix_ms: u64,
+    /// How long that proxy had run.
+    pub ran_ms: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -74,22 +96,46 @@ pub fn collect(mesh: &Mesh) -> Status {
     let mut certs: Vec<CertState> = Vec::new();
     let mut answered: Vec<String> = Vec::new();
     for n in &st.nodes {
-        let proxy_pid = st
-            .created
-            .processes
-            .iter()
-            .filter(|p| p.role == n.name)
-            .filter(|p| p.argv.first().is_some_and(|a| a.ends_with("mesh-proxy")))
-            .filter(|p| p.alive())
-            .map(|p| p.pid)
-            .next_back();
+        let proxy_pid = mesh.proxy_pid(&n.name);
+        let sup = mesh.supervision(&n.name);
+        let supervisor_pid = sup
+            .as_ref()
+            .filter(|s| s.supervisor_alive())
+            .map(|s| s.supervisor.pid);
+        let proxy_state = match (&sup, proxy_pid) {
+            (_, Some(_)) => "running".to_owned(),
+            (Some(s), None) if supervisor_pid.is_some() => s.phase.to_string(),
+            (Some(s), None) if s.phase == Phase::Stopped => s.phase.to_string(),
+            _ => "down".to_owned(),
+        };
+        let last_exit = sup
+            .as_ref()
+            .and_then(|s| s.last_exit.as_ref())
+            .map(|e| ProxyExit {
+                reason: e.exit.to_string(),
+                unix_ms: e.unix_ms,
+                ran_ms: e.ran_ms,
+            });
+        let next_start_unix_ms = sup
+            .as_ref()
+            .filter(|s| {
+                proxy_pid.is_none() && supervisor_pid.is_some() && s.phase == Phase::Backoff
+            })
+            .and_then(|s| s.next_start_unix_ms);
         let ready = admin::ready(mesh, &n.name);
         let mode = admin::get_json::<serde_json::Value>(mesh, &n.name, "/config_dump")
             .ok()
             .and_then(|v| v["redirection_mode"].as_str().map(str::to_owned));
         if proxy_pid.is_none() {
+            let why = match (&last_exit, proxy_state.as_str()) {
+                (Some(e), "backoff") => format!(": {}, restarting", e.reason),
+                (Some(e), "held") => format!(": {}, held down", e.reason),
+                (Some(e), "stopped") => format!(": {}, not restarted", e.reason),
+                (Some(e), _) => format!(": {}, no supervisor", e.reason),
+                (None, _) => String::new(),
+            };
             s.problems.push(format!(
-                "node {}: mesh-proxy is not running (log {})",
+                "node {}: mesh-proxy is not running{why} (log {})",
                 n.name,
                 mesh.control_log(&format!("proxy-{}", n.name)).display()
             ));
@@ -116,6 +162,11 @@ pub fn collect(mesh: &Mesh) -> Status {
             fabric_ip: n.fabric_ip.to_string(),
             pod_cidr: n.pod_cidr.clone(),
             proxy_pid,
+            proxy_state,
+            supervisor_pid,
+            restarts: sup.as_ref().map(|s| s.restarts),
+            last_exit,
+            next_start_unix_ms,
             ready: ready.is_ok(),
             ready_detail: ready.err().unwrap_or_default(),
             redirection_mode: mode,
@@ -228,13 +279,38 @@ pub fn render(s: &Status, now: u64, paint: &Paint) -> String {
         "ADDRESS",
         "PODS CIDR",
         "PROXY",
+        "RESTARTS",
         "READY",
         "REDIRECTION",
     ]);
+    let now_ms = now.saturating_mul(1000);
     for n in &s.nodes {
-        let proxy = match n.proxy_pid {
-            Some(pid) => (format!("up (pid {pid})"), Style::Green),
-            None => ("DOWN".into(), Style::RedBold),
+        let proxy = match (n.proxy_pid, n.proxy_state.as_str()) {
+            (Some(pid), _) => (format!("up (pid {pid})"), Style::Green),
+            (None, "backoff") => (
+                match n.next_start_unix_ms {
+                    Some(at) => {
+                        format!("RESTARTING in {}", units::age_ms(at.saturating_sub(now_ms)))
+                    }
+                    None => "RESTARTING".into(),
+                },
+                Style::Yellow,
+            ),
+            (None, "held") => ("DOWN (held)".into(), Style::RedBold),
+            (None, "stopped") => ("DOWN (stopped)".into(), Style::RedBold),
+            (None, _) => ("DOWN".into(), Style::RedBold),
+        };
+        let restarts = match (n.restarts, &n.last_exit) {
+            (None, _) => ("-".into(), Style::Plain),
+            (Some(r), Some(e)) => (
+                format!(
+                    "{r}, last: {} {} ago",
+                    e.reason,
+                    units::age_ms(now_ms.saturating_sub(e.unix_ms))
+                ),
+                if r > 0 { Style::Yellow } else { Style::Plain },
+            ),
+            (Some(r), None) => (r.to_string(), Style::Plain),
         };
         let ready = if n.ready {
             ("ready".into(), Style::Green)
@@ -251,6 +327,7 @@ pub fn render(s: &Status, now: u64, paint: &Paint) -> String {
             (n.fabric_ip.clone(), Style::Plain),
             (n.pod_cidr.clone(), Style::Plain),
             proxy,
+            restarts,
             ready,
             mode,
         ]);
@@ -357,6 +434,15 @@ mod tests {
                     fabric_ip: "10.77.0.1".into(),
                     pod_cidr: "10.77.1.0/24".into(),
                     proxy_pid: Some(4242),
+                    proxy_state: "running".into(),
+                    supervisor_pid: Some(4240),
+                    restarts: Some(2),
+                    last_exit: Some(ProxyExit {
+                        reason: "killed by SIGKILL".into(),
+                        unix_ms: 986_000,
+                        ran_ms: 3_000,
+                    }),
+                    next_start_unix_ms: None,
                     ready: true,
                     ready_detail: String::new(),
                     redirection_mode: Some("sockmap".into()),
@@ -367,9 +453,33 @@ mod tests {
                     fabric_ip: "10.77.0.2".into(),
                     pod_cidr: "10.77.2.0/24".into(),
                     proxy_pid: None,
+                    proxy_state: "backoff".into(),
+                    supervisor_pid: Some(4241),
+                    restarts: Some(5),
+                    last_exit: Some(ProxyExit {
+                        reason: "exited 1".into(),
+                        unix_ms: 998_000,
+                        ran_ms: 120,
+                    }),
+                    next_start_unix_ms: Some(1_006_000),
                     ready: false,
                     ready_detail: "not answering".into(),
                     redirection_mode: None,
+                },
+                NodeStatus {
+                    name: "node-c".into(),
+                    netns: "sockmesh-demo-node-c".into(),
+                    fabric_ip: "10.77.0.3".into(),
+                    pod_cidr: "10.77.3.0/24".into(),
+                    proxy_pid: Some(4343),
+                    proxy_state: "running".into(),
+                    supervisor_pid: None,
+                    restarts: None,
+                    last_exit: None,
+                    next_start_unix_ms: None,
+                    ready: true,
+                    ready_detail: String::new(),
+                    redirection_mode: Some("sockmap".into()),
                 },
             ],
             pods: vec![
@@ -401,15 +511,16 @@ mod tests {
                 selector: "app=web".into(),
                 rules: 1,
             }],
-            problems: vec!["node node-b: mesh-proxy is not running".into()],
+            problems: vec!["node node-b: mesh-proxy is not running: exited 1, restarting".into()],
         };
         let got = render(&s, 1000, &Paint::off());
         let want = "\
 Mesh demo  (state /run/sockmesh/demo)
 
-NODE    ADDRESS    PODS CIDR     PROXY          READY      REDIRECTION
-node-a  10.77.0.1  10.77.1.0/24  up (pid 4242)  ready      sockmap
-node-b  10.77.0.2  10.77.2.0/24  DOWN           NOT READY  ?
+NODE    ADDRESS    PODS CIDR     PROXY               RESTARTS                              READY      REDIRECTION
+node-a  10.77.0.1  10.77.1.0/24  up (pid 4242)       2, last: killed by SIGKILL 14.0s ago  ready      sockmap
+node-b  10.77.0.2  10.77.2.0/24  RESTARTING in 6.0s  5, last: exited 1 2.0s ago            NOT READY  ?
+node-c  10.77.0.3  10.77.3.0/24  up (pid 4343)       -                                     ready      sockmap
 
 POD             NODE    IP         MESHED  IDENTITY                                     CERTIFICATE
 default/client  node-a  10.77.1.2  yes     spiffe://cluster.local/ns/default/sa/client  valid, expires in 1d00h
@@ -419,7 +530,7 @@ POLICY                     ACTION  APPLIES TO  RULES
 default/deny-other-to-web  DENY    app=web         1
 
 1 problem(s):
-  ✗ node node-b: mesh-proxy is not running
+  ✗ node node-b: mesh-proxy is not running: exited 1, restarting
 ";
         assert_eq!(got, want, "got:\n{got}");
     }
