@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use mesh_ca::roots::{RootSource, RootStore};
+use mesh_ca::server::ListenerLimits;
 use mesh_ca::{Ca, CaConfig, CaServer, FileTokenAuthenticator, auth};
 use mesh_core::registry::FileRegistry;
 
@@ -94,6 +95,19 @@ struct Config {
     /// How often to look for changes of the registry and the root files.
     #[arg(long, default_value = "2s", value_parser = parse_duration, value_name = "DURATION")]
     reload_interval: Duration,
+
+    /// A client must finish its TLS handshake and send its first request within this
+    /// (also the bound on each later request's headers). At most 60s.
+    #[arg(long, default_value = "3s", value_parser = parse_duration, value_name = "DURATION")]
+    handshake_timeout: Duration,
+
+    /// Connections open at once on each listener; more are reset at accept.
+    #[arg(long, default_value_t = ListenerLimits::default().max_connections, value_name = "N")]
+    max_connections: usize,
+
+    /// Connections open at once from one source IP address; more are reset at accept.
+    #[arg(long, default_value_t = ListenerLimits::default().max_connections_per_peer, value_name = "N")]
+    max_connections_per_peer: usize,
 }
 
 #[derive(Debug, Subcommand)]
@@ -205,6 +219,16 @@ fn serve(config: Config) -> Result<()> {
     ca_config.max_ttl = config.max_ttl;
     ca_config.server_names = config.server_names;
     ca_config.validate()?;
+    let limits = ListenerLimits {
+        handshake_timeout: config.handshake_timeout,
+        max_connections: config.max_connections,
+        max_connections_per_peer: config.max_connections_per_peer,
+    };
+    limits.validate().map_err(|e| {
+        anyhow::anyhow!(
+            "{e} (set by --handshake-timeout, --max-connections, --max-connections-per-peer)"
+        )
+    })?;
     let registry = Arc::new(FileRegistry::load(&registry_path)?);
     let authenticator = FileTokenAuthenticator::load(&tokens_dir)
         .with_context(|| format!("loading node tokens from {}", tokens_dir.display()))?;
@@ -219,9 +243,9 @@ fn serve(config: Config) -> Result<()> {
         .build()
         .context("building the tokio runtime")?;
     runtime.block_on(async move {
-        let server = CaServer::bind(ca.clone(), config.listen).await?;
+        let server = CaServer::bind_with(ca.clone(), config.listen, &limits).await?;
         let metrics = match config.metrics_listen {
-            Some(addr) => Some(CaServer::bind_metrics(ca.clone(), addr).await?),
+            Some(addr) => Some(CaServer::bind_metrics_with(ca.clone(), addr, &limits).await?),
             None => None,
         };
         let mut tick = tokio::time::interval(config.reload_interval);

@@ -1,11 +1,17 @@
 //! The CA's HTTPS endpoint (hyper 1, HTTP/1.1 over TLS 1.3).
 //!
-//! Every wait has a bound: TLS handshake, request headers, request body,
-//! and the drain at shutdown. Concurrent connections are capped.
+//! Every wait has a bound: the TLS handshake and the first request (one
+//! budget, [`ListenerLimits::handshake_timeout`]), each later request's
+//! headers, the request body, and the drain at shutdown. Connections are
+//! capped in all and per peer address ([`ListenerLimits`]); a connection
+//! over a cap is reset at once, before TLS.
+
+mod caps;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -20,16 +26,102 @@ use mesh_core::ca::{
     TrustBundleResponse,
 };
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+pub use caps::{CapExceeded, ConnectionCaps, Permit};
 
 use crate::{Ca, CaError, Credential, Refusal};
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-const MAX_CONNECTIONS: usize = 1024;
+
+/// Bounds of one CA listener against clients that connect and then stall
+/// or flood before they have authenticated (the node's Bearer token comes
+/// in the first request). Check with [`ListenerLimits::validate`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerLimits {
+    /// The TLS handshake and the first request's headers must both be in
+    /// this long after the accept, or the socket is closed; later requests
+    /// on the connection get as long for their headers (which also bounds
+    /// an idle keep-alive connection). Default 3 s: a handshake and a
+    /// request take a few milliseconds, and the proxies' CA client retries
+    /// with backoff, so only stalled clients lose.
+    pub handshake_timeout: Duration,
+    /// Connections open at once, in all. Default 1024: a node proxy opens
+    /// one short connection per certificate request (signing takes ~0.1
+    /// ms), so 1024 is room for a thousand nodes renewing at the same
+    /// instant, and a few KiB each before authentication.
+    pub max_connections: usize,
+    /// Connections open at once from one source IP address. Default 64: a
+    /// node rarely has more than a few requests in flight (enrolling a
+    /// burst of pods at most), and one address can then hold at most 1/16
+    /// of the global cap, so a stuck or hostile peer cannot lock the
+    /// others out.
+    pub max_connections_per_peer: usize,
+}
+
+impl Default for ListenerLimits {
+    fn default() -> Self {
+        ListenerLimits {
+            handshake_timeout: Duration::from_secs(3),
+            max_connections: 1024,
+            max_connections_per_peer: 64,
+        }
+    }
+}
+
+/// The longest handshake budget [`ListenerLimits::validate`] accepts.
+pub const MAX_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl ListenerLimits {
+    /// Checks every value, naming the bad one.
+    pub fn validate(&self) -> Result<(), CaError> {
+        let bad = |what: &str, value: String, reason: String| {
+            Err(CaError::Config(format!("{what} {value}: {reason}")))
+        };
+        if self.handshake_timeout.is_zero() || self.handshake_timeout > MAX_HANDSHAKE_TIMEOUT {
+            return bad(
+                "handshake timeout",
+                format!("{:?}", self.handshake_timeout),
+                format!("must be over 0 and at most {MAX_HANDSHAKE_TIMEOUT:?}"),
+            );
+        }
+        if self.max_connections == 0 {
+            return bad("max connections", "0".into(), "must be at least 1".into());
+        }
+        if self.max_connections_per_peer == 0 {
+            return bad(
+                "max connections per peer",
+                "0".into(),
+                "must be at least 1".into(),
+            );
+        }
+        if self.max_connections_per_peer > self.max_connections {
+            return bad(
+                "max connections per peer",
+                self.max_connections_per_peer.to_string(),
+                format!("over max connections {}", self.max_connections),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// What a listener's limits have done so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConnectionStats {
+    /// Connections admitted and not yet closed.
+    pub open: usize,
+    /// Reset at accept: the global cap was reached.
+    pub refused_total_cap: u64,
+    /// Reset at accept: the peer address was at its cap.
+    pub refused_per_peer_cap: u64,
+    /// Closed because the TLS handshake or the first request did not
+    /// arrive within the budget.
+    pub handshake_timeouts: u64,
+}
 
 /// A running CA listener. Dropping it does not stop it; call
 /// [`CaServer::shutdown`].
@@ -38,26 +130,50 @@ pub struct CaServer {
     local_addr: SocketAddr,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    caps: Arc<ConnectionCaps>,
+    handshake_timeouts: Arc<AtomicU64>,
 }
 
 impl CaServer {
-    /// Binds `addr` and serves the CA API over TLS.
+    /// Binds `addr` and serves the CA API over TLS, with the default
+    /// [`ListenerLimits`].
     pub async fn bind(ca: Ca, addr: SocketAddr) -> Result<CaServer, CaError> {
+        Self::bind_with(ca, addr, &ListenerLimits::default()).await
+    }
+
+    /// Binds `addr` and serves the CA API over TLS within `limits`.
+    pub async fn bind_with(
+        ca: Ca,
+        addr: SocketAddr,
+        limits: &ListenerLimits,
+    ) -> Result<CaServer, CaError> {
         let tls = ca.tls_server_config()?;
-        Self::start(ca, addr, Some(tokio_rustls::TlsAcceptor::from(tls))).await
+        Self::start(ca, addr, Some(tokio_rustls::TlsAcceptor::from(tls)), limits).await
     }
 
     /// Binds `addr` and serves only `/metrics`, in plain HTTP (for scrapers
     /// that do not hold the mesh's root).
     pub async fn bind_metrics(ca: Ca, addr: SocketAddr) -> Result<CaServer, CaError> {
-        Self::start(ca, addr, None).await
+        Self::bind_metrics_with(ca, addr, &ListenerLimits::default()).await
+    }
+
+    /// [`CaServer::bind_metrics`] within `limits` (the budget covers the
+    /// first request).
+    pub async fn bind_metrics_with(
+        ca: Ca,
+        addr: SocketAddr,
+        limits: &ListenerLimits,
+    ) -> Result<CaServer, CaError> {
+        Self::start(ca, addr, None, limits).await
     }
 
     async fn start(
         ca: Ca,
         addr: SocketAddr,
         tls: Option<tokio_rustls::TlsAcceptor>,
+        limits: &ListenerLimits,
     ) -> Result<CaServer, CaError> {
+        limits.validate()?;
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| CaError::Bind { addr, source })?;
@@ -65,17 +181,45 @@ impl CaServer {
             .local_addr()
             .map_err(|source| CaError::Bind { addr, source })?;
         let (shutdown, rx) = watch::channel(false);
-        tracing::info!(addr = %local_addr, tls = tls.is_some(), "CA listening");
-        let task = tokio::spawn(accept_loop(ca, listener, tls, rx));
+        tracing::info!(
+            addr = %local_addr,
+            tls = tls.is_some(),
+            handshake_timeout = ?limits.handshake_timeout,
+            max_connections = limits.max_connections,
+            max_connections_per_peer = limits.max_connections_per_peer,
+            "CA listening"
+        );
+        let listening = Listening {
+            ca,
+            tls,
+            caps: ConnectionCaps::new(limits.max_connections, limits.max_connections_per_peer),
+            budget: limits.handshake_timeout,
+            handshake_timeouts: Arc::new(AtomicU64::new(0)),
+        };
+        let (caps, handshake_timeouts) =
+            (listening.caps.clone(), listening.handshake_timeouts.clone());
+        let task = tokio::spawn(accept_loop(listening, listener, rx));
         Ok(CaServer {
             local_addr,
             shutdown,
             task,
+            caps,
+            handshake_timeouts,
         })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Open connections and what the limits refused or closed so far.
+    pub fn connections(&self) -> ConnectionStats {
+        ConnectionStats {
+            open: self.caps.open(),
+            refused_total_cap: self.caps.refused_total(),
+            refused_per_peer_cap: self.caps.refused_per_peer(),
+            handshake_timeouts: self.handshake_timeouts.load(Ordering::Relaxed),
+        }
     }
 
     /// Stops accepting, lets open requests finish (bounded), and returns
@@ -88,13 +232,21 @@ impl CaServer {
     }
 }
 
-async fn accept_loop(
+/// What every connection of one listener shares.
+#[derive(Clone)]
+struct Listening {
     ca: Ca,
-    listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    caps: Arc<ConnectionCaps>,
+    budget: Duration,
+    handshake_timeouts: Arc<AtomicU64>,
+}
+
+async fn accept_loop(
+    listening: Listening,
+    listener: TcpListener,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut conns = JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -110,16 +262,20 @@ async fn accept_loop(
                 continue;
             }
         };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "connection limit reached; closing");
-            continue;
+        let permit = match listening.caps.try_admit(peer.ip()) {
+            Ok(p) => p,
+            Err(cap) => {
+                // A reset: no TIME_WAIT left here, and the client knows at once.
+                let _ = tcp.set_zero_linger();
+                tracing::debug!(%peer, %cap, "connection refused: over the cap");
+                continue;
+            }
         };
-        let ca = ca.clone();
-        let tls = tls.clone();
+        let listening = listening.clone();
         let shutdown = shutdown.clone();
         conns.spawn(async move {
             let _permit = permit;
-            serve_connection(ca, tcp, peer, tls, shutdown).await;
+            serve_connection(listening, tcp, peer, shutdown).await;
         });
     }
     drop(listener);
@@ -134,56 +290,74 @@ async fn accept_loop(
 }
 
 async fn serve_connection(
-    ca: Ca,
+    listening: Listening,
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
-    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: watch::Receiver<bool>,
 ) {
-    let is_tls = tls.is_some();
-    match tls {
+    // One budget for the TLS handshake and the first request together.
+    let deadline = Instant::now() + listening.budget;
+    match listening.tls.clone() {
         Some(acceptor) => {
-            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            let stream = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     tracing::debug!(%peer, error = %e, "TLS handshake failed");
                     return;
                 }
                 Err(_) => {
-                    tracing::debug!(%peer, "TLS handshake timed out");
+                    listening.handshake_timeouts.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%peer, budget = ?listening.budget, "TLS handshake timed out; closing");
                     return;
                 }
             };
-            http_connection(ca, TokioIo::new(stream), peer, is_tls, shutdown).await;
+            http_connection(&listening, TokioIo::new(stream), peer, deadline, shutdown).await;
         }
-        None => http_connection(ca, TokioIo::new(tcp), peer, is_tls, shutdown).await,
+        None => http_connection(&listening, TokioIo::new(tcp), peer, deadline, shutdown).await,
     }
 }
 
 async fn http_connection<I>(
-    ca: Ca,
+    listening: &Listening,
     io: I,
     peer: SocketAddr,
-    is_tls: bool,
+    first_request_by: Instant,
     mut shutdown: watch::Receiver<bool>,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let service = service_fn(move |req| {
-        let ca = ca.clone();
-        async move { Ok::<_, Infallible>(handle(ca, req, peer, is_tls).await) }
+    let is_tls = listening.tls.is_some();
+    let requested = Arc::new(AtomicBool::new(false));
+    let service = service_fn({
+        let (ca, requested) = (listening.ca.clone(), requested.clone());
+        move |req| {
+            requested.store(true, Ordering::Relaxed);
+            let ca = ca.clone();
+            async move { Ok::<_, Infallible>(handle(ca, req, peer, is_tls).await) }
+        }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
+        .header_read_timeout(listening.budget)
         .keep_alive(true)
         .serve_connection(io, service);
     tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = shutdown.changed() => {
-            conn.as_mut().graceful_shutdown();
-            conn.as_mut().await
+    let mut waiting_first = true;
+    let result = loop {
+        tokio::select! {
+            r = conn.as_mut() => break r,
+            _ = shutdown.changed() => {
+                conn.as_mut().graceful_shutdown();
+                break conn.as_mut().await;
+            }
+            () = tokio::time::sleep_until(first_request_by), if waiting_first => {
+                waiting_first = false;
+                if !requested.load(Ordering::Relaxed) {
+                    listening.handshake_timeouts.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%peer, budget = ?listening.budget, "no request within the budget; closing");
+                    return;
+                }
+            }
         }
     };
     if let Err(e) = result {

@@ -910,7 +910,7 @@ fn binary_help_teaches_and_bad_values_are_named_before_binding() -> Result<()> {
             String::from_utf8_lossy(&out.stderr).into_owned(),
         ))
     };
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 8] = [
         (&["--trust-domain", "Bad_TD"], "Bad_TD"),
         (&["--max-ttl", "90d"], "max TTL"),
         (&["--default-ttl", "5x"], "\"5x\""),
@@ -918,6 +918,17 @@ fn binary_help_teaches_and_bad_values_are_named_before_binding() -> Result<()> {
         (
             &["--registry", "/nonexistent/registry.yaml"],
             "/nonexistent/registry.yaml",
+        ),
+        (&["--handshake-timeout", "90s"], "handshake timeout 90s"),
+        (&["--max-connections", "0"], "max connections 0"),
+        (
+            &[
+                "--max-connections",
+                "10",
+                "--max-connections-per-peer",
+                "20",
+            ],
+            "max connections per peer 20: over max connections 10",
         ),
     ];
     for (extra, want) in cases {
