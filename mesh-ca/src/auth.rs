@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 
 use base64::Engine;
+use mesh_core::display::Shown;
 use rand::RngCore;
 use subtle::ConstantTimeEq;
 
@@ -65,8 +66,9 @@ pub enum AuthError {
     },
     #[error("{path}: mode {mode:o} lets others read the token; it must be 0600")]
     Permissions { path: PathBuf, mode: u32 },
-    #[error("node name {0:?} is not a DNS-1123 subdomain")]
-    BadNodeName(String),
+    /// The name as shown: quoted, escaped once, bounded.
+    #[error("node name {0} is not a DNS-1123 subdomain")]
+    BadNodeName(Shown),
     #[error("{path}: token is empty or not base64url")]
     BadToken { path: PathBuf },
 }
@@ -155,7 +157,7 @@ impl Authenticator for FileTokenAuthenticator {
 /// Returns the token.
 pub fn create_node_token(dir: &Path, node: &str) -> Result<String, AuthError> {
     if mesh_core::identity::validate_service_account(node).is_err() {
-        return Err(AuthError::BadNodeName(node.to_owned()));
+        return Err(AuthError::BadNodeName(Shown::new(node)));
     }
     let io = |path: &Path| {
         let path = path.to_owned();
@@ -254,6 +256,25 @@ mod tests {
             create_node_token(&d, "../x"),
             Err(AuthError::BadNodeName(_))
         ));
+    }
+
+    #[test]
+    fn a_hostile_node_name_is_shown_once_escaped_once_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let name: String = (0..10 * 1024)
+            .map(|i| char::from(1 + (i % 31) as u8))
+            .collect();
+        let msg = create_node_token(dir.path(), &name)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.starts_with("node name \"\\u{1}\\u{2}"), "{msg}");
+        assert!(
+            msg.ends_with("… (10240 bytes)\" is not a DNS-1123 subdomain"),
+            "{msg}"
+        );
+        let max = 64 + mesh_core::display::bounded_len(mesh_core::display::MAX_SHOWN_CHARS);
+        assert_eq!(mesh_core::display::check_message(&msg, max, 0), Ok(()));
+        assert!(!msg.contains("\\\\"), "escaped twice: {msg}");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! the certificate comes from the verified identity, not from the CSR.
 
 use mesh_core::ca::{self, SignRequest};
+use mesh_core::display::{self, MAX_SHOWN_CHARS, Shown, bounded_len};
 use mesh_core::identity::Identity;
 use rcgen::{PublicKeyData, SignatureAlgorithm};
 use x509_parser::certification_request::X509CertificationRequest;
@@ -22,7 +23,18 @@ pub const MIN_RSA_BITS: usize = 2048;
 /// Largest RSA modulus accepted (ring verifies up to 8192 bits).
 pub const MAX_RSA_BITS: usize = 8192;
 
+/// Bytes of a library's error text (x509-parser, serde_json) a message
+/// keeps; room for an [`mesh_core::identity::IdentityError`] inside serde's.
+const LIBRARY_TEXT_BYTES: usize = 1024;
+
+/// Longest message a [`CsrError`] or [`DecodeRequestError`] prints: fixed
+/// text and at most two values shown through [`Shown`], or one library
+/// message cut to a bound.
+pub const MAX_ERROR_LEN: usize = 128 + 2 * bounded_len(MAX_SHOWN_CHARS);
+
 /// Why a CSR was refused. The variants map to refusal reasons in metrics.
+/// The CSR comes from the caller: what an error quotes from it is shown
+/// once, escaped once and bounded ([`Shown`], [`display::text`]).
 #[derive(Debug, thiserror::Error)]
 pub enum CsrError {
     #[error("CSR is not PEM with a CERTIFICATE REQUEST block: {0}")]
@@ -34,7 +46,7 @@ pub enum CsrError {
     #[error("CSR key type {0} is not supported (ECDSA P-256/P-384, Ed25519, RSA 2048-8192)")]
     UnsupportedKey(String),
     #[error("CSR asks for {asked}, but the identity is {identity}")]
-    NameMismatch { asked: String, identity: String },
+    NameMismatch { asked: String, identity: Shown },
     #[error("CSR asks for a CA certificate")]
     AsksForCa,
     #[error("CSR extension request is malformed: {0}")]
@@ -126,13 +138,33 @@ fn decode_pem(pem_text: &str) -> Result<Vec<u8>, CsrError> {
     use rustls::pki_types::pem::PemObject;
     CertificateSigningRequestDer::from_pem_slice(pem_text.as_bytes())
         .map(|d| d.as_ref().to_vec())
-        .map_err(|e| CsrError::Pem(format!("{e:?}")))
+        .map_err(pem_error)
+}
+
+/// The PEM parser's errors quote whole lines of input as byte lists (`[45,
+/// 45, ...]`, five bytes of text per byte): name the line once, bounded.
+fn pem_error(e: rustls::pki_types::pem::Error) -> CsrError {
+    use rustls::pki_types::pem::Error;
+    let line = |bytes: &[u8]| Shown::new(&String::from_utf8_lossy(bytes));
+    CsrError::Pem(match e {
+        Error::MissingSectionEnd { end_marker } => {
+            format!("no END line for the section {}", line(&end_marker))
+        }
+        Error::IllegalSectionStart { line: l } => format!("malformed BEGIN line {}", line(&l)),
+        Error::NoItemsFound => "no CERTIFICATE REQUEST block".to_owned(),
+        other => display::text(&other.to_string(), LIBRARY_TEXT_BYTES),
+    })
+}
+
+/// A library's error text, bounded, control characters escaped.
+fn library(e: impl std::fmt::Display) -> String {
+    display::text(&e.to_string(), LIBRARY_TEXT_BYTES)
 }
 
 /// Same as [`check_csr`] on DER input.
 pub fn check_csr_der(der: &[u8], identity: &Identity) -> Result<CsrPublicKey, CsrError> {
     let (rest, csr) =
-        X509CertificationRequest::from_der(der).map_err(|e| CsrError::Der(e.to_string()))?;
+        X509CertificationRequest::from_der(der).map_err(|e| CsrError::Der(library(e)))?;
     if !rest.is_empty() {
         return Err(CsrError::Der(format!(
             "{} trailing bytes after the request",
@@ -142,7 +174,7 @@ pub fn check_csr_der(der: &[u8], identity: &Identity) -> Result<CsrPublicKey, Cs
     let spki = &csr.certification_request_info.subject_pki;
     let key_type = key_type(spki)?;
     csr.verify_signature()
-        .map_err(|e| CsrError::Signature(e.to_string()))?;
+        .map_err(|e| CsrError::Signature(library(e)))?;
 
     let uri = identity.to_string();
     if let Some(exts) = csr.requested_extensions() {
@@ -155,7 +187,7 @@ pub fn check_csr_der(der: &[u8], identity: &Identity) -> Result<CsrPublicKey, Cs
                             other => {
                                 return Err(CsrError::NameMismatch {
                                     asked: describe(other),
-                                    identity: uri,
+                                    identity: Shown::new(&uri),
                                 });
                             }
                         }
@@ -163,7 +195,7 @@ pub fn check_csr_der(der: &[u8], identity: &Identity) -> Result<CsrPublicKey, Cs
                 }
                 ParsedExtension::BasicConstraints(bc) if bc.ca => return Err(CsrError::AsksForCa),
                 ParsedExtension::ParseError { error } => {
-                    return Err(CsrError::BadExtension(error.to_string()));
+                    return Err(CsrError::BadExtension(library(error)));
                 }
                 // Key usages and anything else requested are ignored: the
                 // certificate's extensions are the CA's, not the CSR's.
@@ -177,13 +209,20 @@ pub fn check_csr_der(der: &[u8], identity: &Identity) -> Result<CsrPublicKey, Cs
     })
 }
 
+/// A SAN the CSR asked for, shown once and bounded.
 fn describe(name: &GeneralName<'_>) -> String {
     match name {
-        GeneralName::URI(u) => format!("URI SAN {u:?}"),
-        GeneralName::DNSName(d) => format!("DNS SAN {d:?}"),
-        GeneralName::RFC822Name(e) => format!("email SAN {e:?}"),
-        GeneralName::IPAddress(ip) => format!("IP SAN {ip:02x?}"),
-        other => format!("SAN {other}"),
+        GeneralName::URI(u) => format!("URI SAN {}", Shown::new(u)),
+        GeneralName::DNSName(d) => format!("DNS SAN {}", Shown::new(d)),
+        GeneralName::RFC822Name(e) => format!("email SAN {}", Shown::new(e)),
+        GeneralName::IPAddress(ip) => {
+            let text = format!("{ip:02x?}");
+            format!("IP SAN {}", display::text(&text, 4 * MAX_SHOWN_CHARS))
+        }
+        other => format!(
+            "SAN {}",
+            display::text(&other.to_string(), 4 * MAX_SHOWN_CHARS)
+        ),
     }
 }
 
@@ -201,7 +240,10 @@ fn key_type(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> Result<KeyTyp
         } else if curve == OID_NIST_EC_P384 {
             Ok(KeyType::EcdsaP384)
         } else {
-            Err(CsrError::UnsupportedKey(format!("EC curve {curve}")))
+            Err(CsrError::UnsupportedKey(format!(
+                "EC curve {}",
+                library(curve)
+            )))
         }
     } else if *alg == OID_SIG_ED25519 {
         Ok(KeyType::Ed25519)
@@ -215,20 +257,41 @@ fn key_type(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> Result<KeyTyp
         }
         Ok(KeyType::Rsa { bits })
     } else {
-        Err(CsrError::UnsupportedKey(format!("algorithm {alg}")))
+        Err(CsrError::UnsupportedKey(format!(
+            "algorithm {}",
+            library(alg)
+        )))
     }
 }
 
 /// Fuzz entry point for the request decoder (called by `fuzz/` and by unit
-/// tests over seeds): decodes a sign request body and checks its CSR. Must
-/// never panic.
+/// tests over seeds): decodes a sign request body and checks its CSR, and
+/// checks the bytes as a raw DER CSR. Must never panic but on a broken
+/// invariant: every refusal's message passes [`display::check_message`]
+/// (at most [`MAX_ERROR_LEN`] bytes, no control character, escaped once).
 pub fn fuzz_decode(data: &[u8]) {
-    if let Ok(req) = ca::decode_sign_request(data) {
-        let _ = check_csr(&req.csr, &req.identity);
+    // Values shown come from the JSON (whose escapes start with `\`) or
+    // from the DER inside the PEM: bound their backslash runs by the count.
+    let backslashes = |b: &[u8]| b.iter().filter(|c| **c == b'\\').count();
+    let mut input_run = backslashes(data);
+    if let Ok(req) = ca::decode_sign_request(data)
+        && let Ok(der) = decode_pem(&req.csr)
+    {
+        input_run += backslashes(&der);
+    }
+    let check = |what: &str, message: String| {
+        if let Err(why) = display::check_message(&message, MAX_ERROR_LEN, input_run) {
+            panic!("{what}: {why}");
+        }
+    };
+    if let Err(e) = decode_request(data) {
+        check("sign request", e.to_string());
     }
     // Raw DER through the CSR parser too, against a fixed identity.
-    if let Ok(id) = Identity::parse("spiffe://fuzz.local/ns/default/sa/fuzz") {
-        let _ = check_csr_der(data, &id);
+    if let Ok(id) = Identity::parse("spiffe://fuzz.local/ns/default/sa/fuzz")
+        && let Err(e) = check_csr_der(data, &id)
+    {
+        check("DER CSR", e.to_string());
     }
 }
 
@@ -242,10 +305,19 @@ pub fn decode_request(body: &[u8]) -> Result<(SignRequest, CsrPublicKey), Decode
 /// Either half of [`decode_request`] failing.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeRequestError {
-    #[error(transparent)]
-    Envelope(#[from] ca::DecodeError),
+    /// The envelope's error, as text: serde_json quotes input raw
+    /// (``unknown field `…` ``), so it is kept bounded, control characters
+    /// escaped ([`display::text`]).
+    #[error("{0}")]
+    Envelope(String),
     #[error(transparent)]
     Csr(#[from] CsrError),
+}
+
+impl From<ca::DecodeError> for DecodeRequestError {
+    fn from(e: ca::DecodeError) -> Self {
+        DecodeRequestError::Envelope(library(e))
+    }
 }
 
 #[cfg(test)]
@@ -309,6 +381,94 @@ mod tests {
             check_csr_der(b"\x30\x03abc", &id()).unwrap_err().reason(),
             "malformed_csr"
         );
+    }
+
+    fn assert_bounded(what: &str, msg: &str) {
+        assert!(
+            msg.len() <= MAX_ERROR_LEN,
+            "{what}: {} bytes: {msg}",
+            msg.len()
+        );
+        assert!(!msg.contains("\\\\"), "{what}: escaped twice: {msg}");
+        assert_eq!(
+            display::check_message(msg, MAX_ERROR_LEN, 0),
+            Ok(()),
+            "{what}"
+        );
+    }
+
+    /// 10 KiB of control characters (DEL, which JSON carries raw) wherever
+    /// a sign request reaches an error message: bounded, escaped once.
+    #[test]
+    fn hostile_requests_get_bounded_messages() {
+        let junk = "\u{7f}".repeat(10 * 1024);
+        let pem = |label: &str| format!("-----BEGIN {label}-----\nAAAA\n");
+        let envelope = |identity: &str, csr: &str| {
+            serde_json::json!({"identity": identity, "csr": csr}).to_string()
+        };
+        let cases = [
+            ("unknown field", format!("{{\"{junk}\": 1}}")),
+            ("identity", envelope(&junk, "x")),
+            (
+                "identity path",
+                envelope(&format!("spiffe://td/{}", &junk[..1000]), "x"),
+            ),
+            (
+                "ttl",
+                format!(
+                    "{{\"identity\": \"spiffe://td/ns/a/sa/b\", \"csr\": \"x\", \"ttl_seconds\": \"{junk}\"}}"
+                ),
+            ),
+            ("PEM label", envelope("spiffe://td/ns/a/sa/b", &pem(&junk))),
+            (
+                "PEM end",
+                envelope("spiffe://td/ns/a/sa/b", &pem("CERTIFICATE REQUEST")),
+            ),
+            (
+                "PEM base64",
+                envelope(
+                    "spiffe://td/ns/a/sa/b",
+                    &format!(
+                        "-----BEGIN CERTIFICATE REQUEST-----\n{junk}\n-----END CERTIFICATE REQUEST-----\n"
+                    ),
+                ),
+            ),
+        ];
+        for (what, body) in cases {
+            assert!(
+                body.len() <= ca::MAX_REQUEST_BYTES,
+                "{what}: {} bytes",
+                body.len()
+            );
+            let msg = decode_request(body.as_bytes()).unwrap_err().to_string();
+            assert!(
+                msg.contains("\\u{7f}") || what.starts_with("PEM"),
+                "{what}: {msg}"
+            );
+            assert_bounded(what, &msg);
+            fuzz_decode(body.as_bytes());
+        }
+    }
+
+    #[test]
+    fn a_hostile_san_is_shown_once_and_bounded() {
+        let key = KeyPair::generate().unwrap();
+        let uri: String = (0..1000).map(|i| char::from(1 + (i % 31) as u8)).collect();
+        let san = SanType::URI(uri.as_str().try_into().unwrap());
+        let pem = csr_with(vec![san], &key);
+        let msg = check_csr(&pem, &id()).unwrap_err().to_string();
+        assert!(
+            msg.starts_with("CSR asks for URI SAN \"\\u{1}\\u{2}"),
+            "{msg}"
+        );
+        assert!(
+            msg.ends_with(
+                "… (1000 bytes)\", but the identity is \"spiffe://td/ns/default/sa/web\""
+            ),
+            "{msg}"
+        );
+        assert_bounded("URI SAN", &msg);
+        fuzz_decode(&decode_pem(&pem).unwrap());
     }
 
     #[test]
