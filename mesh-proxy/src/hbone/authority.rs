@@ -10,73 +10,45 @@
 //! address (`0.0.0.0` and `::` mean "this host"). Whether the address is one
 //! of this node's workloads is the caller's check, not the parser's.
 
-use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use mesh_core::display::{MAX_SHOWN_CHARS, Shown, backslash_run, bounded_len, check_message};
 
 /// Longest authority accepted: `[` + 45 (longest IPv6 text) + `]:65535` is 53.
 pub const MAX_AUTHORITY_LEN: usize = 64;
 
-/// Why an authority was refused. Each variant carries the value (escaped
-/// when shown, so a hostile value cannot forge log lines).
+/// Longest message an [`AuthorityError`] prints: the longest fixed text and
+/// the authority once, shown through [`Shown`].
+pub const MAX_ERROR_LEN: usize = 96 + bounded_len(MAX_SHOWN_CHARS);
+
+/// Why an authority was refused. Each variant carries the value once, as
+/// the message shows it: quoted, escaped once (a hostile value cannot forge
+/// log lines), cut to [`MAX_SHOWN_CHARS`] characters.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthorityError {
     #[error("authority is empty")]
     Empty,
-    #[error("authority {0} is {1} bytes long; at most {MAX_AUTHORITY_LEN} are allowed")]
+    /// The value and its length in bytes.
+    #[error("authority {0}: longer than {MAX_AUTHORITY_LEN} bytes")]
     TooLong(Shown, usize),
     #[error("authority {0} carries userinfo (`@`); only ip:port is allowed")]
     UserInfo(Shown),
     #[error("authority {0} has no port")]
     MissingPort(Shown),
-    #[error("authority {0}: port {1} is not a decimal number in 1..=65535")]
-    BadPort(Shown, Shown),
+    #[error("authority {0}: the port is not a decimal number in 1..=65535")]
+    BadPort(Shown),
     #[error("authority {0}: port 0 is not a destination")]
     PortZero(Shown),
     #[error("authority {0}: IPv6 zone ids are not allowed")]
     Zone(Shown),
     #[error("authority {0}: an IPv6 address must be in brackets")]
     UnbracketedIpv6(Shown),
-    #[error("authority {0}: {1} is not an IP address (host names are not allowed)")]
-    NotAnIp(Shown, Shown),
+    #[error("authority {0}: the host is not an IP address (host names are not allowed)")]
+    NotAnIp(Shown),
     #[error("authority {0}: IPv4-mapped IPv6 addresses are not allowed; use the IPv4 form")]
     Ipv4Mapped(Shown),
     #[error("authority {0}: the unspecified address is not a destination")]
     Unspecified(Shown),
-}
-
-/// A value from the peer, kept short and shown escaped (`{:?}` of a `str`).
-#[derive(Clone, PartialEq, Eq)]
-pub struct Shown(String);
-
-impl Shown {
-    fn new(s: &str) -> Self {
-        // Never keep more than a little of a hostile value.
-        let mut end = s.len().min(MAX_AUTHORITY_LEN);
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        let mut v = s[..end].to_owned();
-        if end < s.len() {
-            v.push('…');
-        }
-        Shown(v)
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for Shown {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:?}", self.0)
-    }
-}
-
-impl fmt::Debug for Shown {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(self, f)
-    }
 }
 
 /// Parses the `:authority` of an HBONE `CONNECT` into the destination.
@@ -96,14 +68,12 @@ pub fn parse_authority(s: &str) -> Result<SocketAddr, AuthorityError> {
     }
     let (ip, port) = if let Some(rest) = s.strip_prefix('[') {
         let Some((host, after)) = rest.split_once(']') else {
-            return Err(AuthorityError::NotAnIp(shown(), Shown::new(s)));
+            return Err(AuthorityError::NotAnIp(shown()));
         };
         let Some(port) = after.strip_prefix(':') else {
             return Err(AuthorityError::MissingPort(shown()));
         };
-        let ip: Ipv6Addr = host
-            .parse()
-            .map_err(|_| AuthorityError::NotAnIp(shown(), Shown::new(host)))?;
+        let ip: Ipv6Addr = host.parse().map_err(|_| AuthorityError::NotAnIp(shown()))?;
         if ip.to_ipv4_mapped().is_some() {
             return Err(AuthorityError::Ipv4Mapped(shown()));
         }
@@ -115,13 +85,10 @@ pub fn parse_authority(s: &str) -> Result<SocketAddr, AuthorityError> {
         if host.contains(':') {
             return Err(AuthorityError::UnbracketedIpv6(shown()));
         }
-        let ip: Ipv4Addr = host
-            .parse()
-            .map_err(|_| AuthorityError::NotAnIp(shown(), Shown::new(host)))?;
+        let ip: Ipv4Addr = host.parse().map_err(|_| AuthorityError::NotAnIp(shown()))?;
         (IpAddr::V4(ip), port)
     };
-    let port =
-        parse_port(port).ok_or_else(|| AuthorityError::BadPort(shown(), Shown::new(port)))?;
+    let port = parse_port(port).ok_or_else(|| AuthorityError::BadPort(shown()))?;
     if port == 0 {
         return Err(AuthorityError::PortZero(shown()));
     }
@@ -146,7 +113,8 @@ fn parse_port(p: &str) -> Option<u16> {
 /// The fuzz target's body (`fuzz/fuzz_targets/hbone_authority.rs`), also
 /// run over seeds by the unit tests. Panics only if an invariant breaks:
 /// whatever is accepted has a port, a specified address, and prints back to
-/// text that parses to the same address.
+/// text that parses to the same address; a refusal's message passes
+/// [`check_message`] (at most [`MAX_ERROR_LEN`] bytes, escaped once).
 pub fn fuzz_authority(data: &[u8]) {
     let Ok(s) = std::str::from_utf8(data) else {
         return;
@@ -161,9 +129,9 @@ pub fn fuzz_authority(data: &[u8]) {
             assert_eq!(parse_authority(&addr.to_string()), Ok(addr));
         }
         Err(e) => {
-            // The message is built from the value; it must stay bounded.
-            let msg = e.to_string();
-            assert!(msg.len() < 8 * MAX_AUTHORITY_LEN + 200, "{msg}");
+            if let Err(why) = check_message(&e.to_string(), MAX_ERROR_LEN, backslash_run(s)) {
+                panic!("authority {s:?}: {why}");
+            }
         }
     }
 }
@@ -223,6 +191,13 @@ mod tests {
         assert!(matches!(err("10.0.0.1:80 "), E::BadPort(..)));
         let long = format!("{}:80", "1".repeat(200));
         assert!(matches!(err(&long), E::TooLong(_, 203)));
+        assert_eq!(
+            err(&long).to_string(),
+            format!(
+                "authority \"{}… (203 bytes)\": longer than 64 bytes",
+                "1".repeat(64)
+            )
+        );
 
         // The value is named, escaped.
         let msg = err("evil\nhost:80").to_string();
@@ -230,6 +205,38 @@ mod tests {
         assert!(!msg.contains('\n'), "{msg}");
         let msg = err("10.0.0.1:0").to_string();
         assert!(msg.contains("\"10.0.0.1:0\""), "{msg}");
+    }
+
+    /// The fuzzer's first finding: `[` and 63 control characters were shown
+    /// twice (the authority and its host), escaped, over the bound.
+    #[test]
+    fn hostile_authorities_are_shown_once_escaped_once_and_bounded() {
+        let ctrl =
+            |n: usize| -> String { (0..n).map(|i| char::from(1 + (i % 31) as u8)).collect() };
+        let cases = [
+            format!("[{}", ctrl(63)),
+            format!("[{}]:80", ctrl(59)),
+            format!("{}:80", ctrl(61)),
+            format!("10.0.0.1:{}", ctrl(55)),
+            ctrl(64),
+            ctrl(10 * 1024),
+            format!("[{}", ctrl(10 * 1024)),
+            "\\".repeat(64),
+        ];
+        for input in cases {
+            let msg = err(&input).to_string();
+            assert!(msg.len() <= MAX_ERROR_LEN, "{} bytes: {msg}", msg.len());
+            assert_eq!(msg.matches("authority \"").count(), 1, "{msg}");
+            assert_eq!(msg.matches('"').count(), 2, "shown once: {msg}");
+            assert_eq!(
+                check_message(&msg, MAX_ERROR_LEN, backslash_run(&input)),
+                Ok(())
+            );
+            if !input.contains('\\') {
+                assert!(!msg.contains("\\\\"), "escaped twice: {msg}");
+            }
+            fuzz_authority(input.as_bytes());
+        }
     }
 
     #[test]
@@ -248,6 +255,9 @@ mod tests {
             b"1.2.3.4:99999999999999999999",
             "é:80".as_bytes(),
             &[b'9'; 300],
+            &[1; 64],
+            b"[\x01\x02\x03\x04",
+            b"\\\"\\:80",
         ];
         for s in seeds {
             fuzz_authority(s);
