@@ -24,14 +24,12 @@ use std::time::Duration;
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, SockHash};
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{
-    CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SkMsg, SkSkb, SockOps,
-};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SkMsg, SockOps};
 use aya::{Ebpf, EbpfLoader};
 pub use mesh_ebpf_common::{
-    ABI_VERSION, AF_INET, AF_INET6, Config, EnrolledNetns, FLOW_REDIRECT, Flow, HBONE_PORT,
-    INBOUND_PLAINTEXT_PORT, IpKey, OUTBOUND_PORT, OrigDst, PROXY_MARK, PortKey, SockKey, Stat,
-    tcp_state,
+    ABI_VERSION, AF_INET, AF_INET6, Config, EnrolledNetns, FLOW_DELIVERY, FLOW_REDIRECT, Flow,
+    HBONE_PORT, INBOUND_PLAINTEXT_PORT, IpKey, OUTBOUND_PORT, OrigDst, PEER_OPEN, PORT_APP,
+    PROXY_MARK, PortKey, SockKey, Stat, tcp_state,
 };
 use mesh_ebpf_common::{map_names as maps, program_names as progs};
 
@@ -155,6 +153,8 @@ pub struct FlowEntry {
     pub srtt_us: u32,
     /// Whether sk_msg redirects this flow's bytes (else only counts them).
     pub redirected: bool,
+    /// Whether the other end's counter may still grow (its socket is open).
+    pub peer_open: bool,
     /// Which side of the mesh saw this flow: the source pod's app socket
     /// (outbound, Istio's `reporter="source"`) or the destination proxy's
     /// delivery into a pod (inbound, `reporter="destination"`).
@@ -176,8 +176,9 @@ pub enum Direction {
 }
 
 impl FlowEntry {
+    /// Both counted sockets are closed: the counts are final.
     pub fn is_closed(&self) -> bool {
-        self.tcp_state == tcp_state::CLOSE
+        self.tcp_state == tcp_state::CLOSE && !self.peer_open
     }
 }
 
@@ -320,6 +321,7 @@ impl Datapath {
     /// the self-test and reports the mode.
     pub fn install(cgroup: &Path, pin_root: &Path) -> Result<Self> {
         ensure_bpffs(pin_root)?;
+        migrate_older_abi(pin_root)?;
         check_abi(pin_root)?;
         let pins = Pins::new(pin_root);
         if !pins.installed() {
@@ -369,7 +371,6 @@ impl Datapath {
                     // Do not redirect into a broken path: detach sk_msg.
                     tracing::error!(%reason, "sockmap self-test failed; running degraded");
                     let _ = fs::remove_file(&sk_msg_pin);
-                    let _ = fs::remove_file(dp.pins.link(progs::SK_SKB));
                     Mode::Degraded { reason }
                 }
             }
@@ -505,31 +506,109 @@ impl Datapath {
         netns_cookie: u64,
         app: SocketAddr,
     ) -> Result<Option<(SocketAddr, u64)>> {
-        let family = if app.is_ipv4() { AF_INET } else { AF_INET6 };
-        let key = PortKey {
-            netns: netns_cookie,
-            port: app.port(),
-            family,
-            _pad: 0,
-        };
-        match self.orig_dst.get(&key, 0) {
-            Ok(d) => Ok(Some((
-                SocketAddr::new(ip_from_words(d.family, d.ip), d.port),
-                d.cookie,
-            ))),
-            Err(MapError::KeyNotFound) => Ok(None),
-            Err(source) => Err(Error::Map {
-                map: maps::ORIG_DST,
-                action: format!("look up netns {netns_cookie} port {}", app.port()),
-                source,
-            }),
-        }
+        lookup_original(&self.orig_dst, netns_cookie, app)
     }
 
     /// Every flow in the kernel's flow map, open and closed.
     pub fn flows(&self) -> Result<Vec<FlowEntry>> {
+        read_flows(&self.flows)
+    }
+
+    /// A handle of its own on the original-destination map, for the data
+    /// path: lookups take `&self` and no lock, so accepting a connection
+    /// never waits on the control plane, admin or metrics.
+    pub fn orig_dst_reader(&self) -> Result<OrigDstReader> {
+        Ok(OrigDstReader {
+            map: typed_map!(&self.pins, maps::ORIG_DST),
+        })
+    }
+
+    /// A handle of its own on the flow map, for the metrics reader.
+    pub fn flow_table(&self) -> Result<FlowTable> {
+        Ok(FlowTable {
+            map: typed_map!(&self.pins, maps::FLOWS),
+        })
+    }
+}
+
+/// The original-destination lookup of the data path (see
+/// [`Datapath::orig_dst_reader`]).
+pub struct OrigDstReader {
+    map: HashMap<MapData, PortKey, OrigDst>,
+}
+
+impl OrigDstReader {
+    /// Where the app whose loopback socket is `app` in namespace
+    /// `netns_cookie` wanted to connect, and the app socket's cookie (the
+    /// key of the connection's flow).
+    pub fn original(
+        &self,
+        netns_cookie: u64,
+        app: SocketAddr,
+    ) -> Result<Option<(SocketAddr, u64)>> {
+        lookup_original(&self.map, netns_cookie, app)
+    }
+}
+
+/// The flow map, for a reader that folds and forgets closed flows (see
+/// [`Datapath::flow_table`]).
+pub struct FlowTable {
+    map: HashMap<MapData, u64, Flow>,
+}
+
+impl FlowTable {
+    pub fn flows(&self) -> Result<Vec<FlowEntry>> {
+        read_flows(&self.map)
+    }
+
+    /// Removes a flow (closed flows, once folded into totals). Idempotent.
+    pub fn forget(&mut self, cookie: u64) -> Result<()> {
+        forget_flow(&mut self.map, cookie)
+    }
+}
+
+fn lookup_original(
+    map: &HashMap<MapData, PortKey, OrigDst>,
+    netns_cookie: u64,
+    app: SocketAddr,
+) -> Result<Option<(SocketAddr, u64)>> {
+    let family = if app.is_ipv4() { AF_INET } else { AF_INET6 };
+    let key = PortKey {
+        netns: netns_cookie,
+        port: app.port(),
+        family,
+        kind: PORT_APP,
+    };
+    match map.get(&key, 0) {
+        Ok(d) => Ok(Some((
+            SocketAddr::new(ip_from_words(d.family, d.ip), d.port),
+            d.cookie,
+        ))),
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(source) => Err(Error::Map {
+            map: maps::ORIG_DST,
+            action: format!("look up netns {netns_cookie} port {}", app.port()),
+            source,
+        }),
+    }
+}
+
+fn forget_flow(map: &mut HashMap<MapData, u64, Flow>, cookie: u64) -> Result<()> {
+    match map.remove(&cookie) {
+        Ok(()) => Ok(()),
+        Err(e) if is_not_found(&e) => Ok(()),
+        Err(source) => Err(Error::Map {
+            map: maps::FLOWS,
+            action: format!("remove flow {cookie}"),
+            source,
+        }),
+    }
+}
+
+fn read_flows(map: &HashMap<MapData, u64, Flow>) -> Result<Vec<FlowEntry>> {
+    {
         let mut out = Vec::new();
-        for item in self.flows.iter() {
+        for item in map.iter() {
             let (cookie, f) = item.map_err(|source| Error::Map {
                 map: maps::FLOWS,
                 action: "iterate".into(),
@@ -548,23 +627,22 @@ impl Datapath {
                 tcp_state: f.state,
                 srtt_us: f.srtt_us,
                 redirected: f.flags & FLOW_REDIRECT != 0,
-                direction: Direction::Outbound,
+                peer_open: f.peer_state == PEER_OPEN,
+                direction: if f.flags & FLOW_DELIVERY != 0 {
+                    Direction::Inbound
+                } else {
+                    Direction::Outbound
+                },
             });
         }
         Ok(out)
     }
+}
 
+impl Datapath {
     /// Removes a flow (closed flows, once folded into totals by the reader).
     pub fn forget_flow(&mut self, cookie: u64) -> Result<()> {
-        match self.flows.remove(&cookie) {
-            Ok(()) => Ok(()),
-            Err(e) if is_not_found(&e) => Ok(()),
-            Err(source) => Err(Error::Map {
-                map: maps::FLOWS,
-                action: format!("remove flow {cookie}"),
-                source,
-            }),
-        }
+        forget_flow(&mut self.flows, cookie)
     }
 
     /// The kernel's event counters, summed over CPUs.
@@ -655,7 +733,6 @@ fn kernel_ids(pins: &Pins) -> Result<KernelIds> {
         progs::CONNECT6,
         progs::SOCKOPS,
         progs::SK_MSG,
-        progs::SK_SKB,
     ]
     .iter()
     .map(|p| pins.link(p))
@@ -691,6 +768,29 @@ fn kernel_ids(pins: &Pins) -> Result<KernelIds> {
     ids.programs.sort_unstable();
     ids.programs.dedup();
     Ok(ids)
+}
+
+/// An upgrade: pins of an older ABI under `pin_root` are removed (their
+/// programs detach once no process holds them) so this version installs
+/// its own. Flows and counters of the old layout do not carry over (the
+/// proxy's persisted metric totals do). A newer ABI is never touched.
+fn migrate_older_abi(pin_root: &Path) -> Result<()> {
+    let Ok(rd) = fs::read_dir(pin_root) else {
+        return Ok(());
+    };
+    for e in rd.filter_map(|e| e.ok()) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let older = name
+            .strip_prefix("abi-v")
+            .and_then(|v| v.parse::<u32>().ok())
+            .is_some_and(|v| v < ABI_VERSION);
+        if older {
+            tracing::warn!(pins = %e.path().display(), to = ABI_VERSION, "migrating: removing the pins of an older sockmesh ABI");
+            let mut report = UninstallReport::default();
+            remove_tree(&e.path(), &mut report)?;
+        }
+    }
+    Ok(())
 }
 
 /// Refuses pin roots that hold another ABI version's pins.
@@ -808,8 +908,6 @@ fn load_attach_pin(cgroup: &Path, pins: &Pins) -> Result<()> {
     let socks_what = format!("map {}", maps::SOCKS);
     let cgroup_what = format!("cgroup {}", cgroup.display());
     attach_and_pin!(&mut ebpf, pins, SkMsg, progs::SK_MSG, &socks_what, |p| p
-        .attach(&socks_fd));
-    attach_and_pin!(&mut ebpf, pins, SkSkb, progs::SK_SKB, &socks_what, |p| p
         .attach(&socks_fd));
     attach_and_pin!(
         &mut ebpf,

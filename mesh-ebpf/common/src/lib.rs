@@ -17,7 +17,7 @@
 /// Bumped whenever a map layout, map name or program name changes. Pins live
 /// under `<pin root>/abi-v<ABI_VERSION>/`, so a proxy never re-opens maps of
 /// another layout.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 /// In-pod outbound capture listener (127.0.0.1 / [::1]).
 pub const OUTBOUND_PORT: u16 = 15001;
@@ -53,8 +53,9 @@ pub mod map_names {
     pub const STATS: &str = "sm_stats";
     /// index 0: [`super::Config`], read when a flow is established.
     pub const CONFIG: &str = "sm_config";
-    /// proxy socket cookie -> app socket cookie (the flow's key).
-    pub const PROXY_FLOW: &str = "sm_proxy_flow";
+    /// socket cookie -> [`super::SockAcct`]: which flow counter a socket's
+    /// acknowledged bytes feed (count-only flows).
+    pub const SOCK_ACCT: &str = "sm_sock_acct";
 
     pub const ALL: [&str; 9] = [
         ENROLLED,
@@ -65,7 +66,7 @@ pub mod map_names {
         INBOUND,
         STATS,
         CONFIG,
-        PROXY_FLOW,
+        SOCK_ACCT,
     ];
 }
 
@@ -75,7 +76,6 @@ pub mod program_names {
     pub const CONNECT6: &str = "sm_connect6";
     pub const SOCKOPS: &str = "sm_sockops";
     pub const SK_MSG: &str = "sm_sk_msg";
-    pub const SK_SKB: &str = "sm_sk_skb";
     pub const SK_LOOKUP: &str = "sm_sk_lookup";
 }
 
@@ -109,11 +109,18 @@ pub enum Stat {
     MsgUnaccounted = 7,
     /// sk_lookup steered an inbound connection to the pod's 15006 listener.
     LookupSteered = 8,
-    /// sk_lookup found a pod address with no (or a failing) 15006 listener.
+    /// sk_lookup could not steer to a registered 15006 listener.
     LookupAssignFailed = 9,
+    /// sk_lookup dropped an inbound SYN to a captured pod because no proxy
+    /// listener was there to take it (proxy down, restarting, draining, or
+    /// the pod still waiting for its certificate): fail closed.
+    LookupRefused = 10,
+    /// connect4/6 recorded a proxy socket delivering a tunnel into its pod
+    /// (the destination side of a flow).
+    ConnectDelivery = 11,
 }
 
-pub const STAT_COUNT: u32 = 10;
+pub const STAT_COUNT: u32 = 12;
 
 impl Stat {
     pub const ALL: [Stat; STAT_COUNT as usize] = [
@@ -127,6 +134,8 @@ impl Stat {
         Stat::MsgUnaccounted,
         Stat::LookupSteered,
         Stat::LookupAssignFailed,
+        Stat::LookupRefused,
+        Stat::ConnectDelivery,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -141,6 +150,8 @@ impl Stat {
             Stat::MsgUnaccounted => "msg_unaccounted",
             Stat::LookupSteered => "lookup_steered",
             Stat::LookupAssignFailed => "lookup_assign_failed",
+            Stat::LookupRefused => "lookup_refused",
+            Stat::ConnectDelivery => "connect_delivery",
         }
     }
 }
@@ -163,12 +174,17 @@ pub struct OrigDst {
     /// Host byte order.
     pub port: u16,
     pub family: u16,
-    pub _pad: u32,
-    /// Cookie of the app's socket (the key of its `sm_flows` entry).
+    /// [`ORIG_DELIVERY`] for a proxy socket delivering into its own pod.
+    pub flags: u32,
+    /// Cookie of the socket whose `sm_flows` entry this is.
     pub cookie: u64,
 }
 
-/// Key of `sm_orig_dst`: the app socket's loopback port inside its netns.
+/// [`OrigDst::flags`]: the socket is the proxy's, connecting to the pod it
+/// sits in (the destination side of a mesh connection).
+pub const ORIG_DELIVERY: u32 = 1;
+
+/// Key of `sm_orig_dst`: a local port inside a netns.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct PortKey {
@@ -176,8 +192,38 @@ pub struct PortKey {
     /// Host byte order.
     pub port: u16,
     pub family: u16,
-    pub _pad: u32,
+    /// [`PORT_APP`] or [`PORT_DELIVERY`]: the two kinds live in one map
+    /// but never collide (a local port can serve two 4-tuples).
+    pub kind: u32,
 }
+
+/// [`PortKey::kind`]: an app socket's port (connected to 15001); the proxy
+/// looks it up on accept.
+pub const PORT_APP: u32 = 0;
+/// [`PortKey::kind`]: the port of a proxy socket delivering into its pod;
+/// the app's accepted socket finds its flow by it.
+pub const PORT_DELIVERY: u32 = 1;
+
+/// Value of `sm_sock_acct`: a socket of a count-only flow and the flow
+/// counter its acknowledged bytes (`tcp_sock.bytes_acked`) feed. Each
+/// counter has exactly one such socket: the sender of those bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockAcct {
+    /// The flow's key in `sm_flows`.
+    pub flow: u64,
+    /// `bytes_acked` when the socket was established: 1 on the active
+    /// side (its SYN), 0 on the passive side.
+    pub base: u32,
+    /// [`ACCT_SENT`] or [`ACCT_RECEIVED`].
+    pub role: u32,
+}
+
+/// [`SockAcct::role`]: feeds [`Flow::bytes_sent`] and the flow's state.
+pub const ACCT_SENT: u32 = 1;
+/// [`SockAcct::role`]: feeds [`Flow::bytes_received`] and
+/// [`Flow::peer_state`].
+pub const ACCT_RECEIVED: u32 = 2;
 
 /// Key of `sm_socks`: one end of a loopback connection, as seen from that end.
 #[repr(C)]
@@ -228,26 +274,56 @@ pub struct Config {
 }
 
 /// Flow flag: sk_msg redirects the flow's bytes straight to the peer's
-/// ingress queue (both ends are in `sm_socks`). Without it only the proxy's
-/// end is in `sm_socks` — the app's socket is left alone — and the bytes
-/// take loopback TCP with its flow control (the redirect has none, so a
-/// fast writer can queue without bound in front of a slower reader): sk_msg
-/// counts what the proxy sends, sk_skb what it receives.
+/// ingress queue (both ends are in `sm_socks`) and counts them. Without it
+/// (the default) no socket of the flow is in `sm_socks`: the bytes take
+/// loopback TCP with its flow control, untouched, and sockops counts them
+/// from each sender's `bytes_acked` (see [`SockAcct`]).
 pub const FLOW_REDIRECT: u32 = 1;
+/// Flow flag: the destination side of a mesh connection (the proxy's
+/// delivery into its pod), keyed by the proxy socket's cookie.
+pub const FLOW_DELIVERY: u32 = 2;
+
+/// [`Flow::peer_state`]: no peer socket is counted (redirected flows).
+pub const PEER_NONE: u32 = 0;
+/// [`Flow::peer_state`]: the peer socket is counted and open.
+pub const PEER_OPEN: u32 = 1;
+/// [`Flow::peer_state`]: the peer socket closed: its counter is final.
+pub const PEER_CLOSED: u32 = 2;
 
 /// TCP states as the kernel numbers them (`include/net/tcp_states.h`).
 pub mod tcp_state {
     pub const ESTABLISHED: u32 = 1;
+    pub const SYN_SENT: u32 = 2;
+    pub const SYN_RECV: u32 = 3;
+    pub const FIN_WAIT1: u32 = 4;
+    pub const FIN_WAIT2: u32 = 5;
+    pub const TIME_WAIT: u32 = 6;
     pub const CLOSE: u32 = 7;
+    pub const CLOSE_WAIT: u32 = 8;
+    pub const LAST_ACK: u32 = 9;
+    pub const LISTEN: u32 = 10;
+    pub const CLOSING: u32 = 11;
+
+    /// States in which this socket has queued its FIN (so `bytes_acked`
+    /// may count it, once acknowledged), or that follow one.
+    pub const fn fin_queued(state: u32) -> bool {
+        matches!(
+            state,
+            FIN_WAIT1 | FIN_WAIT2 | CLOSING | TIME_WAIT | LAST_ACK | CLOSE
+        )
+    }
 }
 
 /// Value of `sm_flows`: one app connection that the mesh captured.
 ///
-/// Written only in the kernel. Each counter has exactly one writer:
-/// `bytes_received` is written by sk_msg on the proxy's socket; `bytes_sent`
-/// by sk_msg on the app's socket for redirected flows, by the stream verdict
-/// on the proxy's socket otherwise. Each runs serialized per socket, so
-/// plain (non-atomic) read-modify-write is exact.
+/// Written only in the kernel. Each field has exactly one writer, which runs
+/// serialized per socket, so plain (non-atomic) read-modify-write is exact.
+/// Count-only flows (the default): `bytes_sent` and `state` are written by
+/// sockops on the socket that sends those bytes (the app's for outbound,
+/// the proxy's for a delivery), `bytes_received` and `peer_state` by
+/// sockops on the other end, each from its own `bytes_acked` (SYN and FIN
+/// excluded), at every RTT sample and state change: nothing touches the
+/// data. Redirected flows: sk_msg on each socket counts what it sends.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Flow {
@@ -275,9 +351,14 @@ pub struct Flow {
     /// Kernel TCP state ([`tcp_state`]).
     pub state: u32,
     pub protocol: u32,
-    /// [`FLOW_REDIRECT`], fixed when the flow is established (switching a
-    /// live flow between the two paths could reorder its bytes).
+    /// [`FLOW_REDIRECT`] (fixed when the flow is established: switching a
+    /// live flow between the two paths could reorder its bytes) and
+    /// [`FLOW_DELIVERY`].
     pub flags: u32,
+    /// [`PEER_NONE`], [`PEER_OPEN`] or [`PEER_CLOSED`]: the flow is over
+    /// once `state` is CLOSE and no counted peer is still open.
+    pub peer_state: u32,
+    pub _pad: u32,
 }
 
 const _: () = {
@@ -286,8 +367,9 @@ const _: () = {
     assert!(core::mem::size_of::<PortKey>() == 16);
     assert!(core::mem::size_of::<SockKey>() == 56);
     assert!(core::mem::size_of::<IpKey>() == 20);
-    assert!(core::mem::size_of::<Flow>() == 112);
+    assert!(core::mem::size_of::<Flow>() == 120);
     assert!(core::mem::size_of::<Config>() == 8);
+    assert!(core::mem::size_of::<SockAcct>() == 16);
 };
 
 #[cfg(feature = "user")]
@@ -308,6 +390,8 @@ mod pod {
     unsafe impl aya::Pod for Flow {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Config {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SockAcct {}
 }
 
 #[cfg(test)]
@@ -319,7 +403,7 @@ mod tests {
     fn flow_layout_has_no_implicit_padding() {
         // Sum of field sizes equals the struct size: no hidden holes that
         // kernel and user space could fill differently.
-        let fields = 5 * 8 + 3 * 16 + 4 * 2 + 4 * 4;
+        let fields = 5 * 8 + 3 * 16 + 4 * 2 + 6 * 4;
         assert_eq!(size_of::<Flow>(), fields);
         assert_eq!(offset_of!(Flow, src_ip), 40);
         assert_eq!(offset_of!(Flow, src_port), 88);
@@ -365,7 +449,6 @@ mod tests {
             program_names::CONNECT6,
             program_names::SOCKOPS,
             program_names::SK_MSG,
-            program_names::SK_SKB,
             program_names::SK_LOOKUP,
         ] {
             assert!(n.len() <= 15, "{n} is longer than 15 bytes");

@@ -5,22 +5,21 @@
 use core::ffi::c_void;
 use core::ptr::{read_volatile, write_volatile};
 
-use aya_ebpf::EbpfContext as _;
 use aya_ebpf::bindings::{
     BPF_ANY, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
     BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_RTT_CB_FLAG,
     BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, sk_action,
 };
 use aya_ebpf::helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns};
-use aya_ebpf::macros::{cgroup_sock_addr, map, sk_lookup, sk_msg, sock_ops, stream_verdict};
+use aya_ebpf::macros::{cgroup_sock_addr, map, sk_lookup, sk_msg, sock_ops};
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash};
-use aya_ebpf::programs::{
-    SkBuffContext, SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext,
-};
+use aya_ebpf::programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext};
 use mesh_ebpf_common::{
-    AF_INET, AF_INET6, Config, EnrolledNetns, FLOW_REDIRECT, Flow, HBONE_PORT,
-    INBOUND_PLAINTEXT_PORT, IPPROTO_TCP, IpKey, MAX_ENROLLED, MAX_FLOWS, MAX_INBOUND, MAX_SOCKS,
-    OUTBOUND_PORT, OrigDst, PROXY_MARK, PortKey, STAT_COUNT, SockKey, Stat, tcp_state,
+    ACCT_RECEIVED, ACCT_SENT, AF_INET, AF_INET6, Config, EnrolledNetns, FLOW_DELIVERY,
+    FLOW_REDIRECT, Flow, HBONE_PORT, INBOUND_PLAINTEXT_PORT, IPPROTO_TCP, IpKey, MAX_ENROLLED,
+    MAX_FLOWS, MAX_INBOUND, MAX_SOCKS, ORIG_DELIVERY, OUTBOUND_PORT, OrigDst, PEER_CLOSED,
+    PEER_OPEN, PORT_APP, PORT_DELIVERY, PROXY_MARK, PortKey, STAT_COUNT, SockAcct, SockKey, Stat,
+    tcp_state,
 };
 
 #[map(name = "sm_enrolled")]
@@ -47,11 +46,17 @@ static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
 #[map(name = "sm_config")]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
-#[map(name = "sm_proxy_flow")]
-static PROXY_FLOW: LruHashMap<u64, u64> = LruHashMap::with_max_entries(MAX_SOCKS, 0);
+#[map(name = "sm_sock_acct")]
+static SOCK_ACCT: LruHashMap<u64, SockAcct> = LruHashMap::with_max_entries(MAX_SOCKS, 0);
 
 const SOCK_STREAM: u32 = 1;
 const ENOENT: i32 = 2;
+
+/// The proxy's in-pod ports: never a destination the proxy dials for a pod.
+#[inline(always)]
+fn is_proxy_port(port: u32) -> bool {
+    port == OUTBOUND_PORT as u32 || port == INBOUND_PLAINTEXT_PORT as u32 || port == HBONE_PORT as u32
+}
 
 #[inline(always)]
 fn bump(stat: Stat) {
@@ -112,10 +117,6 @@ fn connect(ctx: &SockAddrContext, family: u16) -> i32 {
         }
         read_volatile(&(*sk).mark)
     };
-    if mark == PROXY_MARK {
-        bump(Stat::ConnectSkippedMark);
-        return 1;
-    }
     let mut ip = [0u32; 4];
     // SAFETY: context fields, 4-byte loads.
     unsafe {
@@ -138,11 +139,30 @@ fn connect(ctx: &SockAddrContext, family: u16) -> i32 {
     let port = u16::from_be(unsafe { read_volatile(&(*sa).user_port) } as u16);
     // SAFETY: helper on our context.
     let cookie = unsafe { bpf_get_socket_cookie(sa as *mut c_void) };
+    if mark == PROXY_MARK {
+        bump(Stat::ConnectSkippedMark);
+        // Perhaps the proxy delivering a tunnel to the pod it sits in (the
+        // destination side of a flow, counted like the source side):
+        // sockops keeps it only if it connects to its own address.
+        if !is_proxy_port(port as u32) {
+            let dst = OrigDst {
+                ip,
+                port,
+                family,
+                flags: ORIG_DELIVERY,
+                cookie,
+            };
+            if CONNECT_DST.insert(&cookie, &dst, BPF_ANY as u64).is_ok() {
+                bump(Stat::ConnectDelivery);
+            }
+        }
+        return 1;
+    }
     let dst = OrigDst {
         ip,
         port,
         family,
-        _pad: 0,
+        flags: 0,
         cookie,
     };
     if CONNECT_DST.insert(&cookie, &dst, BPF_ANY as u64).is_err() {
@@ -214,7 +234,8 @@ fn sockops_key(ctx: &SockOpsContext, netns: u64) -> SockKey {
     k
 }
 
-/// The app's side: its connect was rewritten, so `sm_connect_dst` knows it.
+/// The active side of a connection we track: an app whose connect was
+/// rewritten (outbound), or the proxy delivering a tunnel into its pod.
 #[inline(always)]
 fn active_established(ctx: &SockOpsContext) {
     // SAFETY: helper on our context.
@@ -227,16 +248,31 @@ fn active_established(ctx: &SockOpsContext) {
     // SAFETY: helper on our context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.ops as *mut c_void) };
     let mut key = sockops_key(ctx, netns);
-    if key.remote_port != OUTBOUND_PORT as u32 {
+    let delivery = dst.flags & ORIG_DELIVERY != 0;
+    if delivery {
+        // Only a connection to the pod's own address is a delivery; other
+        // proxy sockets (passthrough) are not ours to count.
+        if key.local_ip != key.remote_ip {
+            let _ = CONNECT_DST.remove(&cookie);
+            return;
+        }
+    } else if key.remote_port != OUTBOUND_PORT as u32 {
         return;
     }
     let port_key = PortKey {
         netns,
         port: key.local_port as u16,
         family: key.family as u16,
-        _pad: 0,
+        kind: if delivery { PORT_DELIVERY } else { PORT_APP },
     };
     let _ = ORIG_DST.insert(&port_key, &dst, BPF_ANY as u64);
+    let mut flags = if delivery {
+        FLOW_DELIVERY
+    } else {
+        CONFIG.get(0).map(|c| c.flow_flags).unwrap_or(0)
+    };
+    let redirect = flags & FLOW_REDIRECT != 0;
+    flags &= FLOW_REDIRECT | FLOW_DELIVERY;
     let flow = Flow {
         netns,
         // SAFETY: helper without arguments.
@@ -250,15 +286,15 @@ fn active_established(ctx: &SockOpsContext) {
         family: key.family as u16,
         state: tcp_state::ESTABLISHED,
         protocol: IPPROTO_TCP,
-        flags: CONFIG.get(0).map(|c| c.flow_flags).unwrap_or(0),
+        flags,
         ..Flow::default()
     };
-    let redirect = flow.flags & FLOW_REDIRECT != 0;
     let _ = FLOWS.insert(&cookie, &flow, BPF_ANY as u64);
     let _ = ctx.set_cb_flags((BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG) as i32);
-    // Only a redirected flow puts the app's socket in the map: otherwise the
-    // app's socket is left exactly as the app made it.
     if !redirect {
+        // Count-only: the socket is left exactly as its owner made it; its
+        // acknowledged bytes are the flow's bytes_sent.
+        track(ctx, cookie, cookie, ACCT_SENT);
         return;
     }
     // SAFETY: ctx.ops is the sock_ops context the helper expects.
@@ -268,34 +304,113 @@ fn active_established(ctx: &SockOpsContext) {
     }
 }
 
-/// The proxy's side: accepted on the outbound listener, from an app socket
-/// whose original destination was published.
+/// The passive side: the proxy's end of an app's connection (accepted on
+/// 15001), or an app's end of a proxy delivery.
 #[inline(always)]
 fn passive_established(ctx: &SockOpsContext) {
     // SAFETY: helper on our context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.ops as *mut c_void) };
     let mut key = sockops_key(ctx, netns);
-    if key.local_port != OUTBOUND_PORT as u32 {
-        return;
-    }
+    let outbound = key.local_port == OUTBOUND_PORT as u32;
     let port_key = PortKey {
         netns,
         port: key.remote_port as u16,
         family: key.family as u16,
-        _pad: 0,
+        kind: if outbound { PORT_APP } else { PORT_DELIVERY },
     };
-    let app_cookie = match ORIG_DST.get_ptr(&port_key) {
+    let dst = match ORIG_DST.get_ptr(&port_key) {
         // SAFETY: value pointer just returned for this key.
-        Some(p) => unsafe { (*p).cookie },
+        Some(p) => unsafe { *p },
+        None => return,
+    };
+    if !outbound && (dst.port as u32 != key.local_port || key.local_ip != key.remote_ip) {
+        return;
+    }
+    let redirect = match FLOWS.get_ptr(&dst.cookie) {
+        // SAFETY: value pointer just returned for this key.
+        Some(f) => unsafe { (*f).flags & FLOW_REDIRECT != 0 },
         None => return,
     };
     // SAFETY: helper on our context.
-    let proxy_cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
-    let _ = PROXY_FLOW.insert(&proxy_cookie, &app_cookie, BPF_ANY as u64);
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
+    if !redirect {
+        track(ctx, cookie, dst.cookie, ACCT_RECEIVED);
+        if let Some(f) = FLOWS.get_ptr_mut(&dst.cookie) {
+            // SAFETY: value pointer just returned; the peer's field.
+            unsafe { (*f).peer_state = PEER_OPEN };
+        }
+        let _ = ctx.set_cb_flags((BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG) as i32);
+        return;
+    }
     // SAFETY: ctx.ops is the sock_ops context the helper expects.
     match SOCKS.update(&mut key, unsafe { &mut *ctx.ops }, BPF_ANY as u64) {
         Ok(()) => bump(Stat::SockInserted),
         Err(_) => bump(Stat::SockInsertFailed),
+    }
+}
+
+/// Makes this socket's acknowledged bytes feed `role` of flow `flow`.
+#[inline(always)]
+fn track(ctx: &SockOpsContext, cookie: u64, flow: u64, role: u32) {
+    // SAFETY: context field.
+    let acked = unsafe { read_volatile(&(*ctx.ops).bytes_acked) };
+    let acct = SockAcct {
+        flow,
+        base: acked as u32,
+        role,
+    };
+    let _ = SOCK_ACCT.insert(&cookie, &acct, BPF_ANY as u64);
+}
+
+/// Brings the flow counter this socket feeds up to date: its data bytes
+/// the peer acknowledged, which is exactly what the peer's socket received
+/// (and no byte twice). `state` is the socket's state now (the new one in
+/// a state callback). Counters only grow.
+#[inline(always)]
+fn account_acked(ctx: &SockOpsContext, cookie: u64, state: u32) {
+    let acct = match SOCK_ACCT.get_ptr(&cookie) {
+        // SAFETY: value pointer just returned for this key.
+        Some(p) => unsafe { *p },
+        None => return,
+    };
+    // SAFETY: context fields.
+    let (acked, una, nxt) = unsafe {
+        (
+            read_volatile(&(*ctx.ops).bytes_acked),
+            read_volatile(&(*ctx.ops).snd_una),
+            read_volatile(&(*ctx.ops).snd_nxt),
+        )
+    };
+    // bytes_acked also counts our FIN once it is acknowledged: a FIN is
+    // the last thing a socket sends, so it is acknowledged exactly when
+    // everything sent is (snd_una == snd_nxt) in a state after it was
+    // queued. Where that test is wrong (FIN queued but not yet sent, all
+    // data acknowledged) it undercounts by one for a moment, which the
+    // max below ignores; it never overcounts.
+    let fin = u64::from(tcp_state::fin_queued(state) && una == nxt);
+    let data = acked.saturating_sub(acct.base as u64 + fin);
+    let Some(flow) = FLOWS.get_ptr_mut(&acct.flow) else {
+        return;
+    };
+    let closed = state == tcp_state::CLOSE;
+    // SAFETY: value pointer just returned for this key; this socket is the
+    // only writer of the fields it touches (see `Flow`).
+    unsafe {
+        if acct.role == ACCT_SENT {
+            if data > (*flow).bytes_sent {
+                (*flow).bytes_sent = data;
+            }
+        } else {
+            if data > (*flow).bytes_received {
+                (*flow).bytes_received = data;
+            }
+            if closed {
+                (*flow).peer_state = PEER_CLOSED;
+            }
+        }
+    }
+    if closed {
+        let _ = SOCK_ACCT.remove(&cookie);
     }
 }
 
@@ -304,6 +419,7 @@ fn state_changed(ctx: &SockOpsContext) {
     let new_state = ctx.arg(1);
     // SAFETY: helper on our context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
+    account_acked(ctx, cookie, new_state);
     let Some(flow) = FLOWS.get_ptr_mut(&cookie) else {
         return;
     };
@@ -321,6 +437,9 @@ fn state_changed(ctx: &SockOpsContext) {
 fn rtt_sample(ctx: &SockOpsContext) {
     // SAFETY: helper on our context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
+    // SAFETY: context field.
+    let state = unsafe { read_volatile(&(*ctx.ops).state) };
+    account_acked(ctx, cookie, state);
     if let Some(flow) = FLOWS.get_ptr_mut(&cookie) {
         // SAFETY: context field; value pointer just returned for this key.
         // The kernel keeps srtt << 3.
@@ -397,7 +516,7 @@ fn account(key: &SockKey, size: u64) -> Option<u32> {
         netns: key.netns,
         port: app_port as u16,
         family: key.family as u16,
-        _pad: 0,
+        kind: PORT_APP,
     };
     let cookie = match ORIG_DST.get_ptr(&port_key) {
         // SAFETY: value pointer just returned for this key.
@@ -426,35 +545,18 @@ fn account(key: &SockKey, size: u64) -> Option<u32> {
 }
 
 // ---------------------------------------------------------------------------
-// sk_skb stream verdict (on sm_socks): what the proxy's socket receives
-// ---------------------------------------------------------------------------
-
-/// Counts what the proxy's end of a count-only flow receives over loopback
-/// TCP: the app's `bytes_sent`. Always passes the data on unchanged.
-#[stream_verdict]
-pub fn sm_sk_skb(ctx: SkBuffContext) -> u32 {
-    // SAFETY: helper on our context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if let Some(app) = PROXY_FLOW.get_ptr(&cookie) {
-        // SAFETY: value pointer just returned for this key.
-        let app = unsafe { *app };
-        if let Some(flow) = FLOWS.get_ptr_mut(&app) {
-            // SAFETY: value pointer just returned for this key; the only
-            // writer of bytes_sent for a count-only flow (see `Flow`).
-            unsafe {
-                if (*flow).flags & FLOW_REDIRECT == 0 {
-                    (*flow).bytes_sent += ctx.len() as u64;
-                }
-            }
-        }
-    }
-    sk_action::SK_PASS
-}
-
-// ---------------------------------------------------------------------------
 // sk_lookup
 // ---------------------------------------------------------------------------
 
+/// Inbound TCP in a captured pod's netns. Connections to the proxy's own
+/// ports go to its listeners; connections the pod makes to itself (the
+/// proxy delivering to the app) pass; everything else is steered
+/// to the pod's 15006 listener, or dropped when there is none — the proxy
+/// is down, restarting, draining, or the pod has no certificate yet. A
+/// captured pod never receives plaintext the proxy did not hand it, on any
+/// of its addresses (IPv4, IPv6, link-local). The program is attached only
+/// to captured pods' namespaces, from capture until unenroll, and its link
+/// is pinned, so this holds across a proxy crash.
 #[sk_lookup]
 pub fn sm_sk_lookup(ctx: SkLookupContext) -> u32 {
     let c = ctx.lookup;
@@ -465,11 +567,7 @@ pub fn sm_sk_lookup(ctx: SkLookupContext) -> u32 {
         if read_volatile(&(*c).protocol) != IPPROTO_TCP {
             return sk_action::SK_PASS;
         }
-        let port = read_volatile(&(*c).local_port);
-        if port == HBONE_PORT as u32
-            || port == INBOUND_PLAINTEXT_PORT as u32
-            || port == OUTBOUND_PORT as u32
-        {
+        if is_proxy_port(read_volatile(&(*c).local_port)) {
             return sk_action::SK_PASS;
         }
         key.family = read_volatile(&(*c).family);
@@ -493,15 +591,28 @@ pub fn sm_sk_lookup(ctx: SkLookupContext) -> u32 {
             }
         }
     }
-    // From the pod itself (e.g. the proxy delivering to the app): not ours.
+    // The pod talking to itself (the proxy delivering to the app). A SYN
+    // from the fabric with the pod's own address as source cannot open a
+    // connection: IPv4 drops it as a martian (accept_local is off), and on
+    // either family the SYN-ACK goes to the pod itself, never to the
+    // sender. (`ingress_ifindex` is no help here: for a connection to a
+    // local address it names the device holding the address, not `lo`.)
     if remote == key.ip {
         return sk_action::SK_PASS;
     }
-    // Addresses with no enrolled pod behind them pass untouched.
     match INBOUND.redirect_sk_lookup(&ctx, &key, 0) {
-        Ok(()) => bump(Stat::LookupSteered),
-        Err(e) if e == -ENOENT => {}
-        Err(_) => bump(Stat::LookupAssignFailed),
+        Ok(()) => {
+            bump(Stat::LookupSteered);
+            sk_action::SK_PASS
+        }
+        Err(e) => {
+            // No listener registered for this address, or it is gone (or
+            // could not take it): fail closed.
+            if e != -ENOENT {
+                bump(Stat::LookupAssignFailed);
+            }
+            bump(Stat::LookupRefused);
+            sk_action::SK_DROP
+        }
     }
-    sk_action::SK_PASS
 }

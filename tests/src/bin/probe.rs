@@ -118,6 +118,10 @@ enum Cmd {
         /// before half-closing (the flow stays open meanwhile).
         #[arg(long)]
         hold: bool,
+        /// Give up connecting after this long (a dropped SYN otherwise
+        /// blocks for minutes).
+        #[arg(long)]
+        connect_timeout_ms: Option<u64>,
         #[command(flatten)]
         traffic: Traffic,
     },
@@ -218,9 +222,10 @@ fn main() -> Result<()> {
             to,
             mark,
             hold,
+            connect_timeout_ms,
             traffic,
         } => {
-            let s = dial(to, mark)?;
+            let s = dial(to, mark, connect_timeout_ms.map(Duration::from_millis))?;
             s.set_read_timeout(Some(IO_TIMEOUT))?;
             s.set_write_timeout(Some(IO_TIMEOUT))?;
             emit(
@@ -252,7 +257,7 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-fn dial(to: SocketAddr, mark: bool) -> Result<TcpStream> {
+fn dial(to: SocketAddr, mark: bool, timeout: Option<Duration>) -> Result<TcpStream> {
     let family = if to.is_ipv4() {
         AddressFamily::Inet
     } else {
@@ -261,6 +266,11 @@ fn dial(to: SocketAddr, mark: bool) -> Result<TcpStream> {
     let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
     if mark {
         setsockopt(&fd, sockopt::Mark, &mesh_ebpf::PROXY_MARK).context("set SO_MARK")?;
+    }
+    if let Some(t) = timeout {
+        // A blocking connect gives up after SO_SNDTIMEO.
+        let tv = nix::sys::time::TimeVal::new(t.as_secs() as i64, t.subsec_micros() as i64);
+        setsockopt(&fd, sockopt::SendTimeout, &tv).context("set SO_SNDTIMEO")?;
     }
     connect(
         std::os::fd::AsRawFd::as_raw_fd(&fd),
@@ -420,7 +430,7 @@ fn load(
     if let Some(n) = connections {
         let start = Instant::now();
         for i in 0..n {
-            let mut c = dial(to, mark)?;
+            let mut c = dial(to, mark, None)?;
             c.set_nodelay(true)?;
             c.set_read_timeout(Some(IO_TIMEOUT))?;
             c.write_all(b"x")?;
@@ -437,7 +447,7 @@ fn load(
     if let Some(n) = idle {
         let mut held = Vec::with_capacity(n);
         for _ in 0..n {
-            let mut c = dial(to, mark)?;
+            let mut c = dial(to, mark, None)?;
             c.set_read_timeout(Some(IO_TIMEOUT))?;
             c.write_all(b"x")?;
             let mut b = [0u8; 1];
@@ -448,7 +458,7 @@ fn load(
         wait_stdin();
         return Ok(());
     }
-    let mut s = dial(to, mark)?;
+    let mut s = dial(to, mark, None)?;
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(IO_TIMEOUT))?;
     if let Some(total) = stream {
