@@ -55,7 +55,9 @@ const ENOENT: i32 = 2;
 /// The proxy's in-pod ports: never a destination the proxy dials for a pod.
 #[inline(always)]
 fn is_proxy_port(port: u32) -> bool {
-    port == OUTBOUND_PORT as u32 || port == INBOUND_PLAINTEXT_PORT as u32 || port == HBONE_PORT as u32
+    port == OUTBOUND_PORT as u32
+        || port == INBOUND_PLAINTEXT_PORT as u32
+        || port == HBONE_PORT as u32
 }
 
 #[inline(always)]
