@@ -266,8 +266,9 @@ pub fn policies(registry: &std::path::Path) -> Vec<PolicyStatus> {
         .collect()
 }
 
-/// The status as tables.
-pub fn render(s: &Status, now: u64, paint: &Paint) -> String {
+/// The status as tables, at `now_ms` (milliseconds since the epoch).
+pub fn render(s: &Status, now_ms: u64, paint: &Paint) -> String {
+    let now = now_ms / 1000;
     let mut out = format!(
         "{} {}  (state {})\n\n",
         paint.bold("Mesh"),
@@ -283,7 +284,6 @@ pub fn render(s: &Status, now: u64, paint: &Paint) -> String {
         "READY",
         "REDIRECTION",
     ]);
-    let now_ms = now.saturating_mul(1000);
     for n in &s.nodes {
         let proxy = match (n.proxy_pid, n.proxy_state.as_str()) {
             (Some(pid), _) => (format!("up (pid {pid})"), Style::Green),
@@ -406,6 +406,12 @@ pub fn render(s: &Status, now: u64, paint: &Paint) -> String {
     out
 }
 
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 pub fn run(name: &str, args: &StatusArgs) -> Result<u8> {
     require_root("status")?;
     let mesh = crate::local::open(name)?;
@@ -413,7 +419,7 @@ pub fn run(name: &str, args: &StatusArgs) -> Result<u8> {
     if args.output.json() {
         println!("{}", serde_json::to_string_pretty(&s)?);
     } else {
-        print!("{}", render(&s, units::now_unix(), &Paint::stdout()));
+        print!("{}", render(&s, now_unix_ms(), &Paint::stdout()));
     }
     Ok(if s.problems.is_empty() { 0 } else { 1 })
 }
@@ -513,7 +519,7 @@ mod tests {
             }],
             problems: vec!["node node-b: mesh-proxy is not running: exited 1, restarting".into()],
         };
-        let got = render(&s, 1000, &Paint::off());
+        let got = render(&s, 1_000_000, &Paint::off());
         let want = "\
 Mesh demo  (state /run/sockmesh/demo)
 

@@ -370,7 +370,7 @@ pub fn run(cfg: &Config, stop: &AtomicBool, say: &mut dyn FnMut(&str)) -> Result
                     .iter()
                     .map(|a| a.to_string_lossy().into_owned())
                     .collect();
-                say(&format!("started the proxy (pid {})", child.id()));
+                say(&format!("started mesh-proxy (pid {})", child.id()));
                 rec.phase = Phase::Running;
                 rec.proxy = Some(proxy);
                 rec.proxy_started_unix_ms = Some(now);
@@ -383,7 +383,7 @@ pub fn run(cfg: &Config, stop: &AtomicBool, say: &mut dyn FnMut(&str)) -> Result
                         return Ok(Outcome::MeshGone);
                     }
                     Watched::Stopped(exit) => {
-                        say(&format!("told to stop; the proxy {exit}"));
+                        say(&format!("told to stop; mesh-proxy {exit}"));
                         rec.proxy = None;
                         rec.phase = Phase::Stopped;
                         rec.last_exit = Some(LastExit {
@@ -402,6 +402,10 @@ pub fn run(cfg: &Config, stop: &AtomicBool, say: &mut dyn FnMut(&str)) -> Result
         };
         let ran = started.elapsed();
         let exited = now_ms();
+        let who = match &rec.proxy {
+            Some(p) => format!("mesh-proxy (pid {})", p.pid),
+            None => "mesh-proxy".to_owned(),
+        };
         rec.proxy = None;
         rec.last_exit = Some(LastExit {
             exit: exit.clone(),
@@ -409,7 +413,9 @@ pub fn run(cfg: &Config, stop: &AtomicBool, say: &mut dyn FnMut(&str)) -> Result
             ran_ms: ms(ran),
         });
         if !exit.is_crash() {
-            say(&format!("the proxy {exit} after {ran:.1?}: not restarted"));
+            say(&format!(
+                "{who} {exit} after {ran:.1?}: a clean exit, not restarted"
+            ));
             rec.phase = Phase::Stopped;
             rec.save(&cfg.record)?;
             return Ok(Outcome::ProxyStopped(exit));
@@ -432,7 +438,7 @@ pub fn run(cfg: &Config, stop: &AtomicBool, say: &mut dyn FnMut(&str)) -> Result
         rec.next_start_unix_ms = Some(exited.saturating_add(ms(delay)));
         rec.phase = Phase::Backoff;
         say(&format!(
-            "the proxy {exit} after {ran:.1?}; restart {} in {delay:.1?}",
+            "{who} {exit} after {ran:.1?}: restart {} in {delay:.1?}",
             rec.restarts
         ));
         rec.save(&cfg.record)?;

@@ -1,0 +1,349 @@
+//! End-to-end tier: the local mesh restarts a crashed node proxy the way a
+//! DaemonSet would — a supervisor per node (`mesh supervise`) restarts it
+//! with a growing backoff, counts the restarts for `mesh status`, leaves a
+//! drained proxy down, can hold a crashed one down for a test, and goes
+//! away with `mesh down`. Needs root; fails (never skips) without it.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use mesh_local::control::{Binaries, ControlOptions};
+use mesh_local::state::ProcessRecord;
+use mesh_local::supervise::{Exit, Phase, Supervision};
+use mesh_local::{Mesh, Topology};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+const NODE: &str = "node-a";
+
+fn bins() -> Result<Binaries> {
+    // Workspace binaries sit next to the test's deps directory.
+    let dir = std::env::current_exe()?
+        .parent()
+        .and_then(|d| d.parent())
+        .context("test binary has no target dir")?
+        .to_owned();
+    let b = Binaries {
+        ca: dir.join("mesh-ca"),
+        proxy: dir.join("mesh-proxy"),
+    };
+    for p in [&b.ca, &b.proxy, &b.supervisor()] {
+        ensure!(
+            p.exists(),
+            "{} is not built: run `cargo build --bins` (./x test does)",
+            p.display()
+        );
+    }
+    Ok(b)
+}
+
+/// A mesh with the default control options (proxies supervised); `down`
+/// on drop, even when the test fails.
+fn up(tag: &str) -> Result<(Mesh, Binaries)> {
+    sockmesh_tests::require_privileges();
+    let name = format!("{tag}{}", std::process::id() % 100_000);
+    let bins = bins()?;
+    let _ = mesh_local::down(&name, &mesh_local::Options::default());
+    let mut mesh = mesh_local::up(
+        &name,
+        &Topology::demo(),
+        &mesh_local::Options::default(),
+        &mut |_| {},
+    )?;
+    mesh.start_control(&bins, &ControlOptions::default(), &mut |_| {})
+        .with_context(|| format!("control plane; logs under {}", mesh.state_dir().display()))?;
+    Ok((mesh, bins))
+}
+
+/// Polls `ok` every 50 ms until it gives a value, failing after `timeout`.
+fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut ok: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = ok()? {
+            return Ok(v);
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{what} did not happen within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn record(m: &Mesh) -> Result<Supervision> {
+    m.supervision(NODE).with_context(|| {
+        format!(
+            "no supervision record {}",
+            m.supervision_file(NODE).display()
+        )
+    })
+}
+
+fn signal(pid: u32, sig: Signal) -> Result<()> {
+    kill(Pid::from_raw(i32::try_from(pid)?), sig)?;
+    Ok(())
+}
+
+/// Kills the (ready) proxy with SIGKILL and waits until its supervisor has
+/// started another one and that one is ready; returns the new pid.
+fn kill_and_wait_restart(m: &Mesh) -> Result<u32> {
+    let old = m.proxy_pid(NODE).context("no proxy running on node-a")?;
+    signal(old, Signal::SIGKILL)?;
+    let new = wait_for(
+        "the restart of the killed proxy",
+        Duration::from_secs(30),
+        || Ok(m.proxy_pid(NODE).filter(|p| *p != old)),
+    )?;
+    m.wait_proxy_ready(NODE, Duration::from_secs(30))?;
+    Ok(new)
+}
+
+fn log(m: &Mesh) -> String {
+    std::fs::read_to_string(m.control_log(&format!("proxy-{NODE}"))).unwrap_or_default()
+}
+
+/// `mesh status -o json` of the mesh, from the real `mesh` program.
+fn status_json(m: &Mesh, bins: &Binaries) -> Result<Value> {
+    let out = Command::new(bins.supervisor())
+        .args(["--name", m.name(), "status", "-o", "json"])
+        .env("NO_COLOR", "1")
+        .output()?;
+    serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "mesh status -o json printed {:?} ({})",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+fn node_status<'a>(status: &'a Value, node: &str) -> Result<&'a Value> {
+    status["nodes"]
+        .as_array()
+        .and_then(|a| a.iter().find(|n| n["name"] == node))
+        .with_context(|| format!("no node {node} in {status:#}"))
+}
+
+#[test]
+fn a_killed_proxy_is_restarted_ready_and_counted_in_mesh_status() -> Result<()> {
+    let (m, bins) = up("sa")?;
+    let r = record(&m)?;
+    ensure!(
+        r.supervisor_alive() && r.restarts == 0 && r.phase == Phase::Running,
+        "{r:?}"
+    );
+    let before = m.proxy_pid(NODE).context("no proxy on node-a")?;
+    ensure!(
+        m.node_pids(NODE, &bins.proxy) == [before],
+        "node_pids sees the supervised proxy"
+    );
+
+    let killed_at = Instant::now();
+    let after = kill_and_wait_restart(&m)?;
+    m.wait_proxy_ready(NODE, Duration::from_secs(30))?;
+    eprintln!("SIGKILL to ready again: {:?}", killed_at.elapsed());
+    let (code, _) = m.admin_get(NODE, "/config_dump")?;
+    ensure!(code == 200, "admin port after the restart: {code}");
+    ensure!(after != before);
+
+    let r = record(&m)?;
+    ensure!(r.restarts == 1, "restarts: {r:?}");
+    let want = Exit::Signal {
+        signal: 9,
+        name: "SIGKILL".into(),
+    };
+    ensure!(r.history.len() == 1 && r.history[0].exit == want, "{r:?}");
+    ensure!(r.proxy_pid() == Some(after), "{r:?}");
+    ensure!(
+        log(&m).contains("killed by SIGKILL"),
+        "the supervisor's line is in the proxy log:\n{}",
+        log(&m)
+    );
+
+    // What a user sees.
+    let st = status_json(&m, &bins)?;
+    let n = node_status(&st, NODE)?;
+    ensure!(
+        n["proxy_pid"] == after
+            && n["proxy_state"] == "running"
+            && n["restarts"] == 1
+            && n["last_exit"]["reason"] == "killed by SIGKILL"
+            && n["supervisor_pid"] == r.supervisor.pid,
+        "status of {NODE}: {n:#}"
+    );
+    let other = node_status(&st, "node-b")?;
+    ensure!(other["restarts"] == 0, "node-b: {other:#}");
+    Ok(())
+}
+
+#[test]
+fn repeated_crashes_wait_longer_each_time_and_down_leaves_nothing() -> Result<()> {
+    let (m, _bins) = up("sb")?;
+    for _ in 0..3 {
+        kill_and_wait_restart(&m)?;
+    }
+    let r = record(&m)?;
+    ensure!(r.restarts == 3, "{r:?}");
+    let delays: Vec<u64> = r.history.iter().map(|h| h.delay_ms).collect();
+    ensure!(delays == [500, 1000, 2000], "backoff: {delays:?}");
+    // The recorded times: each restart came after its backoff, later than
+    // the one before.
+    let mut gaps = Vec::new();
+    for h in &r.history {
+        let restarted = h.restarted_unix_ms.context("a restart without its time")?;
+        let gap = restarted.saturating_sub(h.exited_unix_ms);
+        ensure!(gap >= h.delay_ms && !h.kicked, "{h:?}");
+        gaps.push(gap);
+    }
+    ensure!(gaps.windows(2).all(|w| w[1] > w[0]), "gaps {gaps:?}");
+
+    // down: supervisors, proxies and everything else gone.
+    let supervisors: Vec<ProcessRecord> = m
+        .state()
+        .nodes
+        .iter()
+        .filter_map(|n| m.supervision(&n.name))
+        .map(|s| s.supervisor)
+        .collect();
+    let proxies: Vec<ProcessRecord> = m
+        .state()
+        .nodes
+        .iter()
+        .filter_map(|n| m.supervision(&n.name).and_then(|s| s.proxy))
+        .collect();
+    ensure!(supervisors.len() == 2 && proxies.len() == 2);
+    let name = m.name().to_owned();
+    let state_dir = m.state_dir();
+    let report = m.down()?;
+    for p in supervisors.iter().chain(&proxies) {
+        ensure!(
+            !p.alive(),
+            "pid {} ({}) survived down",
+            p.pid,
+            p.argv.join(" ")
+        );
+        ensure!(report.killed.contains(&p.pid), "{report}");
+    }
+    ensure!(
+        !state_dir.exists(),
+        "{} is still there",
+        state_dir.display()
+    );
+    let left: Vec<String> = std::fs::read_dir("/run/netns")?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&format!("sockmesh-{name}")))
+        .collect();
+    ensure!(left.is_empty(), "netns left: {left:?}");
+    let cg = mesh_local::Options::default().mesh_cgroup(&name);
+    ensure!(!cg.exists(), "{} is still there", cg.display());
+    Ok(())
+}
+
+#[test]
+fn a_held_proxy_stays_down_until_started_and_a_drained_one_is_not_restarted() -> Result<()> {
+    let (mut m, bins) = up("sc")?;
+    // Held: the crash is recorded, the proxy stays down, the node fails
+    // closed (nothing listens on its readiness port).
+    m.hold_proxy(NODE)?;
+    let old = m.proxy_pid(NODE).context("no proxy")?;
+    signal(old, Signal::SIGKILL)?;
+    let r = wait_for("the supervisor to hold", Duration::from_secs(10), || {
+        Ok(m.supervision(NODE).filter(|r| r.phase == Phase::Held))
+    })?;
+    ensure!(r.restarts == 1 && r.supervisor_alive(), "{r:?}");
+    ensure!(m.proxy_pid(NODE).is_none() && m.node_pids(NODE, &bins.proxy).is_empty());
+    ensure!(
+        m.wait_proxy_ready(NODE, Duration::from_millis(300))
+            .is_err()
+    );
+    let st = status_json(&m, &bins)?;
+    let n = node_status(&st, NODE)?;
+    ensure!(
+        n["proxy_state"] == "held" && n["proxy_pid"].is_null(),
+        "{n:#}"
+    );
+
+    // On demand: start_proxy lifts the hold; the same supervisor starts it.
+    m.start_proxy(NODE, &bins, &ControlOptions::default())?;
+    m.wait_proxy_ready(NODE, Duration::from_secs(30))?;
+    let r = record(&m)?;
+    ensure!(r.history.last().is_some_and(|h| h.kicked), "{r:?}");
+    ensure!(!m.proxy_hold_file(NODE).exists());
+
+    // SIGTERM drains the proxy: a clean exit is not restarted, and the
+    // supervisor leaves.
+    let pid = m.proxy_pid(NODE).context("no proxy after start_proxy")?;
+    let supervisor = r.supervisor.clone();
+    signal(pid, Signal::SIGTERM)?;
+    let r = wait_for("the supervisor to stop", Duration::from_secs(20), || {
+        Ok(m.supervision(NODE)
+            .filter(|r| r.phase == Phase::Stopped && !r.supervisor_alive()))
+    })?;
+    ensure!(
+        r.restarts == 1 && m.proxy_pid(NODE).is_none() && !supervisor.alive(),
+        "{r:?}"
+    );
+    ensure!(
+        r.last_exit.as_ref().map(|e| &e.exit) == Some(&Exit::Code { code: 0 }),
+        "{r:?}"
+    );
+    let st = status_json(&m, &bins)?;
+    let n = node_status(&st, NODE)?;
+    ensure!(n["proxy_state"] == "stopped", "{n:#}");
+    ensure!(
+        st["problems"].as_array().is_some_and(|p| p.iter().any(|p| p
+            .as_str()
+            .is_some_and(|p| p.contains("exited 0, not restarted")))),
+        "{st:#}"
+    );
+
+    // Started again: a new supervisor carries the count on.
+    m.start_proxy(NODE, &bins, &ControlOptions::default())?;
+    m.wait_proxy_ready(NODE, Duration::from_secs(30))?;
+    let r = record(&m)?;
+    ensure!(
+        r.supervisor.pid != supervisor.pid && r.restarts == 1 && r.phase == Phase::Running,
+        "{r:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn without_supervision_a_killed_proxy_is_left_to_start_proxy() -> Result<()> {
+    sockmesh_tests::require_privileges();
+    let name = format!("sd{}", std::process::id() % 100_000);
+    let bins = bins()?;
+    let _ = mesh_local::down(&name, &mesh_local::Options::default());
+    let mut m = mesh_local::up(
+        &name,
+        &Topology::demo(),
+        &mesh_local::Options::default(),
+        &mut |_| {},
+    )?;
+    let opts = ControlOptions {
+        restart_proxies: false,
+        ..ControlOptions::default()
+    };
+    m.start_control(&bins, &opts, &mut |_| {})?;
+    ensure!(m.supervision(NODE).is_none());
+    let pids = m.node_pids(NODE, &bins.proxy);
+    ensure!(pids.len() == 1, "{pids:?}");
+    signal(pids[0], Signal::SIGKILL)?;
+    wait_for("the proxy's death", Duration::from_secs(5), || {
+        Ok(m.proxy_pid(NODE).is_none().then_some(()))
+    })?;
+    m.start_proxy(NODE, &bins, &opts)?;
+    m.wait_proxy_ready(NODE, Duration::from_secs(30))?;
+    ensure!(
+        m.supervision(NODE).is_none(),
+        "start_proxy made a supervisor"
+    );
+    Ok(())
+}
