@@ -471,6 +471,33 @@ mod tests {
         fuzz_decode(&decode_pem(&pem).unwrap());
     }
 
+    /// The fuzz target's seeds, `fuzz/seeds/{target}`: `./x fuzz` starts the
+    /// target's corpus from the same files.
+    fn seed_files(target: &str) -> Vec<Vec<u8>> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../fuzz/seeds")
+            .join(target);
+        let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        let seeds: Vec<Vec<u8>> = entries
+            .map(|entry| {
+                let path = entry
+                    .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+                    .path();
+                std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            })
+            .collect();
+        assert!(seeds.len() >= 5, "{}: {} seeds", dir.display(), seeds.len());
+        seeds
+    }
+
+    #[test]
+    fn fuzz_seed_files() {
+        for seed in seed_files("sign_request") {
+            fuzz_decode(&seed);
+        }
+    }
+
+    /// A CSR made now, and the seeds the target starts from.
     #[test]
     fn fuzz_seeds() {
         let key = KeyPair::generate().unwrap();

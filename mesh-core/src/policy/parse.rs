@@ -1165,6 +1165,40 @@ mod tests {
         }
     }
 
+    /// The fuzz target's seeds, `fuzz/seeds/{target}`: `./x fuzz` starts the
+    /// target's corpus from the same files.
+    fn seed_files(target: &str) -> Vec<Vec<u8>> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../fuzz/seeds")
+            .join(target);
+        let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        let seeds: Vec<Vec<u8>> = entries
+            .map(|entry| {
+                let path = entry
+                    .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+                    .path();
+                std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            })
+            .collect();
+        assert!(seeds.len() >= 5, "{}: {} seeds", dir.display(), seeds.len());
+        seeds
+    }
+
+    /// The policy fuzz target's body (`fuzz/fuzz_targets/policy_yaml.rs`)
+    /// over its seeds.
+    #[test]
+    fn fuzz_seed_files() {
+        for seed in seed_files("policy_yaml") {
+            let Ok(text) = std::str::from_utf8(&seed) else {
+                continue;
+            };
+            match parse_policies(text) {
+                Err(e) => assert_eq!(e.check_message(text), Ok(()), "{text}"),
+                Ok(_) => crate::policy::fuzz_policy_yaml(&seed),
+            }
+        }
+    }
+
     #[test]
     fn refusals_of_seeds_pass_the_message_check() {
         for yaml in [
