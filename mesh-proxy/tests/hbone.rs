@@ -14,8 +14,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Empty;
 use mesh_proxy::hbone::{
-    Connector, H2Config, Handler, HboneError, Pool, PoolKey, Refusal, ServeSummary, Tunnel,
-    TunnelClosed, serve,
+    CapExceeded, Connector, H2Config, Handler, HboneError, Limiter, Pool, PoolKey, Refusal,
+    ServeSummary, ServerLimits, Tunnel, TunnelClosed, serve, serve_tcp,
 };
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -358,6 +358,8 @@ struct TestConnector {
     tls: Arc<rustls::ClientConfig>,
     expect_peer: String,
     dials: AtomicUsize,
+    /// Dial from this loopback address (each is a separate peer).
+    source: Option<std::net::IpAddr>,
 }
 
 impl TestConnector {
@@ -366,6 +368,7 @@ impl TestConnector {
             tls: pki.client_config(identity),
             expect_peer: SERVER_ID.into(),
             dials: AtomicUsize::new(0),
+            source: None,
         }
     }
 }
@@ -373,7 +376,10 @@ impl TestConnector {
 impl Connector for TestConnector {
     async fn dial(&self, key: &PoolKey) -> io::Result<TcpStream> {
         self.dials.fetch_add(1, Ordering::SeqCst);
-        TcpStream::connect(key.dest).await
+        match self.source {
+            Some(ip) => connect_from(ip, key.dest).await,
+            None => TcpStream::connect(key.dest).await,
+        }
     }
 
     fn tls(
@@ -880,4 +886,419 @@ async fn mtls_is_required_and_the_peer_identity_checked() {
     assert!(matches!(err, HboneError::PeerRejected { .. }), "{err}");
     assert!(err.to_string().contains(SERVER_ID), "{err}");
     assert_eq!(wrong_peer.connection_count(), 0);
+}
+
+// ---------------------------------------------------------------- limits
+
+/// A TCP connection from `source` (any 127.x.y.z address works on `lo`).
+async fn connect_from(source: std::net::IpAddr, addr: SocketAddr) -> io::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(source, 0))?;
+    socket.connect(addr).await
+}
+
+fn ip(s: &str) -> std::net::IpAddr {
+    s.parse().unwrap()
+}
+
+/// An HBONE listener as the node proxy runs it: every accepted connection
+/// goes through `serve_tcp` with one shared `Limiter`.
+struct LimitedServer {
+    addr: SocketAddr,
+    handler: Arc<TestHandler>,
+    limiter: Arc<Limiter>,
+    errors: Arc<Mutex<Vec<HboneError>>>,
+    accept_task: JoinHandle<()>,
+}
+
+impl LimitedServer {
+    async fn start(pki: &Pki, limits: ServerLimits) -> LimitedServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let tls = pki.server_config();
+        let handler = Arc::new(TestHandler::default());
+        let limiter = Limiter::new(limits);
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let accept_task = tokio::spawn({
+            let (handler, limiter, errors) = (handler.clone(), limiter.clone(), errors.clone());
+            async move {
+                while let Ok((tcp, peer)) = listener.accept().await {
+                    let (tls, handler, limiter, errors) = (
+                        tls.clone(),
+                        handler.clone(),
+                        limiter.clone(),
+                        errors.clone(),
+                    );
+                    tokio::spawn(async move {
+                        let drain = std::future::pending();
+                        let h2 = H2Config::default();
+                        if let Err(e) =
+                            serve_tcp(tcp, peer, tls, handler, drain, &limiter, &h2).await
+                        {
+                            errors.lock().unwrap().push(e);
+                        }
+                    });
+                }
+            }
+        });
+        LimitedServer {
+            addr,
+            handler,
+            limiter,
+            errors,
+            accept_task,
+        }
+    }
+
+    fn caps_hit(&self) -> Vec<CapExceeded> {
+        let errors = self.errors.lock().unwrap();
+        errors
+            .iter()
+            .filter_map(|e| e.cap_exceeded().cloned())
+            .collect()
+    }
+}
+
+impl Drop for LimitedServer {
+    fn drop(&mut self) {
+        self.accept_task.abort();
+    }
+}
+
+/// Time until the server closes `tcp` (EOF or reset), reading and
+/// discarding whatever it sends.
+async fn closed_after(mut tcp: impl AsyncRead + Unpin, since: tokio::time::Instant) -> Duration {
+    let mut buf = [0u8; 4096];
+    loop {
+        match within("the server to close", tcp.read(&mut buf)).await {
+            Ok(0) | Err(_) => return since.elapsed(),
+            Ok(_) => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_a_cap_are_reset_before_tls_and_other_peers_still_get_in() {
+    let pki = Pki::new();
+    let limits = ServerLimits {
+        max_connections: 6,
+        max_connections_per_peer: 4,
+        // Held for the whole test: only the caps are under test here.
+        handshake_timeout: WAIT,
+        ..ServerLimits::default()
+    };
+    let server = LimitedServer::start(&pki, limits).await;
+    let app = echo_app().await;
+
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(connect_from(ip("127.0.0.1"), server.addr).await.unwrap());
+    }
+    eventually("4 admitted", || server.limiter.stats().open == 4).await;
+
+    // The fifth from the same address: reset at once, no TLS, counted.
+    let start = tokio::time::Instant::now();
+    if let Ok(fifth) = connect_from(ip("127.0.0.1"), server.addr).await {
+        let took = closed_after(fifth, start).await;
+        assert!(took < Duration::from_secs(5), "reset only after {took:?}");
+    }
+    eventually("the refusal counted", || {
+        server.limiter.stats().refused_per_peer_cap == 1
+    })
+    .await;
+    assert_eq!(
+        server.caps_hit(),
+        [CapExceeded::PerPeer {
+            peer: ip("127.0.0.1"),
+            max: 4
+        }]
+    );
+
+    // Another address gets in, up to the node-wide cap.
+    for _ in 0..2 {
+        held.push(connect_from(ip("127.0.0.2"), server.addr).await.unwrap());
+    }
+    eventually("6 admitted", || server.limiter.stats().open == 6).await;
+    if let Ok(seventh) = connect_from(ip("127.0.0.3"), server.addr).await {
+        closed_after(seventh, tokio::time::Instant::now()).await;
+    }
+    eventually("the global refusal counted", || {
+        server.limiter.stats().refused_total_cap == 1
+    })
+    .await;
+    assert!(server.caps_hit().contains(&CapExceeded::Total {
+        peer: ip("127.0.0.3"),
+        max: 6
+    }));
+    assert_eq!(server.limiter.open_from(ip("127.0.0.3")), 0);
+
+    // A closed connection gives its place back: a real tunnel from the
+    // third address now works.
+    held.pop();
+    eventually("a place freed", || server.limiter.stats().open == 5).await;
+    let mut connector = TestConnector::new(&pki, Some(CLIENT_ID));
+    connector.source = Some(ip("127.0.0.3"));
+    let pool = Pool::new(connector, H2Config::default());
+    let mut t = within(
+        "tunnel",
+        pool.connect(&PoolKey::new(CLIENT_ID, server.addr), app),
+    )
+    .await
+    .unwrap();
+    t.write_all(b"in").await.unwrap();
+    t.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    within("echo", t.read_to_end(&mut back)).await.unwrap();
+    assert_eq!(back, b"in");
+    assert_eq!(server.limiter.open_from(ip("127.0.0.3")), 1);
+}
+
+/// An HTTP/2 client written frame by frame, to open more streams than the
+/// server's SETTINGS allow (the h2 crate never would: it queues them).
+mod raw_h2 {
+    pub const HEADERS: u8 = 1;
+    pub const RST_STREAM: u8 = 3;
+    pub const SETTINGS: u8 = 4;
+    pub const GOAWAY: u8 = 7;
+    pub const END_HEADERS: u8 = 0x4;
+    pub const ACK: u8 = 0x1;
+    pub const REFUSED_STREAM: u32 = 7;
+
+    pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len() as u32;
+        let mut f = len.to_be_bytes()[1..].to_vec();
+        f.push(kind);
+        f.push(flags);
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// HPACK, literal fields without indexing, names from the static
+    /// table: `:method CONNECT` (index 2), `:authority` (index 1).
+    pub fn connect_headers(authority: &str) -> Vec<u8> {
+        let mut block = vec![0x02, 7];
+        block.extend_from_slice(b"CONNECT");
+        block.push(0x01);
+        block.push(authority.len() as u8);
+        block.extend_from_slice(authority.as_bytes());
+        block
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_over_the_cap_on_one_connection_are_refused_with_refused_stream() {
+    use raw_h2::*;
+    let pki = Pki::new();
+    let server = LimitedServer::start(&pki, ServerLimits::default()).await;
+    let app = echo_app().await;
+    let cap = H2Config::default().max_concurrent_streams as usize;
+    let asked = cap + 20;
+
+    let tcp = TcpStream::connect(server.addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(pki.client_config(Some(CLIENT_ID)))
+        .connect(ServerName::try_from("hbone.invalid").unwrap(), tcp)
+        .await
+        .unwrap();
+    // Preface, our SETTINGS, and every stream at once, before reading the
+    // server's SETTINGS (which announce the cap).
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(SETTINGS, 0, 0, &[]));
+    for i in 0..asked as u32 {
+        out.extend(frame(
+            HEADERS,
+            END_HEADERS,
+            2 * i + 1,
+            &connect_headers(&app.to_string()),
+        ));
+    }
+    tls.write_all(&out).await.unwrap();
+
+    let (mut ok, mut refused) = (Vec::new(), Vec::new());
+    within("an answer on every stream", async {
+        while ok.len() + refused.len() < asked {
+            let mut head = [0u8; 9];
+            tls.read_exact(&mut head).await.unwrap();
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let (kind, flags) = (head[3], head[4]);
+            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            let mut payload = vec![0u8; len];
+            tls.read_exact(&mut payload).await.unwrap();
+            match kind {
+                // `:status 200` is static-table entry 8: 0x88.
+                HEADERS => {
+                    assert_eq!(payload.first(), Some(&0x88), "stream {stream}: not 200");
+                    ok.push(stream);
+                }
+                RST_STREAM => {
+                    let code = u32::from_be_bytes(payload[..4].try_into().unwrap());
+                    assert_eq!(code, REFUSED_STREAM, "stream {stream} reset with {code}");
+                    refused.push(stream);
+                }
+                SETTINGS if flags & ACK == 0 => {
+                    tls.write_all(&frame(SETTINGS, ACK, 0, &[])).await.unwrap();
+                }
+                GOAWAY => panic!("GOAWAY after {} ok, {} refused", ok.len(), refused.len()),
+                _ => {}
+            }
+        }
+    })
+    .await;
+    // The first `cap` streams are tunnels; the rest were refused without
+    // reaching the handler.
+    assert_eq!(ok.len(), cap, "{} ok, {} refused", ok.len(), refused.len());
+    assert_eq!(refused.len(), asked - cap);
+    assert!(refused.iter().all(|id| *id > 2 * cap as u32), "{refused:?}");
+    assert_eq!(server.handler.peers.lock().unwrap().len(), cap);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_tunnel_is_closed_after_its_idle_timeout_and_a_busy_one_is_not() {
+    let pki = Pki::new();
+    let idle = Duration::from_millis(500);
+    let limits = ServerLimits {
+        tunnel_idle_timeout: idle,
+        ..ServerLimits::default()
+    };
+    let server = LimitedServer::start(&pki, limits).await;
+    let app = echo_app().await;
+    let pool = pool(&pki);
+    let mut t = within(
+        "tunnel",
+        pool.connect(&PoolKey::new(CLIENT_ID, server.addr), app),
+    )
+    .await
+    .unwrap();
+
+    // Busy for three idle timeouts: a byte each way every 100 ms keeps it.
+    let busy_until = tokio::time::Instant::now() + 3 * idle;
+    let mut buf = [0u8; 1];
+    while tokio::time::Instant::now() < busy_until {
+        t.write_all(b"x").await.unwrap();
+        within("echo", t.read_exact(&mut buf)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(server.handler.closed.lock().unwrap().is_empty());
+
+    // Then silent: closed once the timeout has passed since the last byte.
+    let quiet_since = tokio::time::Instant::now();
+    let took = closed_after(&mut t, quiet_since).await;
+    assert!(
+        took >= idle - Duration::from_millis(100),
+        "closed after {took:?}"
+    );
+    assert!(
+        took < idle + Duration::from_secs(5),
+        "closed only after {took:?}"
+    );
+    eventually("the close recorded", || {
+        !server.handler.closed.lock().unwrap().is_empty()
+    })
+    .await;
+    let closed = server.handler.closed.lock().unwrap()[0].clone();
+    let error = closed.error.clone().unwrap_or_default();
+    assert!(error.contains("no byte either way"), "{error}");
+    assert!(closed.bytes_from_peer >= 3, "{closed:?}");
+    assert_eq!(server.limiter.stats().idle_tunnels_closed, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_with_no_open_stream_is_closed_after_its_idle_timeout() {
+    let pki = Pki::new();
+    let idle = Duration::from_millis(500);
+    let limits = ServerLimits {
+        connection_idle_timeout: idle,
+        ..ServerLimits::default()
+    };
+    let server = LimitedServer::start(&pki, limits).await;
+    let app = echo_app().await;
+    let mut send = within("raw client", raw_client(&pki, server.addr)).await;
+
+    // A silent tunnel keeps the connection: it has an open stream.
+    let res = within(
+        "CONNECT",
+        send.send_request(request(http::Method::CONNECT, &app.to_string())),
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.status(), http::StatusCode::OK);
+    let mut open =
+        hyper_util::rt::TokioIo::new(within("upgrade", hyper::upgrade::on(res)).await.unwrap());
+    tokio::time::sleep(3 * idle).await;
+    open.write_all(b"still").await.unwrap();
+    let mut buf = [0; 5];
+    within("echo", open.read_exact(&mut buf)).await.unwrap();
+    assert_eq!(&buf, b"still");
+    assert_eq!(server.limiter.stats().idle_connections_closed, 0);
+
+    // Once the last stream closes, the idle timeout runs: GOAWAY, closed.
+    open.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    within("EOF", open.read_to_end(&mut rest)).await.unwrap();
+    drop(open);
+    let last_stream = tokio::time::Instant::now();
+    eventually("the connection closed", || send.is_closed()).await;
+    assert!(last_stream.elapsed() >= idle - Duration::from_millis(100));
+    eventually("its place given back", || server.limiter.stats().open == 0).await;
+    assert_eq!(server.limiter.stats().idle_connections_closed, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_pre_authentication_connection_is_closed_after_the_handshake_budget() {
+    let pki = Pki::new();
+    let budget = Duration::from_millis(500);
+    let limits = ServerLimits {
+        handshake_timeout: budget,
+        ..ServerLimits::default()
+    };
+    let server = LimitedServer::start(&pki, limits).await;
+
+    // Sends nothing.
+    let start = tokio::time::Instant::now();
+    let silent = TcpStream::connect(server.addr).await.unwrap();
+    let silent = tokio::spawn(closed_after(silent, start));
+    // A slowloris: one byte of a TLS record header every 100 ms.
+    let start = tokio::time::Instant::now();
+    let mut slow = TcpStream::connect(server.addr).await.unwrap();
+    let slow = tokio::spawn(async move {
+        for byte in [0x16u8, 0x03, 0x01, 0x02, 0x00].into_iter().cycle() {
+            if slow.write_all(&[byte]).await.is_err() {
+                break;
+            }
+            let mut buf = [0u8; 64];
+            match tokio::time::timeout(Duration::from_millis(100), slow.read(&mut buf)).await {
+                Ok(Ok(0) | Err(_)) => break,
+                _ => assert!(start.elapsed() < WAIT, "never closed"),
+            }
+        }
+        start.elapsed()
+    });
+    for (who, took) in [
+        ("silent", within("silent", silent).await.unwrap()),
+        ("slow", within("slow", slow).await.unwrap()),
+    ] {
+        assert!(
+            took >= budget,
+            "{who}: closed after {took:?}, before the budget"
+        );
+        assert!(
+            took < budget + Duration::from_secs(3),
+            "{who}: closed after {took:?}"
+        );
+    }
+    eventually("both counted", || {
+        server.limiter.stats().handshake_timeouts == 2
+    })
+    .await;
+    eventually("their places given back", || {
+        server.limiter.stats().open == 0
+    })
+    .await;
+    let errors = server.errors.lock().unwrap();
+    assert!(
+        errors
+            .iter()
+            .all(|e| e.to_string().contains("TLS handshake took over")),
+        "{errors:?}"
+    );
 }

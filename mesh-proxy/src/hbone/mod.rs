@@ -18,14 +18,18 @@
 //!   is made inside the source pod's netns, with `SO_MARK`).
 //!
 //! Both sides use [`H2Config`]: large flow-control windows and frames, so a
-//! single tunnel is not window-bound on a fast path.
+//! single tunnel is not window-bound on a fast path. The server is bounded
+//! by [`ServerLimits`] (connection caps, handshake budget, idle timeouts,
+//! enforced by a node-wide [`Limiter`]) and by
+//! [`H2Config::max_concurrent_streams`].
 //!
 //! ```text
 //! // Server (destination node, in the pod's netns, port 15008):
-//! let acceptor = tokio_rustls::TlsAcceptor::from(server_config); // mTLS, ALPN h2
-//! let (tcp, _) = listener.accept().await?;
-//! let tls = hbone::accept(&acceptor, tcp, Duration::from_secs(10)).await?;
-//! let summary = hbone::serve(tls, inbound.clone(), async move { watch.signaled().await }, &h2).await?;
+//! let limiter = Limiter::new(ServerLimits::default()); // one per node, shared by every listener
+//! let (tcp, peer) = listener.accept().await?;
+//! // caps -> bounded mTLS handshake (server_config: client certs required, ALPN h2) -> HTTP/2
+//! let summary = hbone::serve_tcp(tcp, peer, server_config, inbound.clone(),
+//!                                async move { watch.signaled().await }, &limiter, &h2).await?;
 //! // where `inbound: impl Handler` checks policy on `tunnel.peer_certificates`
 //! // and returns `TcpStream::connect(tunnel.target)` or a `Refusal`.
 //!
@@ -47,8 +51,9 @@ pub use authority::{AuthorityError, fuzz_authority, parse_authority};
 pub use error::HboneError;
 pub use pool::{Connector, Pool, PoolKey, TunnelStream};
 pub use server::{
-    Handler, Refusal, ServeSummary, TLS_READ_BUFFER, Tunnel, TunnelClosed, accept, buffer_reads,
-    handler_fn, serve,
+    CapExceeded, Handler, Limiter, LimiterStats, ReadBuffer, Refusal, ServeSummary,
+    TLS_READ_BUFFER, Tunnel, TunnelClosed, accept, buffer_reads, handler_fn, serve, serve_tcp,
+    serve_with_limits,
 };
 
 /// The HBONE port in every meshed pod's netns.
@@ -58,6 +63,50 @@ pub const HBONE_PORT: u16 = 15008;
 /// it: the server's `alpn_protocols` (the caller builds that config), the
 /// client's (the pool adds it when missing).
 pub const ALPN_H2: &[u8] = b"h2";
+
+/// Bounds of the HBONE server (port 15008) against peers that connect and
+/// stall, hold connections or tunnels open, or open many of them. The
+/// caps are node-wide: give every listener of the node the same
+/// [`Limiter`]. Streams per connection are [`H2Config::max_concurrent_streams`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// The TLS handshake must be done this long after the accept, or the
+    /// socket is closed. Default 3 s: an mTLS handshake takes a few ms
+    /// (two round trips), and the pool retries a failed dial.
+    pub handshake_timeout: Duration,
+    /// Connections (pre- and post-handshake) open at once on the node.
+    /// Default 4096: a pool uses one connection per (source pod,
+    /// destination pod) and [`H2Config::max_streams_per_conn`] tunnels,
+    /// so 4096 is thousands of peers; at ~30 KiB per idle connection
+    /// that is ~120 MiB at most.
+    pub max_connections: usize,
+    /// Connections open at once from one source IP address (a peer pod
+    /// or node). Default 256: a pod's pool needs one connection per 100
+    /// tunnels to this node, so 256 is 25,600 tunnels from one address,
+    /// and 16 addresses are needed to fill the node-wide cap.
+    pub max_connections_per_peer: usize,
+    /// A connection with no open stream for this long is closed (GOAWAY).
+    /// Default 120 s: longer than the pool's own idle close (60 s, checked
+    /// every 60 s), so a sockmesh client always lets go first.
+    pub connection_idle_timeout: Duration,
+    /// A tunnel that moved no byte in either direction for this long is
+    /// closed (both ends). Default 1 h, as Envoy's (and so Istio
+    /// sidecars') TCP idle timeout: apps that keep idle connections
+    /// (database pools) see what they saw under Istio.
+    pub tunnel_idle_timeout: Duration,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits {
+            handshake_timeout: Duration::from_secs(3),
+            max_connections: 4096,
+            max_connections_per_peer: 256,
+            connection_idle_timeout: Duration::from_secs(120),
+            tunnel_idle_timeout: Duration::from_secs(3600),
+        }
+    }
+}
 
 /// HTTP/2 and copy settings, the same on both sides of a tunnel.
 #[derive(Debug, Clone)]
@@ -73,7 +122,12 @@ pub struct H2Config {
     pub adaptive_window: bool,
     /// Bytes hyper buffers per stream for sending before it applies backpressure.
     pub max_send_buf_size: usize,
-    /// Streams the server lets one connection have open at once.
+    /// Server: streams one connection may have open at once
+    /// (`SETTINGS_MAX_CONCURRENT_STREAMS`). A compliant client queues
+    /// the next request until a stream closes; streams opened past it
+    /// anyway are reset with `REFUSED_STREAM`. Default 100 (the pool's
+    /// [`H2Config::max_streams_per_conn`]: it opens another connection
+    /// first), so one connection holds at most 100 tunnels' buffers.
     pub max_concurrent_streams: u32,
     /// Size of each of the two copy buffers of a tunnel.
     pub copy_buffer: usize,
@@ -102,7 +156,7 @@ impl Default for H2Config {
             max_frame_size: 1024 * 1024,
             adaptive_window: false,
             max_send_buf_size: 4 * 1024 * 1024,
-            max_concurrent_streams: 1000,
+            max_concurrent_streams: 100,
             // Measured (examples/hbone_bench.rs, interleaved runs): 256 KiB
             // moves ~30% more per CPU second than 64 KiB (fewer frames and
             // wake-ups), at 512 KiB of buffers per open tunnel.

@@ -1,21 +1,25 @@
 //! The HBONE server: one accepted mTLS connection, many tunnels.
 //!
-//! The caller accepts TCP on 15008 and does the TLS handshake with its own
-//! `rustls::ServerConfig` (client certificates required, ALPN `h2`), then
-//! hands the stream to [`serve`]. Each `CONNECT` stream with a valid
-//! authority becomes a [`Tunnel`] given to the [`Handler`], which applies
-//! policy and opens the upstream (the app socket); its answer decides the
-//! status: `200` and a byte copy both ways, or the [`Refusal`]'s status.
+//! The node proxy hands each TCP connection accepted on 15008 to
+//! [`serve_tcp`]: the node-wide connection caps of a [`Limiter`], a bounded
+//! TLS handshake with its `rustls::ServerConfig` (client certificates
+//! required, ALPN `h2`), then [`serve`]'s HTTP/2 server. Each `CONNECT`
+//! stream with a valid authority becomes a [`Tunnel`] given to the
+//! [`Handler`], which applies policy and opens the upstream (the app
+//! socket); its answer decides the status: `200` and a byte copy both ways,
+//! or the [`Refusal`]'s status. Every stage is bounded by [`ServerLimits`].
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
+use std::hash::{BuildHasher, RandomState};
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
@@ -25,10 +29,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::{ALPN_H2, H2Config, HboneError, parse_authority};
+use super::{ALPN_H2, H2Config, HboneError, ServerLimits, parse_authority};
 
 /// rustls reads the socket 4 KiB at a time; under a 16 KiB record stream
 /// that is several `read` syscalls per record. A user-space read buffer
@@ -36,25 +41,135 @@ use super::{ALPN_H2, H2Config, HboneError, parse_authority};
 pub const TLS_READ_BUFFER: usize = 256 * 1024;
 
 /// Wraps the socket under TLS in a large read buffer ([`TLS_READ_BUFFER`]).
-/// Use it below the TLS accept (the pool does it on the client side).
+/// Use it below the TLS connect (the pool does it on the client side); the
+/// server uses [`ReadBuffer`], which waits for the handshake.
 pub fn buffer_reads<S: AsyncRead>(io: S) -> BufReader<S> {
     BufReader::with_capacity(TLS_READ_BUFFER, io)
 }
 
+/// The socket under the server's TLS: read directly during the handshake
+/// (a peer that has not authenticated costs no [`TLS_READ_BUFFER`]), then
+/// through the large buffer once [`ReadBuffer::grow`] is called.
+#[derive(Debug)]
+pub struct ReadBuffer<S>(Option<ReadIo<S>>);
+
+#[derive(Debug)]
+enum ReadIo<S> {
+    Direct(S),
+    Buffered(BufReader<S>),
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> ReadBuffer<S> {
+    /// No buffer yet.
+    pub fn unbuffered(io: S) -> Self {
+        ReadBuffer(Some(ReadIo::Direct(io)))
+    }
+
+    /// From now on, read through a [`TLS_READ_BUFFER`]. Nothing is lost:
+    /// an unbuffered reader holds no bytes.
+    pub fn grow(&mut self) {
+        if let Some(ReadIo::Direct(io)) = self.0.take() {
+            self.0 = Some(ReadIo::Buffered(buffer_reads(io)));
+        }
+    }
+
+    pub fn get_ref(&self) -> Option<&S> {
+        match &self.0 {
+            Some(ReadIo::Direct(io)) => Some(io),
+            Some(ReadIo::Buffered(b)) => Some(b.get_ref()),
+            None => None,
+        }
+    }
+
+    fn io(&mut self) -> io::Result<Pin<&mut (dyn AsyncReadWrite + Unpin)>> {
+        match &mut self.0 {
+            Some(ReadIo::Direct(io)) => Ok(Pin::new(io)),
+            Some(ReadIo::Buffered(b)) => Ok(Pin::new(b)),
+            None => Err(io::Error::other("hbone: read buffer lost its socket")),
+        }
+    }
+}
+
+trait AsyncReadWrite: AsyncRead + AsyncWrite {}
+impl<T: AsyncRead + AsyncWrite> AsyncReadWrite for T {}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ReadBuffer<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut().io() {
+            Ok(io) => io.poll_read(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ReadBuffer<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut().io() {
+            Ok(io) => io.poll_write(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut().io() {
+            Ok(io) => io.poll_write_vectored(cx, bufs),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match &self.0 {
+            Some(ReadIo::Direct(io)) => io.is_write_vectored(),
+            Some(ReadIo::Buffered(b)) => b.is_write_vectored(),
+            None => false,
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut().io() {
+            Ok(io) => io.poll_flush(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut().io() {
+            Ok(io) => io.poll_shutdown(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+}
+
 /// The TLS accept of an HBONE connection, as [`serve`] wants it:
-/// `TCP_NODELAY`, a read buffer under TLS, a bounded handshake. The
-/// caller's `acceptor` must require client certificates and offer ALPN h2.
+/// `TCP_NODELAY`, a bounded handshake, then a large read buffer under TLS
+/// ([`ReadBuffer`]). The caller's `acceptor` must require client
+/// certificates and offer ALPN h2. [`serve_tcp`] does this within the caps.
 pub async fn accept(
     acceptor: &tokio_rustls::TlsAcceptor,
     tcp: TcpStream,
     timeout: Duration,
-) -> Result<tokio_rustls::server::TlsStream<BufReader<TcpStream>>, HboneError> {
+) -> Result<tokio_rustls::server::TlsStream<ReadBuffer<TcpStream>>, HboneError> {
     let peer = tcp.peer_addr().ok();
     if let Err(e) = tcp.set_nodelay(true) {
         debug!(?peer, error = %e, "hbone: TCP_NODELAY");
     }
-    match tokio::time::timeout(timeout, acceptor.accept(buffer_reads(tcp))).await {
-        Ok(Ok(tls)) => Ok(tls),
+    match tokio::time::timeout(timeout, acceptor.accept(ReadBuffer::unbuffered(tcp))).await {
+        Ok(Ok(mut tls)) => {
+            tls.get_mut().0.grow();
+            Ok(tls)
+        }
         Ok(Err(source)) => Err(HboneError::Accept { peer, source }),
         Err(_) => Err(HboneError::Accept {
             peer,
@@ -64,6 +179,246 @@ pub async fn accept(
             ),
         }),
     }
+}
+
+// ------------------------------------------------------------ limits
+
+/// Why a connection was not admitted (the source of the
+/// [`HboneError::Accept`] that [`serve_tcp`] returns for it).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CapExceeded {
+    #[error("{max} HBONE connections open on this node (max_connections); refused {peer}")]
+    Total { peer: IpAddr, max: usize },
+    #[error("{max} HBONE connections open from {peer} (max_connections_per_peer)")]
+    PerPeer { peer: IpAddr, max: usize },
+}
+
+impl HboneError {
+    /// The cap a connection was refused by, if that is why it failed.
+    pub fn cap_exceeded(&self) -> Option<&CapExceeded> {
+        match self {
+            HboneError::Accept { source, .. } => source.get_ref()?.downcast_ref(),
+            _ => None,
+        }
+    }
+}
+
+const CAP_SHARDS: usize = 64;
+
+/// The node-wide state behind [`ServerLimits`]: open connections in all
+/// and per source address, and counts of what the limits refused or
+/// closed. Make one per node and give it to every [`serve_tcp`].
+///
+/// No global lock on the accept path: the total is one atomic counter; the
+/// per-peer counts live in shards chosen by a keyed hash of the address.
+#[derive(Debug)]
+pub struct Limiter {
+    limits: ServerLimits,
+    open: AtomicUsize,
+    peers: Box<[Mutex<HashMap<IpAddr, usize>>]>,
+    shard_of: RandomState,
+    counters: Arc<Counters>,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    refused_total_cap: AtomicU64,
+    refused_per_peer_cap: AtomicU64,
+    handshake_timeouts: AtomicU64,
+    idle_connections_closed: AtomicU64,
+    idle_tunnels_closed: AtomicU64,
+}
+
+/// What a [`Limiter`]'s limits have done so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LimiterStats {
+    /// Connections admitted and not yet closed.
+    pub open: usize,
+    /// Reset at accept: the node-wide cap was reached.
+    pub refused_total_cap: u64,
+    /// Reset at accept: the source address was at its cap.
+    pub refused_per_peer_cap: u64,
+    /// Closed because the TLS handshake was not done within the budget.
+    pub handshake_timeouts: u64,
+    /// Closed (GOAWAY) after `connection_idle_timeout` with no stream.
+    pub idle_connections_closed: u64,
+    /// Tunnels closed after `tunnel_idle_timeout` with no byte moved.
+    pub idle_tunnels_closed: u64,
+}
+
+impl Limiter {
+    pub fn new(limits: ServerLimits) -> Arc<Limiter> {
+        Arc::new(Limiter {
+            limits,
+            open: AtomicUsize::new(0),
+            peers: (0..CAP_SHARDS).map(|_| Mutex::default()).collect(),
+            shard_of: RandomState::new(),
+            counters: Arc::default(),
+        })
+    }
+
+    pub fn limits(&self) -> &ServerLimits {
+        &self.limits
+    }
+
+    pub fn stats(&self) -> LimiterStats {
+        let c = &self.counters;
+        LimiterStats {
+            open: self.open.load(Ordering::Acquire),
+            refused_total_cap: c.refused_total_cap.load(Ordering::Relaxed),
+            refused_per_peer_cap: c.refused_per_peer_cap.load(Ordering::Relaxed),
+            handshake_timeouts: c.handshake_timeouts.load(Ordering::Relaxed),
+            idle_connections_closed: c.idle_connections_closed.load(Ordering::Relaxed),
+            idle_tunnels_closed: c.idle_tunnels_closed.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Connections admitted from `peer` and not yet closed.
+    pub fn open_from(&self, peer: IpAddr) -> usize {
+        let peer = peer.to_canonical();
+        self.shard(peer).get(&peer).copied().unwrap_or(0)
+    }
+
+    fn shard(&self, peer: IpAddr) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
+        let i = (self.shard_of.hash_one(peer) % CAP_SHARDS as u64) as usize;
+        self.peers[i].lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Admits one connection from `peer`, or says which cap it is over
+    /// (and counts the refusal).
+    fn try_admit(self: &Arc<Self>, peer: IpAddr) -> Result<Permit, CapExceeded> {
+        // A v4 client of a dual-stack listener is the same peer either way.
+        let peer = peer.to_canonical();
+        {
+            let mut shard = self.shard(peer);
+            let n = shard.entry(peer).or_insert(0);
+            if *n >= self.limits.max_connections_per_peer {
+                let n = *n;
+                if n == 0 {
+                    shard.remove(&peer);
+                }
+                self.counters
+                    .refused_per_peer_cap
+                    .fetch_add(1, Ordering::Relaxed);
+                return Err(CapExceeded::PerPeer {
+                    peer,
+                    max: self.limits.max_connections_per_peer,
+                });
+            }
+            *n += 1;
+        }
+        // The per-peer place is held from here: the permit gives it back.
+        let mut permit = Permit {
+            limiter: self.clone(),
+            peer,
+            counted: false,
+        };
+        let max = self.limits.max_connections;
+        let admitted = self
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok();
+        if !admitted {
+            self.counters
+                .refused_total_cap
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(CapExceeded::Total { peer, max });
+        }
+        permit.counted = true;
+        Ok(permit)
+    }
+}
+
+/// One admitted connection's place under the caps, given back on drop,
+/// whatever path the connection ends by.
+#[derive(Debug)]
+struct Permit {
+    limiter: Arc<Limiter>,
+    peer: IpAddr,
+    /// Whether the node-wide count was taken.
+    counted: bool,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        {
+            let mut shard = self.limiter.shard(self.peer);
+            if let Some(n) = shard.get_mut(&self.peer) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    shard.remove(&self.peer);
+                }
+            }
+        }
+        if self.counted {
+            self.limiter.open.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// Serves one TCP connection accepted on 15008, bounded by `limiter`:
+/// over a connection cap it is reset at once (before TLS), counted and
+/// logged at debug; otherwise the mTLS handshake with `tls` (client
+/// certificates required, ALPN h2) gets `handshake_timeout`, then
+/// [`serve_with_limits`] runs until the peer closes, the connection idles
+/// out, or `drain` completes and its tunnels have finished. The caps'
+/// place is held until this returns.
+///
+/// Errors from the caps and the handshake are [`HboneError::Accept`]
+/// ([`HboneError::cap_exceeded`] tells a cap refusal apart).
+pub async fn serve_tcp<H, D>(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    tls: Arc<rustls::ServerConfig>,
+    handler: H,
+    drain: D,
+    limiter: &Arc<Limiter>,
+    config: &H2Config,
+) -> Result<ServeSummary, HboneError>
+where
+    H: Handler,
+    D: Future<Output = ()>,
+{
+    let _permit = match limiter.try_admit(peer.ip()) {
+        Ok(permit) => permit,
+        Err(cap) => {
+            // A reset: the peer knows at once, and no TIME_WAIT is left here.
+            let _ = tcp.set_zero_linger();
+            drop(tcp);
+            debug!(%peer, %cap, "hbone: connection refused: over the cap");
+            return Err(HboneError::Accept {
+                peer: Some(peer),
+                source: io::Error::other(cap),
+            });
+        }
+    };
+    let budget = limiter.limits.handshake_timeout;
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let tls = match accept(&acceptor, tcp, budget).await {
+        Ok(tls) => tls,
+        Err(e) => {
+            if matches!(&e, HboneError::Accept { source, .. } if source.kind() == io::ErrorKind::TimedOut)
+            {
+                limiter
+                    .counters
+                    .handshake_timeouts
+                    .fetch_add(1, Ordering::Relaxed);
+                debug!(%peer, ?budget, "hbone: TLS handshake not done within the budget; closed");
+            }
+            return Err(e);
+        }
+    };
+    serve_inner(
+        tls,
+        handler,
+        drain,
+        config,
+        &limiter.limits,
+        Some(limiter.counters.clone()),
+    )
+    .await
 }
 
 /// One tunnel the peer asked for, before the handler decides.
@@ -192,10 +547,32 @@ struct Conn<H> {
     peer_certificates: Arc<[CertificateDer<'static>]>,
     copy_buffer: usize,
     open_timeout: Duration,
+    tunnel_idle_timeout: Duration,
     stats: Arc<Stats>,
+    /// The limiter's counters, when served by [`serve_tcp`].
+    counters: Option<Arc<Counters>>,
+    /// Streams open now (requests being answered and tunnels copying):
+    /// the serve loop closes the connection after a while at zero.
+    active: Arc<watch::Sender<usize>>,
     /// Each tunnel's copy task holds a clone; [`serve`] waits until all
     /// are gone.
     tasks: mpsc::Sender<Infallible>,
+}
+
+/// One open stream in [`Conn::active`], for as long as it lives.
+struct ActiveStream(Arc<watch::Sender<usize>>);
+
+impl ActiveStream {
+    fn new(active: &Arc<watch::Sender<usize>>) -> Self {
+        active.send_modify(|n| *n += 1);
+        ActiveStream(active.clone())
+    }
+}
+
+impl Drop for ActiveStream {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 type Body = Empty<Bytes>;
@@ -209,16 +586,52 @@ fn status(code: StatusCode) -> Response<Body> {
 /// Runs HBONE on one accepted mTLS connection until the peer closes it, or
 /// until `drain` completes and every tunnel open by then has finished
 /// (HTTP/2 GOAWAY: no new streams). Returns once every tunnel's copy has
-/// ended. Bound the whole call with a timeout to cap a drain.
+/// ended. Bound the whole call with a timeout to cap a drain. The idle
+/// timeouts are [`ServerLimits::default`]'s; [`serve_tcp`] (which calls
+/// this after its caps and handshake) and [`serve_with_limits`] take others.
 ///
 /// The TLS session must have negotiated ALPN `h2`. Accept with [`accept`]
-/// (or do what it does: `TCP_NODELAY`, [`buffer_reads`] under TLS). Run it
-/// inside a span naming the peer.
+/// (or do what it does: `TCP_NODELAY`, a read buffer under TLS after the
+/// handshake). Run it inside a span naming the peer.
 pub async fn serve<S, H, D>(
     tls: tokio_rustls::server::TlsStream<S>,
     handler: H,
     drain: D,
     config: &H2Config,
+) -> Result<ServeSummary, HboneError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Handler,
+    D: Future<Output = ()>,
+{
+    serve_inner(tls, handler, drain, config, &ServerLimits::default(), None).await
+}
+
+/// [`serve`] with `limits`' idle timeouts: the connection is closed
+/// (GOAWAY) after `connection_idle_timeout` with no open stream, and each
+/// tunnel after `tunnel_idle_timeout` with no byte in either direction.
+pub async fn serve_with_limits<S, H, D>(
+    tls: tokio_rustls::server::TlsStream<S>,
+    handler: H,
+    drain: D,
+    config: &H2Config,
+    limits: &ServerLimits,
+) -> Result<ServeSummary, HboneError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Handler,
+    D: Future<Output = ()>,
+{
+    serve_inner(tls, handler, drain, config, limits, None).await
+}
+
+async fn serve_inner<S, H, D>(
+    tls: tokio_rustls::server::TlsStream<S>,
+    handler: H,
+    drain: D,
+    config: &H2Config,
+    limits: &ServerLimits,
+    counters: Option<Arc<Counters>>,
 ) -> Result<ServeSummary, HboneError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -241,12 +654,16 @@ where
 
     let stats = Arc::new(Stats::default());
     let (tasks, mut tasks_done) = mpsc::channel::<Infallible>(1);
+    let (active, mut active_rx) = watch::channel(0usize);
     let conn = Arc::new(Conn {
         handler,
         peer_certificates,
         copy_buffer: config.copy_buffer,
         open_timeout: config.open_timeout,
+        tunnel_idle_timeout: limits.tunnel_idle_timeout,
         stats: stats.clone(),
+        counters: counters.clone(),
+        active: Arc::new(active),
         tasks,
     });
     let service = hyper::service::service_fn(move |req| {
@@ -270,11 +687,32 @@ where
 
     let mut drain = std::pin::pin!(drain);
     let mut draining = false;
+    let idle_timeout = limits.connection_idle_timeout;
+    // Since when no stream has been open (None while some are).
+    let mut idle_since = Some(Instant::now());
+    let mut watching = true;
     let result = loop {
+        let idle_deadline = idle_since.map(|t| t + idle_timeout);
         tokio::select! {
             res = http.as_mut() => break res,
             () = &mut drain, if !draining => {
                 debug!("hbone: draining connection (GOAWAY)");
+                draining = true;
+                http.as_mut().graceful_shutdown();
+            }
+            changed = active_rx.changed(), if watching => {
+                if changed.is_err() {
+                    watching = false;
+                    continue;
+                }
+                let open = *active_rx.borrow_and_update();
+                idle_since = (open == 0).then(Instant::now);
+            }
+            () = sleep_until_some(idle_deadline), if !draining => {
+                debug!(idle = ?idle_timeout, "hbone: no stream open for the idle timeout; closing (GOAWAY)");
+                if let Some(c) = &counters {
+                    c.idle_connections_closed.fetch_add(1, Ordering::Relaxed);
+                }
                 draining = true;
                 http.as_mut().graceful_shutdown();
             }
@@ -297,8 +735,17 @@ where
     }
 }
 
+/// Sleeps until `deadline`, or forever when there is none.
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
 impl<H: Handler> Conn<H> {
     async fn request(self: Arc<Self>, mut req: Request<Incoming>) -> Response<Body> {
+        let active = ActiveStream::new(&self.active);
         if req.method() != Method::CONNECT {
             warn!(method = %req.method(), uri = %req.uri(), "hbone: refused non-CONNECT request");
             self.stats.refused.fetch_add(1, Ordering::Relaxed);
@@ -341,7 +788,10 @@ impl<H: Handler> Conn<H> {
         let conn = self.clone();
         let span = tracing::Span::current();
         tokio::spawn(tracing::Instrument::instrument(
-            async move { conn.copy(target, upgrade, upstream).await },
+            async move {
+                let _active = active;
+                conn.copy(target, upgrade, upstream).await
+            },
             span,
         ));
         status(StatusCode::OK)
@@ -356,20 +806,28 @@ impl<H: Handler> Conn<H> {
         let _task = self.tasks.clone();
         let start = Instant::now();
         let mut down = None;
+        // When a byte last moved either way, in ms since `start`.
+        let last_active = Arc::new(AtomicU64::new(0));
         let outcome = match tokio::time::timeout(self.open_timeout, upgrade).await {
             Err(_) => Err(format!("upgrade timed out after {:?}", self.open_timeout)),
             Ok(Err(e)) => Err(format!("upgrade: {e}")),
             Ok(Ok(upgraded)) => {
                 let io = down.insert(Counted::new(TokioIo::new(upgraded)));
-                tokio::io::copy_bidirectional_with_sizes(
+                io.activity = Some((start, last_active.clone()));
+                let copy = tokio::io::copy_bidirectional_with_sizes(
                     io,
                     &mut upstream,
                     self.copy_buffer,
                     self.copy_buffer,
-                )
-                .await
-                .map(drop)
-                .map_err(|e| e.to_string())
+                );
+                let idle = self.tunnel_idle_timeout;
+                let outcome = until_idle(copy, start, &last_active, idle).await;
+                if outcome.as_ref().is_err_and(|e| e.starts_with(IDLE)) {
+                    if let Some(c) = &self.counters {
+                        c.idle_tunnels_closed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                outcome
             }
         };
         let (from_peer, to_peer) = down.as_ref().map_or((0, 0), |d| (d.read, d.written));
@@ -399,12 +857,43 @@ impl<H: Handler> Conn<H> {
     }
 }
 
+const IDLE: &str = "idle:";
+
+/// Runs `copy` until it ends, or until no byte has moved (`last_active`,
+/// ms since `start`) for `idle`: then the copy is dropped, which closes
+/// both ends.
+async fn until_idle<F, T>(
+    copy: F,
+    start: Instant,
+    last_active: &AtomicU64,
+    idle: Duration,
+) -> Result<(), String>
+where
+    F: Future<Output = io::Result<T>>,
+{
+    let mut copy = std::pin::pin!(copy);
+    loop {
+        let last = start + Duration::from_millis(last_active.load(Ordering::Relaxed));
+        tokio::select! {
+            res = copy.as_mut() => return res.map(drop).map_err(|e| e.to_string()),
+            () = tokio::time::sleep_until(last + idle) => {
+                let last = start + Duration::from_millis(last_active.load(Ordering::Relaxed));
+                if last + idle <= Instant::now() {
+                    return Err(format!("{IDLE} no byte either way for {idle:?}; closed"));
+                }
+            }
+        }
+    }
+}
+
 /// Counts the bytes read from and written to a stream, so the counts
-/// survive a copy that ends in an error.
+/// survive a copy that ends in an error, and notes when bytes last moved.
 pub(crate) struct Counted<T> {
     inner: T,
     pub(crate) read: u64,
     pub(crate) written: u64,
+    /// Set to the ms since the instant on each read or write of bytes.
+    activity: Option<(Instant, Arc<AtomicU64>)>,
 }
 
 impl<T> Counted<T> {
@@ -413,6 +902,14 @@ impl<T> Counted<T> {
             inner,
             read: 0,
             written: 0,
+            activity: None,
+        }
+    }
+
+    fn moved(&self) {
+        if let Some((start, last)) = &self.activity {
+            let ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+            last.store(ms, Ordering::Relaxed);
         }
     }
 }
@@ -425,7 +922,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let res = Pin::new(&mut self.inner).poll_read(cx, buf);
-        self.read += (buf.filled().len() - before) as u64;
+        let n = (buf.filled().len() - before) as u64;
+        if n > 0 {
+            self.read += n;
+            self.moved();
+        }
         res
     }
 }
@@ -439,6 +940,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
         let res = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = res {
             self.written += n as u64;
+            if n > 0 {
+                self.moved();
+            }
         }
         res
     }
