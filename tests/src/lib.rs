@@ -5,6 +5,7 @@
 //! cgroup.
 #![forbid(unsafe_code)]
 
+pub mod e2e;
 pub mod flowdata;
 
 use std::io::{BufRead, BufReader, Write};

@@ -3,245 +3,14 @@
 //! mesh-proxy per node — driven like a user would. Needs root; fails
 //! (never skips) without it.
 
-use std::path::PathBuf;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
-use mesh_local::control::{Binaries, ControlOptions};
-use mesh_local::{Mesh, Topology};
+use anyhow::{Context, Result, ensure};
+use mesh_local::control::ControlOptions;
 use serde_json::Value;
+use sockmesh_tests::e2e::*;
 use sockmesh_tests::flowdata;
-
-const T: Duration = Duration::from_secs(60);
-
-fn bins() -> Result<Binaries> {
-    // Workspace binaries sit next to the test's deps directory.
-    let dir = std::env::current_exe()?
-        .parent()
-        .and_then(|d| d.parent())
-        .context("test binary has no target dir")?
-        .to_owned();
-    let b = Binaries {
-        ca: dir.join("mesh-ca"),
-        proxy: dir.join("mesh-proxy"),
-    };
-    for p in [&b.ca, &b.proxy] {
-        ensure!(
-            p.exists(),
-            "{} is not built: run `cargo build --bins` (./x test does)",
-            p.display()
-        );
-    }
-    Ok(b)
-}
-
-fn probe() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_sockmesh-probe"))
-}
-
-/// A mesh for one test: `down` on drop, even when the test fails.
-struct TestMesh {
-    mesh: Mesh,
-    bins: Binaries,
-    opts: ControlOptions,
-}
-
-impl TestMesh {
-    fn up(tag: &str, opts: ControlOptions) -> Result<Self> {
-        sockmesh_tests::require_privileges();
-        let name = format!("{tag}{}", std::process::id() % 100_000);
-        let bins = bins()?;
-        let _ = mesh_local::down(&name, &mesh_local::Options::default());
-        let mut mesh = mesh_local::up(
-            &name,
-            &Topology::demo(),
-            &mesh_local::Options::default(),
-            &mut |_| {},
-        )?;
-        mesh.start_control(&bins, &opts, &mut |_| {})
-            .with_context(|| format!("control plane; logs under {}", mesh.state_dir().display()))?;
-        Ok(TestMesh { mesh, bins, opts })
-    }
-
-    fn ip(&self, pod: &str) -> Result<String> {
-        Ok(self.mesh.pod(pod)?.ip.to_string())
-    }
-
-    fn vip(&self, service: &str) -> Result<String> {
-        let s = self
-            .mesh
-            .state()
-            .services
-            .iter()
-            .find(|s| format!("{}/{}", s.namespace, s.name) == service)
-            .with_context(|| format!("no service {service}"))?;
-        Ok(s.vip.to_string())
-    }
-
-    fn spawn(&self, pod: &str, args: &[&str]) -> Result<Proc> {
-        let mut argv: Vec<String> = vec![probe().display().to_string()];
-        argv.extend(args.iter().map(|s| s.to_string()));
-        let mut cmd = self.mesh.pod_command(pod, &argv)?;
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        Ok(Proc {
-            child: cmd.spawn()?,
-            what: format!("{pod}: {}", args.join(" ")),
-            lines: None,
-        })
-    }
-
-    fn log(&self, name: &str) -> String {
-        std::fs::read_to_string(self.mesh.control_log(name)).unwrap_or_default()
-    }
-}
-
-struct Proc {
-    child: Child,
-    what: String,
-    lines: Option<std::io::Lines<std::io::BufReader<std::process::ChildStdout>>>,
-}
-
-impl Proc {
-    fn event(&mut self, want: &str) -> Result<Value> {
-        use std::io::BufRead;
-        if self.lines.is_none() {
-            let out = self.child.stdout.take().context("stdout")?;
-            self.lines = Some(std::io::BufReader::new(out).lines());
-        }
-        let lines = self.lines.as_mut().context("lines")?;
-        let Some(line) = lines.next() else {
-            let err = self.stderr();
-            bail!("`{}` ended before `{want}`: {err}", self.what);
-        };
-        let line = line?;
-        let v: Value = serde_json::from_str(&line)
-            .with_context(|| format!("`{}` printed {line:?}", self.what))?;
-        ensure!(
-            v["event"] == want,
-            "`{}`: expected {want}, got {v}",
-            self.what
-        );
-        Ok(v)
-    }
-
-    fn stderr(&mut self) -> String {
-        use std::io::Read;
-        let mut s = String::new();
-        let _ = self.child.kill();
-        if let Some(mut e) = self.child.stderr.take() {
-            let _ = e.read_to_string(&mut s);
-        }
-        s
-    }
-
-    fn wait(mut self) -> Result<()> {
-        let end = Instant::now() + T;
-        loop {
-            if let Some(st) = self.child.try_wait()? {
-                if !st.success() {
-                    let err = self.stderr();
-                    bail!("`{}` exited {st}: {err}", self.what);
-                }
-                return Ok(());
-            }
-            ensure!(Instant::now() < end, "`{}` still running", self.what);
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A checksummed full-duplex transfer from `client` to `to`, served by the
-/// already-listening `server`. Returns what the client saw.
-fn transfer(
-    m: &TestMesh,
-    client: &str,
-    to: &str,
-    server: &mut Proc,
-    up: u64,
-    down: u64,
-) -> Result<Value> {
-    let (u, d) = (up.to_string(), down.to_string());
-    let mut c = m.spawn(
-        client,
-        // Strict: a blocking app must never see a spurious EAGAIN.
-        &[
-            "--strict-eagain",
-            "connect",
-            "--to",
-            to,
-            "--send",
-            &u,
-            "--seed",
-            "11",
-        ],
-    )?;
-    c.event("connected")?;
-    server.event("accepted")?;
-    let ct = c.event("transfer")?["transfer"].clone();
-    let st = server.event("transfer")?["transfer"].clone();
-    c.wait()?;
-    ensure!(
-        ct["received"] == down && st["received"] == up,
-        "counts: client {ct} server {st} (want {u}/{d})"
-    );
-    ensure!(
-        ct["sent_sha256"] == st["received_sha256"],
-        "client->server bytes differ"
-    );
-    ensure!(
-        st["sent_sha256"] == ct["received_sha256"],
-        "server->client bytes differ"
-    );
-    Ok(ct)
-}
-
-fn serve(m: &TestMesh, pod: &str, port: u16, count: usize, down: u64) -> Result<Proc> {
-    let listen = format!("0.0.0.0:{port}");
-    let (c, d) = (count.to_string(), down.to_string());
-    let mut s = m.spawn(
-        pod,
-        &[
-            "serve", "--listen", &listen, "--count", &c, "--send", &d, "--seed", "22",
-        ],
-    )?;
-    s.event("listening")?;
-    Ok(s)
-}
-
-/// Polls `ok` every 100 ms until it holds, failing after `timeout`.
-fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> Result<bool>) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    while !ok()? {
-        ensure!(
-            Instant::now() < deadline,
-            "{what} did not happen within {timeout:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Ok(())
-}
-
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<u64> {
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")))
-        .find(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
 
 #[test]
 fn pods_talk_over_mtls_across_and_within_nodes_by_ip_and_service() -> Result<()> {
@@ -404,43 +173,6 @@ fn deny_from(ns: &str) -> serde_yaml::Value {
         "- apiVersion: security.sockmesh.io/v1\n  kind: AuthorizationPolicy\n  metadata: {{name: deny-{ns}, namespace: default}}\n  spec:\n    selector: {{matchLabels: {{app: web}}}}\n    action: DENY\n    rules: [{{from: [{{source: {{namespaces: [{ns}]}}}}]}}]\n"
     ))
     .unwrap_or(serde_yaml::Value::Null)
-}
-
-/// One connection attempt from `client` to `to`: `Ok(received bytes)` or
-/// the error the app saw.
-fn attempt(m: &TestMesh, client: &str, to: &str) -> Result<Result<u64, String>> {
-    let mut c = m.spawn(
-        client,
-        &[
-            "--strict-eagain",
-            "connect",
-            "--to",
-            to,
-            "--send",
-            "1000",
-            "--seed",
-            "3",
-        ],
-    )?;
-    let st = c.child.wait()?;
-    let mut out = String::new();
-    let mut err = String::new();
-    use std::io::Read;
-    if let Some(mut o) = c.child.stdout.take() {
-        o.read_to_string(&mut out)?;
-    }
-    if let Some(mut e) = c.child.stderr.take() {
-        e.read_to_string(&mut err)?;
-    }
-    if !st.success() {
-        return Ok(Err(err));
-    }
-    let t = out
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find(|v| v["event"] == "transfer")
-        .with_context(|| format!("no transfer in {out}"))?;
-    Ok(Ok(t["transfer"]["received"].as_u64().unwrap_or(0)))
 }
 
 #[test]
@@ -802,29 +534,6 @@ fn pods_talk_over_ipv6_through_the_mesh() -> Result<()> {
     Ok(())
 }
 
-/// A plain TCP client outside the mesh: a probe in node-b's own netns.
-fn plain_attempt(m: &TestMesh, to: &str) -> Result<Result<String, String>> {
-    let argv: Vec<String> = [probe().display().to_string()]
-        .into_iter()
-        .chain(
-            ["--strict-eagain", "connect", "--to", to]
-                .iter()
-                .map(|s| s.to_string()),
-        )
-        .collect();
-    let out = m.mesh.node_command("node-b", &argv)?.output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() {
-        return Ok(Err(String::from_utf8_lossy(&out.stderr).into_owned()));
-    }
-    Ok(stdout
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find(|v| v["event"] == "banner")
-        .map(|v| v["line"].as_str().unwrap_or("").to_owned())
-        .ok_or_else(|| format!("no banner in {stdout}")))
-}
-
 #[test]
 fn inbound_plaintext_is_refused_when_strict_and_forwarded_when_permissive() -> Result<()> {
     for (mode, tag) in [("STRICT", "i"), ("PERMISSIVE", "j")] {
@@ -868,23 +577,6 @@ fn inbound_plaintext_is_refused_when_strict_and_forwarded_when_permissive() -> R
         }
     }
     Ok(())
-}
-
-fn write_registry(m: &TestMesh, doc: &Value) -> Result<()> {
-    let path = m.mesh.control_registry();
-    let tmp = path.with_extension("yaml.test-tmp");
-    std::fs::write(&tmp, serde_yaml::to_string(doc)?)?;
-    std::fs::rename(&tmp, &path)?;
-    Ok(())
-}
-
-fn workload_enrolled(m: &TestMesh, node: &str, pod: &str) -> Result<Option<bool>> {
-    let (_, body) = m.mesh.admin_get(node, "/workloads")?;
-    let v: Value = serde_json::from_str(&body)?;
-    Ok(v["pods"]
-        .as_array()
-        .and_then(|ps| ps.iter().find(|p| p["pod"] == pod))
-        .map(|p| p["enrolled"] == true))
 }
 
 #[test]
