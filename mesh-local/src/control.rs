@@ -340,7 +340,7 @@ impl Mesh {
             }
             let kick = self.proxy_kick_file(node);
             crate::state::write_file(&kick, b"")?;
-            return self.wait_supervised_proxy(node, s.supervisor.pid, &log);
+            return self.wait_supervised_proxy(node, s.supervisor.pid, &log, None);
         }
         let supervisor = bins.supervisor();
         if !opts.restart_proxies {
@@ -370,7 +370,7 @@ impl Mesh {
         let mut sup_argv: Vec<std::ffi::OsString> = vec![supervisor.into(), "supervise".into()];
         sup_argv.extend(cfg.to_args());
         let mut child = self.spawn_node_process(node, &sup_argv, &log)?;
-        let r = self.wait_supervised_proxy(node, child.id(), &log);
+        let r = self.wait_supervised_proxy(node, child.id(), &log, Some(&mut child));
         if r.is_err() {
             let _ = child.kill();
             let _ = child.wait();
@@ -417,23 +417,38 @@ impl Mesh {
     }
 
     /// Waits (bounded by the command timeout) until the supervisor `pid`
-    /// of `node` reports a running proxy.
-    fn wait_supervised_proxy(&self, node: &str, pid: u32, log: &Path) -> Result<(), Error> {
+    /// of `node` reports a running proxy. With the supervisor's `child`
+    /// handle, fails as soon as it exits (e.g. a `mesh` program too old to
+    /// know `supervise`).
+    fn wait_supervised_proxy(
+        &self,
+        node: &str,
+        pid: u32,
+        log: &Path,
+        mut child: Option<&mut std::process::Child>,
+    ) -> Result<(), Error> {
         let record = self.supervision_file(node);
         let what = format!("the supervisor (pid {pid}) to start mesh-proxy on {node}");
-        wait_for(self.options.command_timeout, &what, log, || {
+        let mut exited = None;
+        let r = wait_for(self.options.command_timeout, &what, log, || {
+            if let Some(c) = child.as_deref_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                exited = Some(status.to_string());
+                return true;
+            }
             Supervision::load(&record).ok().flatten().is_some_and(|s| {
                 s.supervisor.pid == pid && s.supervisor_alive() && s.proxy_pid().is_some()
             })
-        })
-        .map_err(|e| match Supervision::load(&record) {
-            Ok(Some(s)) if s.supervisor.pid == pid && !s.supervisor_alive() => Error::Command {
+        });
+        if let Some(status) = exited {
+            return Err(Error::Command {
                 cmd: what,
-                status: format!("the supervisor exited ({})", s.phase),
+                status: format!("the supervisor exited ({status})"),
                 stderr: log_tail(log, 15),
-            },
-            _ => e,
-        })
+            });
+        }
+        r
     }
 
     /// The record of `node`'s proxy supervisor (see [`supervise`]).
