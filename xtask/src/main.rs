@@ -61,6 +61,20 @@ enum Cmd {
     /// Everything CI runs: fmt check, clippy -D warnings, all tests (unit,
     /// privileged, end to end), then a check that nothing was left behind.
     Test,
+    /// Run the cargo-fuzz targets in fuzz/ (nightly + libFuzzer), one after
+    /// the other, each from its corpus in target/fuzz-corpus/<target> and
+    /// the seeds in fuzz/seeds/<target>; print executions per target and
+    /// fail on any finding, naming the crash file and how to reproduce it.
+    /// Installs cargo-fuzz if it is missing.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 600)]
+        seconds: u64,
+        /// Run only this target (spiffe_id, sign_request, policy_yaml,
+        /// hbone_authority).
+        #[arg(long)]
+        target: Option<String>,
+    },
     /// Benchmarks (release builds), printed as tables and written as JSON
     /// under target/bench/.
     Bench {
@@ -82,6 +96,7 @@ fn main() -> Result<()> {
         Cmd::Demo { what } => demo(&root, &what),
         Cmd::Test => test(&root),
         Cmd::Bench { what } => bench(&root, &what),
+        Cmd::Fuzz { seconds, target } => fuzz(&root, seconds, target.as_deref()),
     }
 }
 
@@ -243,7 +258,7 @@ fn demo(root: &Path, what: &str) -> Result<()> {
     }
 }
 
-fn test(_root: &Path) -> Result<()> {
+fn test(root: &Path) -> Result<()> {
     let start = Instant::now();
     println!("test: cargo fmt --check");
     sh(cargo().args(["fmt", "--all", "--", "--check"]))?;
@@ -252,6 +267,7 @@ fn test(_root: &Path) -> Result<()> {
     // seeds in ordinary unit tests.
     println!("test: cargo check --manifest-path fuzz/Cargo.toml");
     sh(cargo().args(["check", "--manifest-path", "fuzz/Cargo.toml"]))?;
+    fuzz_in_test(root)?;
     println!("test: cargo clippy --all-targets -- -D warnings");
     sh(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
     // The end-to-end tests run other packages' binaries (mesh-proxy,
@@ -377,4 +393,274 @@ fn bench(root: &Path, what: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Fuzzing (`./x fuzz`, and a short run in `./x test`).
+
+/// The cargo-fuzz targets in fuzz/Cargo.toml, in the order they run.
+const FUZZ_TARGETS: &[&str] = &[
+    "spiffe_id",
+    "sign_request",
+    "policy_yaml",
+    "hbone_authority",
+];
+/// cargo-fuzz, installed from crates.io when missing.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+/// Seconds each target runs in `./x test`: a new finding in a seed's
+/// neighbourhood fails CI, the whole step stays near a minute.
+const FUZZ_TEST_SECONDS: u64 = 15;
+/// A single input taking longer than this is a finding (a hang).
+const FUZZ_INPUT_TIMEOUT_SECONDS: u64 = 25;
+
+/// What one target's run gave.
+struct FuzzRun {
+    target: &'static str,
+    seconds: f64,
+    executions: Option<u64>,
+    /// Crash, leak, timeout or OOM inputs libFuzzer wrote during the run.
+    findings: Vec<PathBuf>,
+    /// Why the run failed without a finding (a build or setup error).
+    failure: Option<String>,
+}
+
+fn fuzz(root: &Path, seconds: u64, target: Option<&str>) -> Result<()> {
+    let targets: Vec<&'static str> = match target {
+        None => FUZZ_TARGETS.to_vec(),
+        Some(t) => match FUZZ_TARGETS.iter().find(|k| **k == t) {
+            Some(k) => vec![*k],
+            None => bail!(
+                "unknown fuzz target {t:?}: choose one of {}",
+                FUZZ_TARGETS.join(", ")
+            ),
+        },
+    };
+    ensure!(seconds > 0, "--seconds must be at least 1");
+    fuzz_targets(root, &targets, seconds)
+}
+
+/// `./x test`'s step: every target for [`FUZZ_TEST_SECONDS`].
+fn fuzz_in_test(root: &Path) -> Result<()> {
+    println!(
+        "test: fuzz every target for {FUZZ_TEST_SECONDS}s ({} targets)",
+        FUZZ_TARGETS.len()
+    );
+    fuzz_targets(root, FUZZ_TARGETS, FUZZ_TEST_SECONDS)
+}
+
+fn fuzz_targets(root: &Path, targets: &[&'static str], seconds: u64) -> Result<()> {
+    ensure_cargo_fuzz()?;
+    let nightly = nightly_channel()?;
+    // Build first, so each target's time is spent fuzzing.
+    println!("fuzz: building the targets with {nightly} (cargo fuzz build)");
+    sh(cargo_fuzz(&nightly).arg("build"))?;
+    let mut runs = Vec::new();
+    for target in targets {
+        runs.push(fuzz_one(root, &nightly, target, seconds)?);
+    }
+    print_fuzz_table(&runs);
+    let mut bad = 0;
+    for run in &runs {
+        for crash in &run.findings {
+            bad += 1;
+            println!(
+                "fuzz: {}: finding {}\n  reproduce: cargo +{nightly} fuzz run {} {}\n  \
+                 minimize:  cargo +{nightly} fuzz tmin {} {}",
+                run.target,
+                crash.display(),
+                run.target,
+                crash.display(),
+                run.target,
+                crash.display(),
+            );
+        }
+        if let Some(why) = &run.failure {
+            bad += 1;
+            println!("fuzz: {}: {why}", run.target);
+        }
+    }
+    ensure!(
+        bad == 0,
+        "fuzzing failed: {bad} finding(s) or failed run(s), above"
+    );
+    Ok(())
+}
+
+/// `cargo fuzz` with the eBPF nightly (libFuzzer needs nightly's
+/// sanitizer flags); through rustup, as `cargo +<nightly>` would.
+fn cargo_fuzz(nightly: &str) -> Command {
+    let mut cmd = Command::new("rustup");
+    cmd.args(["run", nightly, "cargo", "fuzz"]);
+    cmd
+}
+
+/// Installs cargo-fuzz from crates.io if `cargo fuzz` is missing, saying
+/// what it did (the setup step's style: a second run does nothing).
+fn ensure_cargo_fuzz() -> Result<()> {
+    if let Some(v) = output(Command::new("cargo-fuzz").arg("--version")) {
+        println!("fuzz: {} present", v.trim());
+        return Ok(());
+    }
+    println!("fuzz: installing cargo-fuzz {CARGO_FUZZ_VERSION} (cargo install --locked)");
+    let start = Instant::now();
+    sh(cargo().args([
+        "install",
+        &format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"),
+        "--locked",
+    ]))?;
+    println!(
+        "fuzz: installed cargo-fuzz {CARGO_FUZZ_VERSION} in {:.0}s",
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Runs one target for `seconds` from its corpus and seeds; libFuzzer's
+/// output goes to target/fuzz-logs/<target>.log.
+fn fuzz_one(root: &Path, nightly: &str, target: &'static str, seconds: u64) -> Result<FuzzRun> {
+    let corpus = target_dir(root).join("fuzz-corpus").join(target);
+    let seeds = root.join("fuzz/seeds").join(target);
+    let artifacts = root.join("fuzz/artifacts").join(target);
+    let logs = target_dir(root).join("fuzz-logs");
+    for dir in [&corpus, &artifacts, &logs] {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    ensure!(
+        seeds.is_dir(),
+        "{}: no seeds for fuzz target {target}",
+        seeds.display()
+    );
+    let before = fuzz_artifacts(&artifacts);
+    let log_path = logs.join(format!("{target}.log"));
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("create {}", log_path.display()))?;
+    println!(
+        "fuzz: {target} for {seconds}s (corpus {}, seeds {}, log {})",
+        corpus.display(),
+        seeds.display(),
+        log_path.display()
+    );
+    let start = Instant::now();
+    // The first corpus directory is where libFuzzer adds new inputs; the
+    // seeds are only read.
+    let status = cargo_fuzz(nightly)
+        .args(["run", target])
+        .arg(&corpus)
+        .arg(&seeds)
+        .arg("--")
+        .arg(format!("-max_total_time={seconds}"))
+        .arg(format!("-timeout={FUZZ_INPUT_TIMEOUT_SECONDS}"))
+        .arg("-print_final_stats=1")
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .status()
+        .with_context(|| format!("spawn cargo fuzz run {target}"))?;
+    let elapsed = start.elapsed().as_secs_f64();
+    let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let findings: Vec<PathBuf> = fuzz_artifacts(&artifacts)
+        .into_iter()
+        .filter(|p| !before.contains(p))
+        .collect();
+    let failure = (!status.success() && findings.is_empty()).then(|| {
+        let tail: Vec<&str> = text.lines().rev().take(15).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        format!(
+            "cargo fuzz run failed ({status}) without a crash file; last lines of {}:\n  {}",
+            log_path.display(),
+            tail.join("\n  ")
+        )
+    });
+    Ok(FuzzRun {
+        target,
+        seconds: elapsed,
+        executions: libfuzzer_executions(&text),
+        findings,
+        failure,
+    })
+}
+
+/// Inputs libFuzzer saved as findings (crash-, leak-, timeout-, oom-).
+fn fuzz_artifacts(dir: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                        ["crash-", "leak-", "timeout-", "oom-"]
+                            .iter()
+                            .any(|k| n.starts_with(k))
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort();
+    found
+}
+
+/// The number of inputs run, from libFuzzer's output:
+/// `stat::number_of_executed_units: N` (`-print_final_stats=1`), else the
+/// last `#N` status line (`#N DONE`, `#N pulse`, ...).
+fn libfuzzer_executions(log: &str) -> Option<u64> {
+    let stat = log.lines().find_map(|l| {
+        l.trim()
+            .strip_prefix("stat::number_of_executed_units:")
+            .and_then(|n| n.trim().parse().ok())
+    });
+    stat.or_else(|| {
+        log.lines()
+            .filter_map(|l| {
+                let rest = l.strip_prefix('#')?;
+                let n = rest.split_whitespace().next()?;
+                n.parse::<u64>().ok()
+            })
+            .max()
+    })
+}
+
+fn print_fuzz_table(runs: &[FuzzRun]) {
+    println!(
+        "\n{:<16} {:>8} {:>13} {:>9} {:>9}",
+        "target", "seconds", "executions", "exec/s", "findings"
+    );
+    for r in runs {
+        let (execs, rate) = match r.executions {
+            Some(n) => (
+                n.to_string(),
+                format!("{:.0}", n as f64 / r.seconds.max(1e-3)),
+            ),
+            None => ("?".to_owned(), "?".to_owned()),
+        };
+        let findings = if r.failure.is_some() && r.findings.is_empty() {
+            "failed".to_owned()
+        } else {
+            r.findings.len().to_string()
+        };
+        println!(
+            "{:<16} {:>8.0} {:>13} {:>9} {:>9}",
+            r.target, r.seconds, execs, rate, findings
+        );
+    }
+    println!();
+}
+
+#[cfg(test)]
+mod fuzz_tests {
+    use super::*;
+
+    #[test]
+    fn executions_come_from_final_stats_or_the_last_status_line() {
+        let done = "#2\tINITED cov: 10 ft: 11 corp: 1/1b exec/s: 0 rss: 30Mb\n\
+                    #65536\tpulse  cov: 50 ft: 60 corp: 9/90b exec/s: 21845 rss: 40Mb\n\
+                    #81234\tDONE   cov: 52 ft: 63 corp: 9/90b exec/s: 27078 rss: 40Mb\n\
+                    Done 81234 runs in 3 second(s)\n\
+                    stat::number_of_executed_units: 81235\n\
+                    stat::average_exec_per_sec:     27078\n";
+        assert_eq!(libfuzzer_executions(done), Some(81235));
+        let crashed =
+            "#2\tINITED cov: 10\n#4096\tNEW    cov: 12\n==1== ERROR: libFuzzer: deadly signal\n";
+        assert_eq!(libfuzzer_executions(crashed), Some(4096));
+        assert_eq!(libfuzzer_executions("error: could not compile"), None);
+    }
 }
