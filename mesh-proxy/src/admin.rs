@@ -15,6 +15,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use crate::drain;
+use crate::metrics::exposition::Format;
 
 /// What the side doors show. Implemented by the running proxy.
 pub trait AdminState: Send + Sync + 'static {
@@ -28,8 +29,11 @@ pub trait AdminState: Send + Sync + 'static {
     fn log_level(&self) -> String;
     /// `Err(reason)` while not ready.
     fn ready(&self) -> Result<(), String>;
-    /// Prometheus text exposition.
-    fn metrics(&self) -> String;
+    /// The metrics in `format` (negotiated from the scraper's `Accept`),
+    /// and the Content-Type of the body returned: normally
+    /// `metrics::exposition::encode(registry, format)` and
+    /// `format.content_type()`.
+    fn metrics(&self, format: Format) -> (String, &'static str);
     /// Why a pod's connection to a destination goes where it goes (or is
     /// refused): `query` is the raw query string (`pod=NS/NAME&dst=IP:PORT`
     /// or `flow=COOKIE`). `Err((status, message))` for bad requests.
@@ -101,6 +105,27 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// All the request's `Accept` values, joined as one list.
+fn accept(headers: &http::HeaderMap) -> Option<String> {
+    let values: Vec<&str> = headers
+        .get_all(http::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    (!values.is_empty()).then(|| values.join(","))
+}
+
+/// The metrics door's answer: the format the scraper asked for, labelled
+/// with the Content-Type of the body the state actually returned.
+fn metrics(state: &dyn AdminState, headers: &http::HeaderMap) -> Response<Full<Bytes>> {
+    let format = Format::negotiate(accept(headers).as_deref());
+    let (body, content_type) = state.metrics(format);
+    let mut r = text(StatusCode::OK, body, content_type);
+    r.headers_mut()
+        .insert(http::header::VARY, http::HeaderValue::from_static("Accept"));
+    r
+}
+
 /// Routes one request. Public for tests.
 pub fn route(
     door: Door,
@@ -108,6 +133,7 @@ pub fn route(
     method: &Method,
     path: &str,
     query: &str,
+    headers: &http::HeaderMap,
 ) -> Response<Full<Bytes>> {
     match (door, method, path) {
         (Door::Readiness, &Method::GET, "/healthz/ready") => match state.ready() {
@@ -118,11 +144,7 @@ pub fn route(
                 "text/plain",
             ),
         },
-        (Door::Metrics, &Method::GET, "/metrics" | "/stats/prometheus") => text(
-            StatusCode::OK,
-            state.metrics(),
-            "text/plain; version=0.0.4; charset=utf-8",
-        ),
+        (Door::Metrics, &Method::GET, "/metrics" | "/stats/prometheus") => metrics(state, headers),
         (Door::Admin, &Method::GET, "/") => text(StatusCode::OK, HELP, "text/plain"),
         (Door::Admin, &Method::GET, "/config_dump") => json(state.config_dump()),
         (Door::Admin, &Method::GET, "/workloads") => json(state.workloads()),
@@ -201,6 +223,7 @@ pub async fn serve(
                         req.method(),
                         req.uri().path(),
                         &query,
+                        req.headers(),
                     ))
                 }
             });
@@ -219,6 +242,9 @@ pub async fn serve(
 mod tests {
     use super::*;
     use std::sync::Mutex;
+
+    static NO_HEADERS: std::sync::LazyLock<http::HeaderMap> =
+        std::sync::LazyLock::new(http::HeaderMap::new);
 
     #[derive(Default)]
     struct Fake {
@@ -258,8 +284,12 @@ mod tests {
                 Err("pod default/web: no certificate yet".into())
             }
         }
-        fn metrics(&self) -> String {
-            "x 1\n".into()
+        fn metrics(&self, format: Format) -> (String, &'static str) {
+            let body = match format {
+                Format::Text => "# TYPE x_total counter\nx_total 1\n",
+                Format::OpenMetrics => "# TYPE x counter\nx_total 1\n# EOF\n",
+            };
+            (body.into(), format.content_type())
         }
         fn explain(&self, q: &str) -> Result<serde_json::Value, (StatusCode, String)> {
             query_param(q, "pod")
@@ -277,10 +307,11 @@ mod tests {
             &Method::GET,
             "/explain",
             "pod=default%2Fclient&dst=10.0.0.1%3A80",
+            &NO_HEADERS,
         );
         assert_eq!(r.status(), 200);
         assert_eq!(
-            route(Door::Admin, &s, &Method::GET, "/explain", "").status(),
+            route(Door::Admin, &s, &Method::GET, "/explain", "", &NO_HEADERS).status(),
             400
         );
         assert_eq!(query_param("a=1&pod=x%2Fy", "pod").as_deref(), Some("x/y"));
@@ -292,19 +323,43 @@ mod tests {
     fn doors_route_only_their_own_endpoints() {
         let s = Fake::default();
         assert_eq!(
-            route(Door::Admin, &s, &Method::GET, "/config_dump", "").status(),
+            route(
+                Door::Admin,
+                &s,
+                &Method::GET,
+                "/config_dump",
+                "",
+                &NO_HEADERS
+            )
+            .status(),
             200
         );
         assert_eq!(
-            route(Door::Metrics, &s, &Method::GET, "/config_dump", "").status(),
+            route(
+                Door::Metrics,
+                &s,
+                &Method::GET,
+                "/config_dump",
+                "",
+                &NO_HEADERS
+            )
+            .status(),
             404
         );
         assert_eq!(
-            route(Door::Metrics, &s, &Method::GET, "/metrics", "").status(),
+            route(Door::Metrics, &s, &Method::GET, "/metrics", "", &NO_HEADERS).status(),
             200
         );
         assert_eq!(
-            route(Door::Readiness, &s, &Method::GET, "/healthz/ready", "").status(),
+            route(
+                Door::Readiness,
+                &s,
+                &Method::GET,
+                "/healthz/ready",
+                "",
+                &NO_HEADERS
+            )
+            .status(),
             503
         );
         let ready = Fake {
@@ -312,7 +367,15 @@ mod tests {
             ..Fake::default()
         };
         assert_eq!(
-            route(Door::Readiness, &ready, &Method::GET, "/healthz/ready", "").status(),
+            route(
+                Door::Readiness,
+                &ready,
+                &Method::GET,
+                "/healthz/ready",
+                "",
+                &NO_HEADERS
+            )
+            .status(),
             200
         );
     }
@@ -321,17 +384,66 @@ mod tests {
     fn log_level_is_switchable_and_bad_filters_name_the_value() {
         let s = Fake::default();
         assert_eq!(
-            route(Door::Admin, &s, &Method::POST, "/logging", "level=debug").status(),
+            route(
+                Door::Admin,
+                &s,
+                &Method::POST,
+                "/logging",
+                "level=debug",
+                &NO_HEADERS
+            )
+            .status(),
             200
         );
         assert_eq!(s.log_level(), "debug");
         assert_eq!(
-            route(Door::Admin, &s, &Method::POST, "/logging", "").status(),
+            route(Door::Admin, &s, &Method::POST, "/logging", "", &NO_HEADERS).status(),
             400
         );
         assert_eq!(
-            route(Door::Admin, &s, &Method::POST, "/logging", "level=a b").status(),
+            route(
+                Door::Admin,
+                &s,
+                &Method::POST,
+                "/logging",
+                "level=a b",
+                &NO_HEADERS
+            )
+            .status(),
             400
+        );
+    }
+
+    #[test]
+    fn the_metrics_door_serves_the_format_the_scraper_accepts() {
+        let s = Fake::default();
+        let get = |accept: &[&str]| {
+            let mut h = http::HeaderMap::new();
+            for a in accept {
+                h.append(
+                    http::header::ACCEPT,
+                    http::HeaderValue::from_str(a).unwrap(),
+                );
+            }
+            let r = route(Door::Metrics, &s, &Method::GET, "/metrics", "", &h);
+            assert_eq!(r.status(), 200);
+            assert_eq!(r.headers()[http::header::VARY], "Accept");
+            r.headers()[http::header::CONTENT_TYPE]
+                .to_str()
+                .unwrap()
+                .to_owned()
+        };
+        assert_eq!(get(&[]), "text/plain; version=0.0.4; charset=utf-8");
+        assert_eq!(get(&["*/*"]), "text/plain; version=0.0.4; charset=utf-8");
+        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert_eq!(
+            get(&[prometheus]),
+            "application/openmetrics-text; version=1.0.0; charset=utf-8"
+        );
+        // Several Accept header lines make one list.
+        assert_eq!(
+            get(&["text/plain;q=0.2", "application/openmetrics-text;q=0.9"]),
+            "application/openmetrics-text; version=1.0.0; charset=utf-8"
         );
     }
 }

@@ -658,13 +658,13 @@ impl TcpMetrics {
         let mut present = HashSet::with_capacity(flows.len());
         for f in &flows {
             present.insert(f.cookie);
-            if let Entry::Occupied(e) = inner.open.entry(f.cookie) {
-                if e.get().start_ns != f.start_ns {
-                    // Same cookie, another flow (cookies restart with the
-                    // kernel): the old one has gone.
-                    let old = e.remove();
-                    inner.fold(&old, true, now);
-                }
+            if let Entry::Occupied(e) = inner.open.entry(f.cookie)
+                && e.get().start_ns != f.start_ns
+            {
+                // Same cookie, another flow (cookies restart with the
+                // kernel): the old one has gone.
+                let old = e.remove();
+                inner.fold(&old, true, now);
             }
             if !inner.open.contains_key(&f.cookie) {
                 // Labels are fixed when a flow is first seen: a flow keeps
@@ -1063,10 +1063,8 @@ pub mod exposition {
             out.push_str(series);
             out.push(' ');
             out.push_str(value);
-            if let Some(ts) = values.next() {
-                if let Ok(secs) = ts.parse::<f64>() {
-                    out.push_str(&format!(" {}", (secs * 1000.0).round() as i64));
-                }
+            if let Some(Ok(secs)) = values.next().map(str::parse::<f64>) {
+                out.push_str(&format!(" {}", (secs * 1000.0).round() as i64));
             }
             out.push('\n');
         }

@@ -439,11 +439,11 @@ impl AdminState for Admin {
         self.node.explain(query)
     }
 
-    fn metrics(&self) -> String {
-        let mut out = String::new();
-        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+    fn metrics(&self, format: crate::metrics::exposition::Format) -> (String, &'static str) {
+        let out = crate::metrics::exposition::encode(&self.registry, format).unwrap_or_else(|e| {
             error!(error = %e, "encoding metrics");
-        }
-        out
+            String::new()
+        });
+        (out, format.content_type())
     }
 }
