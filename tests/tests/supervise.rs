@@ -8,53 +8,29 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
+use mesh_local::Mesh;
 use mesh_local::control::{Binaries, ControlOptions};
 use mesh_local::state::ProcessRecord;
 use mesh_local::supervise::{Exit, Phase, Supervision};
-use mesh_local::{Mesh, Topology};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value;
+use sockmesh_tests::e2e::{TestMesh, attempt, serve};
 
 const NODE: &str = "node-a";
 
-fn bins() -> Result<Binaries> {
-    // Workspace binaries sit next to the test's deps directory.
-    let dir = std::env::current_exe()?
-        .parent()
-        .and_then(|d| d.parent())
-        .context("test binary has no target dir")?
-        .to_owned();
-    let b = Binaries {
-        ca: dir.join("mesh-ca"),
-        proxy: dir.join("mesh-proxy"),
-    };
-    for p in [&b.ca, &b.proxy, &b.supervisor()] {
-        ensure!(
-            p.exists(),
-            "{} is not built: run `cargo build --bins` (./x test does)",
-            p.display()
-        );
-    }
-    Ok(b)
-}
-
-/// A mesh with the default control options (proxies supervised); `down`
-/// on drop, even when the test fails.
-fn up(tag: &str) -> Result<(Mesh, Binaries)> {
-    sockmesh_tests::require_privileges();
-    let name = format!("{tag}{}", std::process::id() % 100_000);
-    let bins = bins()?;
-    let _ = mesh_local::down(&name, &mesh_local::Options::default());
-    let mut mesh = mesh_local::up(
-        &name,
-        &Topology::demo(),
-        &mesh_local::Options::default(),
-        &mut |_| {},
-    )?;
-    mesh.start_control(&bins, &ControlOptions::default(), &mut |_| {})
-        .with_context(|| format!("control plane; logs under {}", mesh.state_dir().display()))?;
-    Ok((mesh, bins))
+/// A mesh with `opts`; `down` on drop, even when the test fails. Checks
+/// that the supervisor (`mesh`) is built, so supervision cannot silently
+/// be off.
+fn up(tag: &str, opts: ControlOptions) -> Result<TestMesh> {
+    let m = TestMesh::up(tag, opts)?;
+    let sup = m.bins.supervisor();
+    ensure!(
+        sup.exists(),
+        "{} is not built: run `cargo build --bins` (./x test does)",
+        sup.display()
+    );
+    Ok(m)
 }
 
 /// Polls `ok` every 50 ms until it gives a value, failing after `timeout`.
@@ -132,8 +108,9 @@ fn node_status<'a>(status: &'a Value, node: &str) -> Result<&'a Value> {
 
 #[test]
 fn a_killed_proxy_is_restarted_ready_and_counted_in_mesh_status() -> Result<()> {
-    let (m, bins) = up("sa")?;
-    let r = record(&m)?;
+    let t = up("sa", ControlOptions::default())?;
+    let (m, bins) = (&t.mesh, &t.bins);
+    let r = record(m)?;
     ensure!(
         r.supervisor_alive() && r.restarts == 0 && r.phase == Phase::Running,
         "{r:?}"
@@ -145,14 +122,13 @@ fn a_killed_proxy_is_restarted_ready_and_counted_in_mesh_status() -> Result<()> 
     );
 
     let killed_at = Instant::now();
-    let after = kill_and_wait_restart(&m)?;
-    m.wait_proxy_ready(NODE, Duration::from_secs(30))?;
+    let after = kill_and_wait_restart(m)?;
     eprintln!("SIGKILL to ready again: {:?}", killed_at.elapsed());
     let (code, _) = m.admin_get(NODE, "/config_dump")?;
     ensure!(code == 200, "admin port after the restart: {code}");
     ensure!(after != before);
 
-    let r = record(&m)?;
+    let r = record(m)?;
     ensure!(r.restarts == 1, "restarts: {r:?}");
     let want = Exit::Signal {
         signal: 9,
@@ -161,13 +137,13 @@ fn a_killed_proxy_is_restarted_ready_and_counted_in_mesh_status() -> Result<()> 
     ensure!(r.history.len() == 1 && r.history[0].exit == want, "{r:?}");
     ensure!(r.proxy_pid() == Some(after), "{r:?}");
     ensure!(
-        log(&m).contains("killed by SIGKILL"),
+        log(m).contains("killed by SIGKILL"),
         "the supervisor's line is in the proxy log:\n{}",
-        log(&m)
+        log(m)
     );
 
     // What a user sees.
-    let st = status_json(&m, &bins)?;
+    let st = status_json(m, bins)?;
     let n = node_status(&st, NODE)?;
     ensure!(
         n["proxy_pid"] == after
@@ -184,11 +160,12 @@ fn a_killed_proxy_is_restarted_ready_and_counted_in_mesh_status() -> Result<()> 
 
 #[test]
 fn repeated_crashes_wait_longer_each_time_and_down_leaves_nothing() -> Result<()> {
-    let (m, _bins) = up("sb")?;
+    let t = up("sb", ControlOptions::default())?;
+    let m = &t.mesh;
     for _ in 0..3 {
-        kill_and_wait_restart(&m)?;
+        kill_and_wait_restart(m)?;
     }
-    let r = record(&m)?;
+    let r = record(m)?;
     ensure!(r.restarts == 3, "{r:?}");
     let delays: Vec<u64> = r.history.iter().map(|h| h.delay_ms).collect();
     ensure!(delays == [500, 1000, 2000], "backoff: {delays:?}");
@@ -204,23 +181,18 @@ fn repeated_crashes_wait_longer_each_time_and_down_leaves_nothing() -> Result<()
     ensure!(gaps.windows(2).all(|w| w[1] > w[0]), "gaps {gaps:?}");
 
     // down: supervisors, proxies and everything else gone.
-    let supervisors: Vec<ProcessRecord> = m
+    let records: Vec<Supervision> = m
         .state()
         .nodes
         .iter()
         .filter_map(|n| m.supervision(&n.name))
-        .map(|s| s.supervisor)
         .collect();
-    let proxies: Vec<ProcessRecord> = m
-        .state()
-        .nodes
-        .iter()
-        .filter_map(|n| m.supervision(&n.name).and_then(|s| s.proxy))
-        .collect();
-    ensure!(supervisors.len() == 2 && proxies.len() == 2);
+    let supervisors: Vec<ProcessRecord> = records.iter().map(|s| s.supervisor.clone()).collect();
+    let proxies: Vec<ProcessRecord> = records.iter().filter_map(|s| s.proxy.clone()).collect();
+    ensure!(supervisors.len() == 2 && proxies.len() == 2, "{records:?}");
     let name = m.name().to_owned();
     let state_dir = m.state_dir();
-    let report = m.down()?;
+    let report = t.mesh.down()?;
     for p in supervisors.iter().chain(&proxies) {
         ensure!(
             !p.alive(),
@@ -247,23 +219,25 @@ fn repeated_crashes_wait_longer_each_time_and_down_leaves_nothing() -> Result<()
 }
 
 #[test]
-fn a_held_proxy_stays_down_until_started_and_a_drained_one_is_not_restarted() -> Result<()> {
-    let (mut m, bins) = up("sc")?;
-    // Held: the crash is recorded, the proxy stays down, the node fails
-    // closed (nothing listens on its readiness port).
-    m.hold_proxy(NODE)?;
-    let old = m.proxy_pid(NODE).context("no proxy")?;
+fn a_held_proxy_stays_down_failing_closed_until_started_and_a_drained_one_is_not_restarted()
+-> Result<()> {
+    let mut t = up("sc", ControlOptions::default())?;
+    let web = format!("{}:8080", t.ip("default/web")?);
+    let mut server = serve(&t, "default/web", 8080, 1, 100)?;
+    // Held: the crash is recorded and the proxy stays down.
+    t.mesh.hold_proxy(NODE)?;
+    let old = t.mesh.proxy_pid(NODE).context("no proxy")?;
     signal(old, Signal::SIGKILL)?;
     let r = wait_for("the supervisor to hold", Duration::from_secs(10), || {
-        Ok(m.supervision(NODE).filter(|r| r.phase == Phase::Held))
+        Ok(t.mesh.supervision(NODE).filter(|r| r.phase == Phase::Held))
     })?;
     ensure!(r.restarts == 1 && r.supervisor_alive(), "{r:?}");
-    ensure!(m.proxy_pid(NODE).is_none() && m.node_pids(NODE, &bins.proxy).is_empty());
-    ensure!(
-        m.wait_proxy_ready(NODE, Duration::from_millis(300))
-            .is_err()
-    );
-    let st = status_json(&m, &bins)?;
+    ensure!(t.mesh.proxy_pid(NODE).is_none() && t.mesh.node_pids(NODE, &t.bins.proxy).is_empty());
+    // Meanwhile node-a fails closed: its pod's connection is refused (and
+    // the server, which takes one connection, never sees it).
+    let during = attempt(&t, "default/client", &web)?;
+    ensure!(during.is_err(), "got through with no proxy: {during:?}");
+    let st = status_json(&t.mesh, &t.bins)?;
     let n = node_status(&st, NODE)?;
     ensure!(
         n["proxy_state"] == "held" && n["proxy_pid"].is_null(),
@@ -271,9 +245,13 @@ fn a_held_proxy_stays_down_until_started_and_a_drained_one_is_not_restarted() ->
     );
 
     // On demand: start_proxy lifts the hold; the same supervisor starts it.
-    m.start_proxy(NODE, &bins, &ControlOptions::default())?;
-    m.wait_proxy_ready(NODE, Duration::from_secs(30))?;
-    let r = record(&m)?;
+    let opts = t.opts.clone();
+    t.mesh.start_proxy(NODE, &t.bins, &opts)?;
+    t.mesh.wait_proxy_ready(NODE, Duration::from_secs(30))?;
+    ensure!(attempt(&t, "default/client", &web)? == Ok(100));
+    server.event("accepted")?;
+    let m = &t.mesh;
+    let r = record(m)?;
     ensure!(r.history.last().is_some_and(|h| h.kicked), "{r:?}");
     ensure!(!m.proxy_hold_file(NODE).exists());
 
@@ -294,20 +272,21 @@ fn a_held_proxy_stays_down_until_started_and_a_drained_one_is_not_restarted() ->
         r.last_exit.as_ref().map(|e| &e.exit) == Some(&Exit::Code { code: 0 }),
         "{r:?}"
     );
-    let st = status_json(&m, &bins)?;
+    let st = status_json(m, &t.bins)?;
     let n = node_status(&st, NODE)?;
     ensure!(n["proxy_state"] == "stopped", "{n:#}");
+    let problems = st["problems"].as_array().context("no problems list")?;
     ensure!(
-        st["problems"].as_array().is_some_and(|p| p.iter().any(|p| p
+        problems.iter().any(|p| p
             .as_str()
-            .is_some_and(|p| p.contains("exited 0, not restarted")))),
+            .is_some_and(|p| p.contains("exited 0, not restarted"))),
         "{st:#}"
     );
 
     // Started again: a new supervisor carries the count on.
-    m.start_proxy(NODE, &bins, &ControlOptions::default())?;
-    m.wait_proxy_ready(NODE, Duration::from_secs(30))?;
-    let r = record(&m)?;
+    t.mesh.start_proxy(NODE, &t.bins, &opts)?;
+    t.mesh.wait_proxy_ready(NODE, Duration::from_secs(30))?;
+    let r = record(&t.mesh)?;
     ensure!(
         r.supervisor.pid != supervisor.pid && r.restarts == 1 && r.phase == Phase::Running,
         "{r:?}"
@@ -317,32 +296,22 @@ fn a_held_proxy_stays_down_until_started_and_a_drained_one_is_not_restarted() ->
 
 #[test]
 fn without_supervision_a_killed_proxy_is_left_to_start_proxy() -> Result<()> {
-    sockmesh_tests::require_privileges();
-    let name = format!("sd{}", std::process::id() % 100_000);
-    let bins = bins()?;
-    let _ = mesh_local::down(&name, &mesh_local::Options::default());
-    let mut m = mesh_local::up(
-        &name,
-        &Topology::demo(),
-        &mesh_local::Options::default(),
-        &mut |_| {},
-    )?;
     let opts = ControlOptions {
         restart_proxies: false,
         ..ControlOptions::default()
     };
-    m.start_control(&bins, &opts, &mut |_| {})?;
-    ensure!(m.supervision(NODE).is_none());
-    let pids = m.node_pids(NODE, &bins.proxy);
+    let mut t = up("sd", opts.clone())?;
+    ensure!(t.mesh.supervision(NODE).is_none());
+    let pids = t.mesh.node_pids(NODE, &t.bins.proxy);
     ensure!(pids.len() == 1, "{pids:?}");
     signal(pids[0], Signal::SIGKILL)?;
     wait_for("the proxy's death", Duration::from_secs(5), || {
-        Ok(m.proxy_pid(NODE).is_none().then_some(()))
+        Ok(t.mesh.proxy_pid(NODE).is_none().then_some(()))
     })?;
-    m.start_proxy(NODE, &bins, &opts)?;
-    m.wait_proxy_ready(NODE, Duration::from_secs(30))?;
+    t.mesh.start_proxy(NODE, &t.bins, &opts)?;
+    t.mesh.wait_proxy_ready(NODE, Duration::from_secs(30))?;
     ensure!(
-        m.supervision(NODE).is_none(),
+        t.mesh.supervision(NODE).is_none(),
         "start_proxy made a supervisor"
     );
     Ok(())
