@@ -350,9 +350,9 @@ async fn a_client_that_stalls_before_authenticating_is_closed_after_the_budget()
             }
             wrote += 1;
             let mut buf = [0u8; 64];
-            match tokio::time::timeout(Duration::from_millis(100), slow.read(&mut buf)).await {
-                Ok(Ok(0) | Err(_)) => return (start.elapsed(), wrote),
-                _ => {}
+            let read = tokio::time::timeout(Duration::from_millis(100), slow.read(&mut buf)).await;
+            if let Ok(Ok(0) | Err(_)) = read {
+                return (start.elapsed(), wrote);
             }
             assert!(start.elapsed() < WAIT, "the slow client was never closed");
         }

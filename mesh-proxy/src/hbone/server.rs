@@ -822,10 +822,10 @@ impl<H: Handler> Conn<H> {
                 );
                 let idle = self.tunnel_idle_timeout;
                 let outcome = until_idle(copy, start, &last_active, idle).await;
-                if outcome.as_ref().is_err_and(|e| e.starts_with(IDLE)) {
-                    if let Some(c) = &self.counters {
-                        c.idle_tunnels_closed.fetch_add(1, Ordering::Relaxed);
-                    }
+                if outcome.as_ref().is_err_and(|e| e.starts_with(IDLE))
+                    && let Some(c) = &self.counters
+                {
+                    c.idle_tunnels_closed.fetch_add(1, Ordering::Relaxed);
                 }
                 outcome
             }
