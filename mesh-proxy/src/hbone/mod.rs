@@ -77,8 +77,9 @@ pub struct ServerLimits {
     /// Connections (pre- and post-handshake) open at once on the node.
     /// Default 4096: a pool uses one connection per (source pod,
     /// destination pod) and [`H2Config::max_streams_per_conn`] tunnels,
-    /// so 4096 is thousands of peers; at ~30 KiB per idle connection
-    /// that is ~120 MiB at most.
+    /// so 4096 is thousands of peers. Before its handshake a connection
+    /// costs ~9 KiB (measured, `tests/hbone_memory.rs`): ~40 MiB at the
+    /// cap; after it, the 256 KiB TLS read buffer is added as it is used.
     pub max_connections: usize,
     /// Connections open at once from one source IP address (a peer pod
     /// or node). Default 256: a pod's pool needs one connection per 100
