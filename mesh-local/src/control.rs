@@ -320,7 +320,8 @@ impl Mesh {
     /// [`ControlOptions::restart_proxies`]): lifts a [`Mesh::hold_proxy`],
     /// has the node's supervisor start the proxy now if it is down (or
     /// starts a supervisor if there is none), and returns once the proxy
-    /// runs; does nothing more when it already runs. Unsupervised: spawns
+    /// runs; does nothing more when it already runs (also when its
+    /// supervisor was killed and it runs on). Unsupervised: spawns
     /// the proxy. Either way it returns once the proxy is in its cgroup.
     pub fn start_proxy(
         &mut self,
@@ -341,6 +342,15 @@ impl Mesh {
             let kick = self.proxy_kick_file(node);
             crate::state::write_file(&kick, b"")?;
             return self.wait_supervised_proxy(node, s.supervisor.pid, &log, None);
+        }
+        if self
+            .supervision(node)
+            .is_some_and(|s| s.proxy_pid().is_some())
+        {
+            // Its supervisor was killed, the proxy runs on: leave it be
+            // (a second one would fight it for the node's ports).
+            tracing::warn!(node, "mesh-proxy runs without its supervisor");
+            return Ok(());
         }
         let supervisor = bins.supervisor();
         if !opts.restart_proxies {
