@@ -28,8 +28,8 @@ use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, Sk
 use aya::{Ebpf, EbpfLoader};
 pub use mesh_ebpf_common::{
     ABI_VERSION, AF_INET, AF_INET6, Config, EnrolledNetns, FLOW_DELIVERY, FLOW_REDIRECT, Flow,
-    HBONE_PORT, INBOUND_PLAINTEXT_PORT, IpKey, OUTBOUND_PORT, OrigDst, PEER_OPEN, PORT_APP,
-    PROXY_MARK, PortKey, SockKey, Stat, tcp_state,
+    HBONE_PORT, INBOUND_PLAINTEXT_PORT, IpKey, MAX_FLOWS, OUTBOUND_PORT, OrigDst, PEER_OPEN,
+    PORT_APP, PROXY_MARK, PortKey, SockKey, Stat, tcp_state,
 };
 use mesh_ebpf_common::{map_names as maps, program_names as progs};
 

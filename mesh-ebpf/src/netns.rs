@@ -47,23 +47,33 @@ where
 /// The cookie of the network namespace a socket lives in (`SO_NETNS_COOKIE`,
 /// Linux 5.14+).
 pub fn cookie_of_socket(sock: &impl AsRawFd) -> io::Result<u64> {
-    let mut cookie: u64 = 0;
+    u64_sockopt(sock, libc::SO_NETNS_COOKIE)
+}
+
+/// The socket's own cookie (`SO_COOKIE`): the key of its flow in the
+/// kernel's flow map.
+pub fn socket_cookie(sock: &impl AsRawFd) -> io::Result<u64> {
+    u64_sockopt(sock, libc::SO_COOKIE)
+}
+
+fn u64_sockopt(sock: &impl AsRawFd, opt: libc::c_int) -> io::Result<u64> {
+    let mut value: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: `cookie` and `len` are valid for writes of the sizes given; the
+    // SAFETY: `value` and `len` are valid for writes of the sizes given; the
     // kernel writes at most `len` bytes.
     let rc = unsafe {
         libc::getsockopt(
             sock.as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_NETNS_COOKIE,
-            (&raw mut cookie).cast(),
+            opt,
+            (&raw mut value).cast(),
             &mut len,
         )
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(cookie)
+    Ok(value)
 }
 
 /// The cookie of the network namespace at `netns`.

@@ -49,6 +49,8 @@ pub struct ControlOptions {
     pub restart_proxies: bool,
     /// The supervisor's backoff.
     pub restart_policy: RestartPolicy,
+    /// Let sk_msg redirect app<->proxy bytes (`mesh-proxy --app-redirect`).
+    pub app_redirect: bool,
 }
 
 impl Default for ControlOptions {
@@ -62,6 +64,7 @@ impl Default for ControlOptions {
             proxy_workers: 2,
             restart_proxies: true,
             restart_policy: RestartPolicy::default(),
+            app_redirect: false,
         }
     }
 }
@@ -396,7 +399,10 @@ impl Mesh {
         opts: &ControlOptions,
     ) -> Result<Vec<String>, Error> {
         let n = self.node(node)?;
-        Ok(vec![
+        let metrics_state = self
+            .control_dir("control")?
+            .join(format!("metrics-{node}.json"));
+        let mut argv = vec![
             bins.proxy.display().to_string(),
             "--node".into(),
             node.to_owned(),
@@ -423,7 +429,14 @@ impl Mesh {
             opts.log.clone(),
             "--workers".into(),
             opts.proxy_workers.to_string(),
-        ])
+            // Counters continue across a crash and restart of the proxy.
+            "--metrics-state".into(),
+            metrics_state.display().to_string(),
+        ];
+        if opts.app_redirect {
+            argv.push("--app-redirect".into());
+        }
+        Ok(argv)
     }
 
     /// Waits (bounded by the command timeout) until the supervisor `pid`

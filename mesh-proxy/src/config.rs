@@ -61,6 +61,14 @@ pub struct Config {
     pub registry_poll: Duration,
     /// How long SIGTERM waits for open connections.
     pub drain_deadline: Duration,
+    /// Where TCP metric totals persist across restarts (unset: memory
+    /// only, so a restart resets the counters).
+    pub metrics_state: Option<PathBuf>,
+    /// How long the series of a workload that is gone stay exported.
+    pub metrics_retention: Duration,
+    /// Bounds of every pod's 15008 listener (caps, handshake budget, idle
+    /// timeouts).
+    pub hbone_limits: crate::hbone::ServerLimits,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +126,31 @@ impl Config {
         if self.registry_poll.is_zero() {
             return Err(err("--registry-poll", "must be more than 0"));
         }
+        let l = &self.hbone_limits;
+        if l.max_connections == 0 {
+            return Err(err("--hbone-max-connections 0", "must be at least 1"));
+        }
+        if l.max_connections_per_peer == 0 || l.max_connections_per_peer > l.max_connections {
+            return Err(err(
+                format!(
+                    "--hbone-max-connections-per-peer {}",
+                    l.max_connections_per_peer
+                ),
+                format!(
+                    "must be 1..={} (--hbone-max-connections)",
+                    l.max_connections
+                ),
+            ));
+        }
+        for (flag, d) in [
+            ("--hbone-handshake-seconds", l.handshake_timeout),
+            ("--tunnel-idle-seconds", l.tunnel_idle_timeout),
+            ("--hbone-idle-seconds", l.connection_idle_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(err(format!("{flag} 0"), "must be more than 0"));
+            }
+        }
         Ok(())
     }
 }
@@ -149,6 +182,9 @@ mod tests {
             app_redirect: false,
             registry_poll: Duration::from_millis(500),
             drain_deadline: Duration::from_secs(5),
+            metrics_state: None,
+            metrics_retention: Duration::from_secs(3600),
+            hbone_limits: crate::hbone::ServerLimits::default(),
         }
     }
 

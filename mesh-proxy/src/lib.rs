@@ -8,4 +8,5 @@ pub mod hbone;
 pub mod identity;
 pub mod metrics;
 pub mod node;
+pub mod notes;
 pub mod run;

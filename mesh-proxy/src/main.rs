@@ -84,6 +84,31 @@ struct Args {
     /// Seconds SIGTERM waits for open connections.
     #[arg(long, default_value_t = 5)]
     drain_seconds: u64,
+    /// File where TCP metric totals persist, so `istio_tcp_*` counters
+    /// continue across a restart (written atomically at scrapes and on
+    /// shutdown). Unset: counters restart from zero with the proxy.
+    #[arg(long)]
+    metrics_state: Option<std::path::PathBuf>,
+    /// Seconds the series of a workload that is gone stay exported.
+    #[arg(long, default_value_t = 3600)]
+    metrics_retention_seconds: u64,
+    /// Seconds an inbound HBONE connection has to finish its mTLS
+    /// handshake before it is closed.
+    #[arg(long, default_value_t = 3)]
+    hbone_handshake_seconds: u64,
+    /// HBONE connections open at once on this node (over it: reset
+    /// before TLS).
+    #[arg(long, default_value_t = 4096)]
+    hbone_max_connections: usize,
+    /// HBONE connections open at once from one source address.
+    #[arg(long, default_value_t = 256)]
+    hbone_max_connections_per_peer: usize,
+    /// Seconds an HBONE connection with no open tunnel stays open.
+    #[arg(long, default_value_t = 120)]
+    hbone_idle_seconds: u64,
+    /// Seconds a tunnel that moves no byte either way stays open.
+    #[arg(long, default_value_t = 3600)]
+    tunnel_idle_seconds: u64,
 }
 
 fn main() -> std::process::ExitCode {
@@ -125,6 +150,15 @@ fn main() -> std::process::ExitCode {
         app_redirect: args.app_redirect,
         registry_poll: Duration::from_millis(500),
         drain_deadline: Duration::from_secs(args.drain_seconds),
+        metrics_state: args.metrics_state,
+        metrics_retention: Duration::from_secs(args.metrics_retention_seconds),
+        hbone_limits: mesh_proxy::hbone::ServerLimits {
+            handshake_timeout: Duration::from_secs(args.hbone_handshake_seconds),
+            max_connections: args.hbone_max_connections,
+            max_connections_per_peer: args.hbone_max_connections_per_peer,
+            connection_idle_timeout: Duration::from_secs(args.hbone_idle_seconds),
+            tunnel_idle_timeout: Duration::from_secs(args.tunnel_idle_seconds),
+        },
     };
     match run(cfg, log) {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -13,7 +13,10 @@ use mesh_core::identity::Identity;
 use mesh_core::policy::{self, PolicySet};
 use mesh_core::registry::{FileRegistry, Pod, Snapshot};
 use mesh_ebpf::netns::PodSockets;
-use mesh_ebpf::{Datapath, FlowEntry, PROXY_MARK};
+use mesh_ebpf::{
+    Datapath, Direction, FlowEntry, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT,
+    OrigDstReader, PROXY_MARK,
+};
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
@@ -23,10 +26,10 @@ use crate::config::{Config, InboundMode};
 use crate::hbone::{self, H2Config, Pool, PoolKey, Refusal, Tunnel, TunnelClosed};
 use crate::identity::{CertManager, peer_identity};
 use crate::metrics::{FlowLabels, FlowResolver};
+use crate::notes::{FlowNotes, Note};
 
 /// Timeouts of the data path's external waits.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const TLS_TIMEOUT: Duration = Duration::from_secs(10);
 const COPY_BUFFER: usize = 256 * 1024;
 
 /// A pod this node serves.
@@ -65,6 +68,21 @@ pub struct ProxyStats {
     pub inbound_denied: AtomicU64,
     pub plaintext_refused: AtomicU64,
     pub passthrough: AtomicU64,
+    /// Tunnels or plaintext connections whose target was one of the
+    /// proxy's own ports (they would make the proxy dial itself).
+    pub proxy_port_refused: AtomicU64,
+}
+
+/// The proxy's own in-pod ports: never a target it dials for a peer (the
+/// proxy would connect to itself, and again, until out of descriptors).
+pub fn is_proxy_port(port: u16) -> bool {
+    [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT].contains(&port)
+}
+
+/// `addr` with an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) written as
+/// the IPv4 address it is, so routing and policy see one address.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
 /// Where an outbound connection goes.
@@ -86,6 +104,7 @@ pub enum Route {
 /// Picks the route for `orig`. `rr` spreads Service connections over their
 /// endpoints.
 pub fn route(snapshot: &Snapshot, orig: SocketAddr, rr: usize) -> Route {
+    let orig = canonical(orig);
     if let Some(svc) = snapshot.service_by_vip(orig.ip()) {
         let name = format!("{}.{}.svc", svc.name, svc.namespace);
         let Some(port) = svc.target_port(orig.port()) else {
@@ -204,17 +223,24 @@ pub async fn dial_from(sockets: &PodSockets, to: SocketAddr) -> std::io::Result<
 /// The running node proxy.
 pub struct NodeProxy {
     pub cfg: Config,
+    /// Control plane (enroll, unenroll, listeners) and admin reads; the
+    /// data path never takes this lock.
     pub datapath: Mutex<Datapath>,
+    /// The data path's own original-destination lookups (no lock).
+    orig: OrigDstReader,
     pub registry: FileRegistry,
     pub certs: CertManager,
     pub policies: RwLock<Arc<PolicySet>>,
     pub pool: Pool<MeshConnector>,
     pub h2: H2Config,
+    /// The caps of every pod's 15008 listener, node-wide.
+    pub hbone_limiter: Arc<hbone::Limiter>,
     pods: RwLock<BTreeMap<String, Arc<EnrolledPod>>>,
     rr: AtomicUsize,
-    /// The endpoint pod each Service flow went to, by flow cookie (pruned
-    /// when the flow leaves the kernel map), so metrics label it right.
-    chosen: Mutex<std::collections::HashMap<u64, String>>,
+    /// What the data path learned about a kernel flow that the kernel does
+    /// not know (a Service flow's endpoint, a delivery's source identity),
+    /// handed to metrics without a shared lock.
+    pub notes: FlowNotes,
     pub stats: ProxyStats,
     /// Open connections (every direction), so SIGTERM can wait for them.
     pub conns: crate::drain::Tracker,
@@ -234,17 +260,22 @@ impl NodeProxy {
     ) -> Result<Arc<Self>, String> {
         let policies = policy_set(&registry.snapshot())?;
         let h2 = H2Config::default();
+        let orig = datapath
+            .orig_dst_reader()
+            .map_err(|e| format!("open the original-destination map: {e}"))?;
         Ok(Arc::new_cyclic(|weak| NodeProxy {
             pool: Pool::new(MeshConnector { node: weak.clone() }, h2.clone()),
             h2,
+            hbone_limiter: hbone::Limiter::new(cfg.hbone_limits.clone()),
             cfg,
+            orig,
             datapath: Mutex::new(datapath),
             registry,
             certs,
             policies: RwLock::new(Arc::new(policies)),
             pods: RwLock::new(BTreeMap::new()),
             rr: AtomicUsize::new(0),
-            chosen: Mutex::new(std::collections::HashMap::new()),
+            notes: FlowNotes::default(),
             stats: ProxyStats::default(),
             conns: crate::drain::Tracker::default(),
             data,
@@ -392,10 +423,19 @@ impl NodeProxy {
             }
         };
         listeners.push((hbone_l, Port::Hbone));
-        let plain = bind("0.0.0.0:15006".parse().map_err(|_| "addr")?)?;
+        // Dual stack, so sk_lookup can hand it IPv4 and IPv6 connections;
+        // addresses of a family it cannot take stay unregistered, and the
+        // kernel drops plaintext to them (fail closed).
+        let (plain, dual) = match bind("[::]:15006".parse().map_err(|_| "addr")?) {
+            Ok(l) => (l, true),
+            Err(e) => {
+                warn!(pod = %key, error = %e, "no IPv6 in the pod netns: plaintext capture on IPv4 only");
+                (bind("0.0.0.0:15006".parse().map_err(|_| "addr")?)?, false)
+            }
+        };
         {
             let mut dp = self.datapath.lock().unwrap_or_else(PoisonError::into_inner);
-            for ip in pod.ips.iter().filter(|ip| ip.is_ipv4()) {
+            for ip in pod.ips.iter().filter(|ip| dual || ip.is_ipv4()) {
                 dp.set_inbound_listener(*ip, &plain)
                     .map_err(|e| e.to_string())?;
             }
@@ -446,14 +486,26 @@ impl NodeProxy {
             return;
         };
         p.stop();
-        let mut dp = self.datapath.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Err(e) = dp.unenroll(p.cookie) {
-            warn!(pod = %key, error = %e, "unenroll");
+        {
+            let mut dp = self.datapath.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Err(e) = dp.unenroll(p.cookie) {
+                warn!(pod = %key, error = %e, "unenroll");
+            }
+            for ip in &p.pod.ips {
+                let _ = dp.remove_inbound_listener(*ip);
+            }
         }
-        for ip in p.pod.ips.iter().filter(|ip| ip.is_ipv4()) {
-            let _ = dp.remove_inbound_listener(*ip);
+        // Pods of one service account share its certificate: drop it only
+        // with the last of them.
+        let still_used = self
+            .pods
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .any(|o| o.identity == p.identity);
+        if !still_used {
+            self.certs.forget(&p.identity);
         }
-        self.certs.forget(&p.identity);
         info!(pod = %key, "unenrolled");
     }
 
@@ -490,12 +542,8 @@ impl NodeProxy {
 
     async fn outbound(&self, pod: &EnrolledPod, mut app: TcpStream, peer: SocketAddr) {
         let start = Instant::now();
-        let orig = {
-            let dp = self.datapath.lock().unwrap_or_else(PoisonError::into_inner);
-            dp.original(pod.cookie, peer)
-        };
-        let (orig, flow_cookie) = match orig {
-            Ok(Some(o)) => o,
+        let (orig, flow_cookie) = match self.orig.original(pod.cookie, peer) {
+            Ok(Some((o, c))) => (canonical(o), c),
             Ok(None) => {
                 self.stats.outbound_failed.fetch_add(1, Ordering::Relaxed);
                 warn!(pod = %pod.key, %peer, "no original destination for this connection; closing");
@@ -517,10 +565,10 @@ impl NodeProxy {
                 service,
             } => {
                 if service.is_some() {
-                    self.chosen
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .insert(flow_cookie, format!("{}/{}", dst.namespace, dst.name));
+                    self.notes.note(
+                        flow_cookie,
+                        Note::Endpoint(format!("{}/{}", dst.namespace, dst.name)),
+                    );
                 }
                 let dst_ip = target.ip();
                 let key =
@@ -602,36 +650,49 @@ impl NodeProxy {
         peer: SocketAddr,
         mut drain: crate::drain::Watch,
     ) {
-        let acceptor = tokio_rustls::TlsAcceptor::from(pod.server_tls.clone());
-        let tls = match tokio::time::timeout(TLS_TIMEOUT, acceptor.accept(stream)).await {
-            Ok(Ok(t)) => t,
-            Ok(Err(e)) => {
-                info!(target: "access", direction = "inbound", dst_workload = %pod.key, src = %peer,
-                      error = %e, "mTLS handshake refused");
-                return;
-            }
-            Err(_) => {
-                debug!(pod = %pod.key, %peer, "TLS handshake timed out");
-                return;
-            }
-        };
         let handler = Arc::new(Inbound {
             node: self.clone(),
             pod: pod.clone(),
             peer,
         });
         let drained = async move { drain.signaled().await };
-        if let Err(e) = hbone::serve(tls, handler, drained, &self.h2).await {
-            debug!(pod = %pod.key, %peer, error = %e, "HBONE connection ended");
+        // Caps, the bounded mTLS handshake, then HTTP/2: the same path the
+        // HBONE benchmark measures.
+        let served = hbone::serve_tcp(
+            stream,
+            peer,
+            pod.server_tls.clone(),
+            handler,
+            drained,
+            &self.hbone_limiter,
+            &self.h2,
+        )
+        .await;
+        match served {
+            Err(e @ hbone::HboneError::Accept { .. }) if e.cap_exceeded().is_none() => {
+                info!(target: "access", direction = "inbound", dst_workload = %pod.key, src = %peer,
+                      error = %e, "mTLS handshake refused");
+            }
+            Err(e) => debug!(pod = %pod.key, %peer, error = %e, "HBONE connection ended"),
+            Ok(_) => {}
         }
     }
 
     async fn inbound_plaintext(&self, pod: &EnrolledPod, mut stream: TcpStream, peer: SocketAddr) {
         // sk_lookup keeps the original destination as the local address.
         let dst = match stream.local_addr() {
-            Ok(a) => a,
+            Ok(a) => canonical(a),
             Err(_) => return,
         };
+        if is_proxy_port(dst.port()) {
+            self.stats
+                .proxy_port_refused
+                .fetch_add(1, Ordering::Relaxed);
+            info!(target: "access", direction = "inbound", dst_workload = %pod.key, src = %peer, dst = %dst,
+                  security = "none", result = "refused", reason = "the proxy's own port is not a destination", "connection refused");
+            reset(&stream);
+            return;
+        }
         if self.cfg.inbound_mode == InboundMode::Strict {
             self.stats.plaintext_refused.fetch_add(1, Ordering::Relaxed);
             info!(target: "access", direction = "inbound", dst_workload = %pod.key, src = %peer, dst = %dst,
@@ -650,6 +711,7 @@ impl NodeProxy {
         let start = Instant::now();
         match dial_from(&pod.sockets, dst).await {
             Ok(mut app) => {
+                self.note_delivery(&app, None, peer);
                 let r = tokio::io::copy_bidirectional_with_sizes(
                     &mut stream,
                     &mut app,
@@ -666,6 +728,21 @@ impl NodeProxy {
                 info!(target: "access", direction = "inbound", dst_workload = %pod.key, src = %peer,
                             dst = %dst, error = %e, "upstream failed")
             }
+        }
+    }
+
+    /// Tells metrics who is behind the delivery socket `app` (its kernel
+    /// flow knows only the pod it enters).
+    fn note_delivery(&self, app: &TcpStream, principal: Option<&Identity>, peer: SocketAddr) {
+        match mesh_ebpf::netns::socket_cookie(app) {
+            Ok(cookie) => self.notes.note(
+                cookie,
+                Note::Delivery {
+                    source_principal: principal.map(|p| p.to_string()),
+                    source_ip: peer.ip().to_canonical(),
+                },
+            ),
+            Err(e) => debug!(error = %e, "SO_COOKIE of a delivery socket"),
         }
     }
 
@@ -926,7 +1003,16 @@ impl hbone::Handler for Inbound {
         let pod = self.pod.clone();
         let peer = self.peer;
         async move {
-            if !pod.pod.ips.contains(&tunnel.target.ip()) {
+            let target = canonical(tunnel.target);
+            if is_proxy_port(target.port()) {
+                node.stats
+                    .proxy_port_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                return Err(Refusal::Forbidden(format!(
+                    "{target}: the proxy's own port is not a tunnel target"
+                )));
+            }
+            if !pod.pod.ips.contains(&target.ip()) {
                 return Err(Refusal::Unavailable(format!(
                     "{} is not an address of pod {}",
                     tunnel.target, pod.key
@@ -937,8 +1023,7 @@ impl hbone::Handler for Inbound {
                 .first()
                 .ok_or_else(|| Refusal::Forbidden("no client certificate".into()))
                 .and_then(|c| peer_identity(c).map_err(|e| Refusal::Forbidden(e.to_string())))?;
-            let decision =
-                node.authorize(Some(&principal), peer.ip(), &pod.pod, tunnel.target.port());
+            let decision = node.authorize(Some(&principal), peer.ip(), &pod.pod, target.port());
             if !decision.allowed {
                 node.stats.inbound_denied.fetch_add(1, Ordering::Relaxed);
                 info!(target: "access", direction = "inbound", dst_workload = %pod.key, src = %peer,
@@ -947,9 +1032,11 @@ impl hbone::Handler for Inbound {
                 return Err(Refusal::Forbidden(decision.reason));
             }
             node.stats.inbound_opened.fetch_add(1, Ordering::Relaxed);
-            dial_from(&pod.sockets, tunnel.target)
+            let app = dial_from(&pod.sockets, target)
                 .await
-                .map_err(|e| Refusal::BadGateway(format!("connect {}: {e}", tunnel.target)))
+                .map_err(|e| Refusal::BadGateway(format!("connect {target}: {e}")))?;
+            node.note_delivery(&app, Some(&principal), peer);
+            Ok(app)
         }
     }
 
@@ -969,13 +1056,10 @@ impl hbone::Handler for Inbound {
 }
 
 impl NodeProxy {
-    /// Forgets endpoint choices of flows the kernel map no longer holds.
+    /// Forgets notes of flows the kernel map no longer holds.
     pub fn prune_chosen(&self, flows: &[FlowEntry]) {
         let live: std::collections::HashSet<u64> = flows.iter().map(|f| f.cookie).collect();
-        self.chosen
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .retain(|c, _| live.contains(c));
+        self.notes.retain(|c| live.contains(&c));
     }
 
     /// The pod a flow reaches: the endpoint chosen for a Service flow, the
@@ -990,16 +1074,67 @@ impl NodeProxy {
     }
 
     fn chosen_endpoint(&self, cookie: u64) -> Option<String> {
-        self.chosen
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&cookie)
-            .cloned()
+        match self.notes.get(cookie) {
+            Some(Note::Endpoint(e)) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// Istio's workload label for a pod: its `app` label, else its name.
+fn workload_name(p: &Pod) -> String {
+    p.labels
+        .get("app")
+        .cloned()
+        .unwrap_or_else(|| p.name.clone())
+}
+
+impl NodeProxy {
+    /// Labels of a delivery into one of this node's pods (the destination
+    /// reporter): the pod it enters, and the source the tunnel named.
+    fn delivery_labels(&self, f: &FlowEntry) -> Option<FlowLabels> {
+        let dst = self.by_cookie(f.netns)?;
+        let snap = self.registry.snapshot();
+        let mut l = FlowLabels {
+            destination_workload: workload_name(&dst.pod),
+            destination_workload_namespace: dst.pod.namespace.clone(),
+            destination_principal: dst.identity.to_string(),
+            destination_app: dst.pod.labels.get("app").cloned().unwrap_or_default(),
+            connection_security_policy: "none".into(),
+            ..FlowLabels::default()
+        };
+        if let Some(Note::Delivery {
+            source_principal,
+            source_ip,
+        }) = self.notes.get(f.cookie)
+        {
+            if let Some(principal) = source_principal {
+                l.source_principal = principal;
+                l.connection_security_policy = "mutual_tls".into();
+            }
+            if let Some(src) = snap.pod_by_ip(source_ip) {
+                l.source_workload = workload_name(src);
+                l.source_workload_namespace = src.namespace.clone();
+                l.source_app = src.labels.get("app").cloned().unwrap_or_default();
+            }
+        }
+        Some(l)
     }
 }
 
 impl FlowResolver for NodeProxy {
+    fn workload_exists(&self, namespace: &str, workload: &str) -> bool {
+        self.registry
+            .snapshot()
+            .pods
+            .iter()
+            .any(|p| p.namespace == namespace && workload_name(p) == workload)
+    }
+
     fn labels(&self, f: &FlowEntry) -> Option<FlowLabels> {
+        if f.direction == Direction::Inbound {
+            return self.delivery_labels(f);
+        }
         let src = self.by_cookie(f.netns)?;
         let snap = self.registry.snapshot();
         let mut l = FlowLabels {
@@ -1046,10 +1181,9 @@ impl FlowResolver for NodeProxy {
                 l.destination_app = p.labels.get("app").cloned().unwrap_or_default();
                 l.connection_security_policy = "mutual_tls".into();
             }
-            None => {
-                l.connection_security_policy = "none".into();
-                l.destination_workload = f.original_dst.ip().to_string();
-            }
+            // Outside the mesh: one series for every such address, as Istio
+            // labels them (a label per address would be unbounded).
+            None => l = l.unknown_destination(),
         }
         Some(l)
     }

@@ -115,12 +115,27 @@ pub fn run(cfg: Config, log: LogControl) -> Result<(), RunError> {
     )
     .map_err(|e| fail("policies", e))?;
 
-    let tcp_metrics = Arc::new(TcpMetrics::new(
-        Box::new(NodeFlows(node.clone())),
-        node.clone(),
-    ));
+    // Metrics read the kernel's flows through a map handle of their own:
+    // a scrape never takes a lock the data path or the control plane holds.
+    let flow_table = node
+        .datapath
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .flow_table()
+        .map_err(|e| fail("open the flow map", e))?;
+    let tcp_metrics = Arc::new(
+        TcpMetrics::new(
+            Box::new(NodeFlows {
+                table: flow_table,
+                node: node.clone(),
+            }),
+            node.clone(),
+        )
+        .with_state_file(cfg.metrics_state.clone())
+        .with_retention(cfg.metrics_retention),
+    );
     let mut registry = prometheus_client::registry::Registry::default();
-    registry.register_collector(Box::new(tcp_metrics));
+    registry.register_collector(Box::new(tcp_metrics.clone()));
     registry.register_collector(Box::new(Health(node.clone())));
     let state: Arc<dyn AdminState> = Arc::new(Admin {
         node: node.clone(),
@@ -152,6 +167,7 @@ pub fn run(cfg: Config, log: LogControl) -> Result<(), RunError> {
                 _ = term.recv() => break,
                 _ = tokio::signal::ctrl_c() => break,
                 _ = tick.tick() => {
+                    node.notes.drain();
                     match node.registry.reload_if_changed() {
                         Ok(true) => { node.reconcile().await; }
                         Ok(false) => {
@@ -173,6 +189,9 @@ pub fn run(cfg: Config, log: LogControl) -> Result<(), RunError> {
             warn!(deadline = ?cfg.drain_deadline, open = node.conns.open(),
                   "drain deadline passed; closing what is left");
         }
+        if let Err(e) = tcp_metrics.save() {
+            warn!(error = %e, "metric totals not saved; they restart from the last saved state");
+        }
         Ok::<(), RunError>(())
     })?;
     data_rt.shutdown_timeout(std::time::Duration::from_secs(1));
@@ -184,25 +203,21 @@ fn wanted(node: &NodeProxy) -> usize {
     node.wanted_pods(&node.registry.snapshot()).count()
 }
 
-/// The kernel flow map, through the node's data-path handle.
-struct NodeFlows(Arc<NodeProxy>);
+/// The kernel flow map, through the metrics' own handle; reading it also
+/// drops the data path's notes of flows that are gone.
+struct NodeFlows {
+    table: mesh_ebpf::FlowTable,
+    node: Arc<NodeProxy>,
+}
 
 impl FlowSource for NodeFlows {
     fn flows(&mut self) -> Result<Vec<mesh_ebpf::FlowEntry>, String> {
-        let dp = self
-            .0
-            .datapath
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        dp.flows().map_err(|e| e.to_string())
+        let flows = self.table.flows().map_err(|e| e.to_string())?;
+        self.node.prune_chosen(&flows);
+        Ok(flows)
     }
     fn forget(&mut self, cookie: u64) -> Result<(), String> {
-        let mut dp = self
-            .0
-            .datapath
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        dp.forget_flow(cookie).map_err(|e| e.to_string())
+        self.table.forget(cookie).map_err(|e| e.to_string())
     }
 }
 

@@ -24,7 +24,8 @@ pub fn bins() -> Result<Binaries> {
         ca: dir.join("mesh-ca"),
         proxy: dir.join("mesh-proxy"),
     };
-    for p in [&b.ca, &b.proxy] {
+    // The supervisor (`mesh supervise`) restarts crashed proxies.
+    for p in [&b.ca, &b.proxy, &b.supervisor()] {
         ensure!(
             p.exists(),
             "{} is not built: run `cargo build --bins` (./x test does)",
@@ -226,7 +227,11 @@ pub fn serve(m: &TestMesh, pod: &str, port: u16, count: usize, down: u64) -> Res
 }
 
 /// Polls `ok` every 100 ms until it holds, failing after `timeout`.
-pub fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> Result<bool>) -> Result<()> {
+pub fn wait_until(
+    what: &str,
+    timeout: Duration,
+    mut ok: impl FnMut() -> Result<bool>,
+) -> Result<()> {
     let deadline = Instant::now() + timeout;
     while !ok()? {
         ensure!(
@@ -236,6 +241,19 @@ pub fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> Result<
         std::thread::sleep(Duration::from_millis(100));
     }
     Ok(())
+}
+
+/// The sum of `name` over every series that has all of `labels`.
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
 }
 
 pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<u64> {
@@ -327,3 +345,15 @@ pub fn workload_enrolled(m: &TestMesh, node: &str, pod: &str) -> Result<Option<b
         .map(|p| p["enrolled"] == true))
 }
 
+/// Waits until `node`'s supervisor holds its (killed) proxy down.
+pub fn wait_held(m: &TestMesh, node: &str) -> Result<()> {
+    wait_until(
+        &format!("{node}'s supervisor to hold its proxy down"),
+        Duration::from_secs(10),
+        || {
+            Ok(m.mesh
+                .supervision(node)
+                .is_some_and(|s| s.phase == mesh_local::supervise::Phase::Held))
+        },
+    )
+}

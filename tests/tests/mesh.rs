@@ -136,33 +136,62 @@ fn pods_talk_over_mtls_across_and_within_nodes_by_ip_and_service() -> Result<()>
             .all(|p| *p == "spiffe://cluster.local/ns/default/sa/web"),
         "{principals:?}"
     );
-    // Kernel-counted metrics on the client's node equal the bytes moved.
+    // Kernel-counted metrics equal the bytes moved, with Istio's
+    // orientation (received = what the source sent, sent = what the
+    // destination answered), on the client's node (reporter="source")
+    // and on the server's node (reporter="destination").
     let text = m.mesh.metrics("node-a")?;
-    let to_web = [
+    let by_ip = [
+        ("reporter", "source"),
         ("source_workload", "client"),
         ("destination_workload", "web"),
         ("destination_service", "unknown"),
     ];
-    let sent: u64 = text
-        .lines()
-        .filter(|l| l.starts_with("istio_tcp_sent_bytes_total{"))
-        .filter(|l| {
-            to_web
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum();
-    assert_eq!(sent, 10_000_000, "metrics:\n{text}");
+    assert_eq!(
+        metric_sum(&text, "istio_tcp_received_bytes_total", &by_ip),
+        10_000_000,
+        "metrics:\n{text}"
+    );
+    assert_eq!(
+        metric_sum(&text, "istio_tcp_sent_bytes_total", &by_ip),
+        6_000_000,
+        "metrics:\n{text}"
+    );
     assert_eq!(
         metric(
             &text,
-            "istio_tcp_sent_bytes_total",
-            &[("destination_service", "web.default.svc.cluster.local")]
+            "istio_tcp_received_bytes_total",
+            &[
+                ("reporter", "source"),
+                ("destination_service", "web.default.svc.cluster.local")
+            ]
         ),
         Some(2000),
         "metrics:\n{text}"
     );
+    let at_web = [
+        ("reporter", "destination"),
+        ("source_workload", "client"),
+        (
+            "source_principal",
+            "spiffe://cluster.local/ns/default/sa/client",
+        ),
+        ("destination_workload", "web"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    let mut text_b = String::new();
+    wait_until(
+        "node-b's destination-side counts",
+        Duration::from_secs(10),
+        || {
+            text_b = m.mesh.metrics("node-b")?;
+            Ok(
+                metric_sum(&text_b, "istio_tcp_received_bytes_total", &at_web) == 5_001_000
+                    && metric_sum(&text_b, "istio_tcp_sent_bytes_total", &at_web) == 6_000_000,
+            )
+        },
+    )
+    .with_context(|| format!("node-b metrics:\n{text_b}"))?;
     assert!(text.contains("connection_security_policy=\"mutual_tls\""));
     assert!(text.contains("source_principal=\"spiffe://cluster.local/ns/default/sa/client\""));
     Ok(())
@@ -354,6 +383,8 @@ fn a_killed_proxy_restarts_and_new_connections_work_without_leaking_plaintext() 
     s.event("accepted")?;
     s.event("transfer")?;
 
+    // Its supervisor would restart it: hold it down for this test.
+    m.mesh.hold_proxy("node-a")?;
     let pids = m.mesh.node_pids("node-a", &m.bins.proxy);
     ensure!(!pids.is_empty(), "no proxy process on node-a");
     for pid in pids {
@@ -362,7 +393,7 @@ fn a_killed_proxy_restarts_and_new_connections_work_without_leaking_plaintext() 
             nix::sys::signal::Signal::SIGKILL,
         )?;
     }
-    std::thread::sleep(Duration::from_millis(200));
+    wait_held(&m, "node-a")?;
     // Meanwhile: captured and refused, never sent in clear to the server.
     let during = attempt(&m, "default/client", &web)?;
     assert!(
@@ -451,6 +482,7 @@ fn a_pod_that_cannot_get_a_certificate_is_captured_and_refused_not_sent_in_clear
     let web = format!("{}:8080", m.ip("default/web")?);
     let mut s = serve(&m, "default/web", 8080, 1, 100)?;
     // node-a starts from nothing (no pins, no capture) while the CA is down.
+    m.mesh.hold_proxy("node-a")?;
     for program in [&m.bins.proxy, &m.bins.ca] {
         for pid in m.mesh.node_pids("node-a", program) {
             nix::sys::signal::kill(
@@ -459,7 +491,7 @@ fn a_pod_that_cannot_get_a_certificate_is_captured_and_refused_not_sent_in_clear
             )?;
         }
     }
-    std::thread::sleep(Duration::from_millis(200));
+    wait_held(&m, "node-a")?;
     let pins = m.mesh.node("node-a")?.pin_root.clone();
     mesh_ebpf::uninstall(&pins)?;
     m.mesh.start_proxy("node-a", &m.bins, &m.opts)?;

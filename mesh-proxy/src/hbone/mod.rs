@@ -68,7 +68,7 @@ pub const ALPN_H2: &[u8] = b"h2";
 /// stall, hold connections or tunnels open, or open many of them. The
 /// caps are node-wide: give every listener of the node the same
 /// [`Limiter`]. Streams per connection are [`H2Config::max_concurrent_streams`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ServerLimits {
     /// The TLS handshake must be done this long after the accept, or the
     /// socket is closed. Default 3 s: an mTLS handshake takes a few ms
