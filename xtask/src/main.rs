@@ -422,6 +422,9 @@ struct FuzzRun {
     findings: Vec<PathBuf>,
     /// Why the run failed without a finding (a build or setup error).
     failure: Option<String>,
+    /// What libFuzzer reported about a finding, and where its output is.
+    report: Option<String>,
+    log: PathBuf,
 }
 
 fn fuzz(root: &Path, seconds: u64, target: Option<&str>) -> Result<()> {
@@ -463,11 +466,16 @@ fn fuzz_targets(root: &Path, targets: &[&'static str], seconds: u64) -> Result<(
     for run in &runs {
         for crash in &run.findings {
             bad += 1;
+            if let Some(report) = &run.report {
+                println!("fuzz: {}: {report}", run.target);
+            }
             println!(
-                "fuzz: {}: finding {}\n  reproduce: cargo +{nightly} fuzz run {} {}\n  \
+                "fuzz: {}: finding {} (libFuzzer's output: {})\n  \
+                 reproduce: cargo +{nightly} fuzz run {} {}\n  \
                  minimize:  cargo +{nightly} fuzz tmin {} {}",
                 run.target,
                 crash.display(),
+                run.log.display(),
                 run.target,
                 crash.display(),
                 run.target,
@@ -576,7 +584,22 @@ fn fuzz_one(root: &Path, nightly: &str, target: &'static str, seconds: u64) -> R
         executions: libfuzzer_executions(&text),
         findings,
         failure,
+        report: libfuzzer_report(&text),
+        log: log_path,
     })
+}
+
+/// The reason libFuzzer stopped: a panic's first two lines, or its own
+/// `ERROR:` line (sanitizer, timeout, out of memory).
+fn libfuzzer_report(log: &str) -> Option<String> {
+    let lines: Vec<&str> = log.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| l.contains(" panicked at "))
+        .or_else(|| lines.iter().position(|l| l.contains("ERROR: ")))?;
+    let report: Vec<&str> = lines[at..].iter().take(2).copied().collect();
+    let text = report.join("\n    ");
+    Some(text.chars().take(400).collect())
 }
 
 /// Inputs libFuzzer saved as findings (crash-, leak-, timeout-, oom-).
@@ -662,5 +685,20 @@ mod fuzz_tests {
             "#2\tINITED cov: 10\n#4096\tNEW    cov: 12\n==1== ERROR: libFuzzer: deadly signal\n";
         assert_eq!(libfuzzer_executions(crashed), Some(4096));
         assert_eq!(libfuzzer_executions("error: could not compile"), None);
+    }
+
+    #[test]
+    fn a_finding_is_reported_by_its_panic_or_libfuzzer_error() {
+        let panic = "INFO: seed\nthread '<unnamed>' (1) panicked at src/a.rs:1:5:\nbound broken\n==1== ERROR: libFuzzer: deadly signal\n";
+        assert_eq!(
+            libfuzzer_report(panic).as_deref(),
+            Some("thread '<unnamed>' (1) panicked at src/a.rs:1:5:\n    bound broken")
+        );
+        let timeout = "#1 INITED\n==2== ERROR: libFuzzer: timeout after 25 seconds\n";
+        assert_eq!(
+            libfuzzer_report(timeout).as_deref(),
+            Some("==2== ERROR: libFuzzer: timeout after 25 seconds")
+        );
+        assert_eq!(libfuzzer_report("#5 DONE\n"), None);
     }
 }
