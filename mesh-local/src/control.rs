@@ -49,8 +49,6 @@ pub struct ControlOptions {
     pub restart_proxies: bool,
     /// The supervisor's backoff.
     pub restart_policy: RestartPolicy,
-    /// Let sk_msg redirect app<->proxy bytes (`mesh-proxy --app-redirect`).
-    pub app_redirect: bool,
 }
 
 impl Default for ControlOptions {
@@ -64,7 +62,6 @@ impl Default for ControlOptions {
             proxy_workers: 2,
             restart_proxies: true,
             restart_policy: RestartPolicy::default(),
-            app_redirect: false,
         }
     }
 }
@@ -433,9 +430,6 @@ impl Mesh {
             "--metrics-state".into(),
             metrics_state.display().to_string(),
         ];
-        if opts.app_redirect {
-            argv.push("--app-redirect".into());
-        }
         Ok(argv)
     }
 

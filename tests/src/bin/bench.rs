@@ -256,6 +256,9 @@ fn mesh(json_out: Option<String>) -> Result<()> {
     let opts = ControlOptions {
         log: "warn".into(),
         proxy_workers: workers,
+        // A benchmark measures; a crash must fail it, not be hidden by a
+        // restart (and the release build has no `mesh` supervisor).
+        restart_proxies: false,
         ..ControlOptions::default()
     };
     mesh.start_control(&bins, &opts, &mut |_| {})?;
