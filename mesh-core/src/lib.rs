@@ -3,6 +3,7 @@
 
 pub mod ca;
 pub mod display;
+pub mod enroll;
 pub mod identity;
 pub mod policy;
 pub mod registry;
