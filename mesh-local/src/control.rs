@@ -399,7 +399,7 @@ impl Mesh {
         let metrics_state = self
             .control_dir("control")?
             .join(format!("metrics-{node}.json"));
-        let mut argv = vec![
+        Ok(vec![
             bins.proxy.display().to_string(),
             "--node".into(),
             node.to_owned(),
@@ -429,8 +429,7 @@ impl Mesh {
             // Counters continue across a crash and restart of the proxy.
             "--metrics-state".into(),
             metrics_state.display().to_string(),
-        ];
-        Ok(argv)
+        ])
     }
 
     /// Waits (bounded by the command timeout) until the supervisor `pid`

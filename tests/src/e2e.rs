@@ -113,7 +113,8 @@ pub struct Proc {
 }
 
 impl Proc {
-    pub fn event(&mut self, want: &str) -> Result<Value> {
+    /// The next JSON line, whatever its event.
+    pub fn next_event(&mut self) -> Result<Value> {
         use std::io::BufRead;
         if self.lines.is_none() {
             let out = self.child.stdout.take().context("stdout")?;
@@ -122,11 +123,16 @@ impl Proc {
         let lines = self.lines.as_mut().context("lines")?;
         let Some(line) = lines.next() else {
             let err = self.stderr();
-            bail!("`{}` ended before `{want}`: {err}", self.what);
+            bail!("`{}` ended: {err}", self.what);
         };
         let line = line?;
-        let v: Value = serde_json::from_str(&line)
-            .with_context(|| format!("`{}` printed {line:?}", self.what))?;
+        serde_json::from_str(&line).with_context(|| format!("`{}` printed {line:?}", self.what))
+    }
+
+    pub fn event(&mut self, want: &str) -> Result<Value> {
+        let v = self
+            .next_event()
+            .with_context(|| format!("waiting for `{want}`"))?;
         ensure!(
             v["event"] == want,
             "`{}`: expected {want}, got {v}",
@@ -211,6 +217,35 @@ pub fn transfer(
         "server->client bytes differ"
     );
     Ok(ct)
+}
+
+/// Like [`serve`], with the `count` connections served at once.
+pub fn serve_concurrent(
+    m: &TestMesh,
+    pod: &str,
+    port: u16,
+    count: usize,
+    down: u64,
+) -> Result<Proc> {
+    let listen = format!("0.0.0.0:{port}");
+    let (c, d) = (count.to_string(), down.to_string());
+    let mut s = m.spawn(
+        pod,
+        &[
+            "serve",
+            "--listen",
+            &listen,
+            "--count",
+            &c,
+            "--concurrent",
+            "--send",
+            &d,
+            "--seed",
+            "22",
+        ],
+    )?;
+    s.event("listening")?;
+    Ok(s)
 }
 
 pub fn serve(m: &TestMesh, pod: &str, port: u16, count: usize, down: u64) -> Result<Proc> {

@@ -71,6 +71,10 @@ enum Cmd {
         listen: SocketAddr,
         #[arg(long, default_value_t = 1)]
         count: usize,
+        /// Serve the connections at once, a thread each (events of
+        /// different connections interleave).
+        #[arg(long)]
+        concurrent: bool,
         #[command(flatten)]
         traffic: Traffic,
     },
@@ -194,19 +198,34 @@ fn main() -> Result<()> {
         Cmd::Serve {
             listen,
             count,
+            concurrent,
             traffic,
         } => {
             let l = TcpListener::bind(listen).with_context(|| format!("bind {listen}"))?;
             l.set_nonblocking(true)?;
             emit(json!({"event": "listening"}));
+            let (seed, send) = (traffic.seed, traffic.send.unwrap_or(0));
+            let serve_one = move |s: TcpStream| -> Result<()> {
+                let t = flowdata::duplex(&s, seed, send, None)?;
+                emit(json!({"event": "transfer", "transfer": t}));
+                Ok(())
+            };
+            let mut threads = Vec::new();
             for _ in 0..count {
                 let s = accept_any(std::slice::from_ref(&l))?;
                 let peer = s.peer_addr()?;
                 emit(
                     json!({"event": "accepted", "peer": peer.to_string(), "local": s.local_addr()?.to_string()}),
                 );
-                let t = flowdata::duplex(&s, traffic.seed, traffic.send.unwrap_or(0), None)?;
-                emit(json!({"event": "transfer", "transfer": t}));
+                if concurrent {
+                    threads.push(std::thread::spawn(move || serve_one(s)));
+                } else {
+                    serve_one(s)?;
+                }
+            }
+            for t in threads {
+                t.join()
+                    .map_err(|_| anyhow::anyhow!("a connection's thread panicked"))??;
             }
         }
         Cmd::Load {
