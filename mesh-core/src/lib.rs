@@ -5,5 +5,6 @@ pub mod ca;
 pub mod display;
 pub mod enroll;
 pub mod identity;
+pub mod opt_in;
 pub mod policy;
 pub mod registry;

@@ -32,7 +32,7 @@
 //!       rules: [{from: [{source: {namespaces: [other]}}]}]
 //! ```
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
@@ -41,6 +41,7 @@ use std::time::SystemTime;
 use serde::Deserialize;
 
 use crate::identity::{self, Identity, IdentityError};
+use crate::opt_in::{MeshDecision, OptInFacts};
 
 /// A node of the mesh (a Kubernetes node, or a node namespace of the local mesh).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +63,23 @@ pub struct Pod {
     /// The pod's network namespace, where the node learns it from the file
     /// (the local mesh); in Kubernetes the CNI plugin hands it over.
     pub netns: Option<PathBuf>,
+    /// Annotations (Kubernetes; optional in the file).
+    pub annotations: BTreeMap<String, String>,
+    pub host_network: bool,
+    /// The controller that owns the pod (Deployment, StatefulSet, ...), for
+    /// metric labels; `None` for a bare pod.
+    pub workload: Option<WorkloadRef>,
+    /// Whether the pod is in the mesh, by [`crate::opt_in::decide`]; the
+    /// source computes it (it knows the namespace).
+    pub mesh: MeshDecision,
+}
+
+/// The workload a pod belongs to, as Istio's `*_workload` labels name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkloadRef {
+    /// `Deployment`, `StatefulSet`, `DaemonSet`, `Job`, `ReplicaSet`, `CronJob`, ...
+    pub kind: String,
+    pub name: String,
 }
 
 /// A Service: a virtual IP whose ports lead to the pods its selector picks.
@@ -103,13 +121,40 @@ impl Service {
 }
 
 /// The opt-out: `sockmesh.io/mesh: disabled` on a pod keeps it out of the
-/// mesh (in the file registry it is a label; in Kubernetes an annotation).
-pub const MESH_LABEL: &str = "sockmesh.io/mesh";
+/// mesh (in the file registry it may be a label or an annotation; in
+/// Kubernetes an annotation). See [`crate::opt_in`].
+pub const MESH_LABEL: &str = crate::opt_in::MESH_KEY;
 
 impl Pod {
-    /// Whether the pod is in the mesh (not opted out).
+    /// Whether the pod is in the mesh (the opt-in rule, [`crate::opt_in`]).
     pub fn meshed(&self) -> bool {
-        self.labels.get(MESH_LABEL).map(String::as_str) != Some("disabled")
+        self.mesh.is_meshed()
+    }
+
+    /// Istio's `app` label: `app.kubernetes.io/name`, else `app`.
+    pub fn app(&self) -> Option<&str> {
+        ["app.kubernetes.io/name", "app"]
+            .iter()
+            .find_map(|k| self.labels.get(*k))
+            .map(String::as_str)
+    }
+
+    /// Istio's `version` label: `app.kubernetes.io/version`, else `version`.
+    pub fn version(&self) -> Option<&str> {
+        ["app.kubernetes.io/version", "version"]
+            .iter()
+            .find_map(|k| self.labels.get(*k))
+            .map(String::as_str)
+    }
+
+    /// The workload name for metrics: the owning controller, else the
+    /// `app` label, else the pod's name (Istio's fallback order).
+    pub fn workload_name(&self) -> &str {
+        self.workload
+            .as_ref()
+            .map(|w| w.name.as_str())
+            .or_else(|| self.app())
+            .unwrap_or(&self.name)
     }
 
     /// The pod's SPIFFE identity in `trust_domain`.
@@ -168,6 +213,19 @@ struct RawFile {
     /// AuthorizationPolicy documents, as in Kubernetes (see `policy`).
     #[serde(default)]
     policies: Option<serde_yaml::Value>,
+    /// Namespaces with labels (`sockmesh.io/mesh`); a namespace not listed
+    /// counts as labelled `enabled`, so a file without this section meshes
+    /// every pod that does not opt out.
+    #[serde(default)]
+    namespaces: Vec<RawNamespace>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNamespace {
+    name: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -210,6 +268,10 @@ struct RawPod {
     labels: BTreeMap<String, String>,
     #[serde(default)]
     netns: Option<PathBuf>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+    #[serde(default)]
+    host_network: bool,
 }
 
 fn default_service_account() -> String {
@@ -306,6 +368,20 @@ impl Snapshot {
                         .map_err(|e| invalid(what.clone(), format!("ip {ip:?}: {e}")))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
+            let namespace_label = match raw.namespaces.iter().find(|n| n.name == p.namespace) {
+                Some(n) => n.labels.get(MESH_LABEL).map(String::as_str),
+                None => Some(crate::opt_in::ENABLED),
+            };
+            let mesh = crate::opt_in::decide(OptInFacts {
+                pod: p
+                    .annotations
+                    .get(MESH_LABEL)
+                    .or_else(|| p.labels.get(MESH_LABEL))
+                    .map(String::as_str),
+                namespace: namespace_label,
+                host_network: p.host_network,
+                mesh_component: false,
+            });
             pods.push(Pod {
                 namespace: p.namespace,
                 name: p.name,
@@ -315,6 +391,10 @@ impl Snapshot {
                 ips,
                 labels: p.labels,
                 netns: p.netns,
+                annotations: p.annotations,
+                host_network: p.host_network,
+                workload: None,
+                mesh,
             });
         }
         let mut services = Vec::with_capacity(raw.services.len());
@@ -386,6 +466,110 @@ impl Snapshot {
     }
 }
 
+/// A [`Snapshot`] with its lookups indexed once, when it is parsed: pod by
+/// IP and by name, Service by VIP, a Service's endpoints. It reads as the
+/// snapshot it holds (`Deref`); the lookups below replace the snapshot's
+/// linear scans, so the data path never walks the pod list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IndexedSnapshot {
+    snapshot: Snapshot,
+    /// Positions in `snapshot.pods`.
+    pod_by_ip: HashMap<IpAddr, usize>,
+    pod_by_name: HashMap<(String, String), usize>,
+    /// Position in `snapshot.services`, and the positions of the pods the
+    /// Service selects, in file order.
+    service_by_vip: HashMap<IpAddr, (usize, Vec<usize>)>,
+}
+
+impl IndexedSnapshot {
+    pub fn new(snapshot: Snapshot) -> Self {
+        let mut pod_by_ip = HashMap::new();
+        let mut pod_by_name = HashMap::new();
+        for (i, p) in snapshot.pods.iter().enumerate() {
+            for ip in &p.ips {
+                // The first pod listed wins, as the linear scan did.
+                pod_by_ip.entry(*ip).or_insert(i);
+            }
+            pod_by_name
+                .entry((p.namespace.clone(), p.name.clone()))
+                .or_insert(i);
+        }
+        let mut service_by_vip = HashMap::new();
+        for (i, s) in snapshot.services.iter().enumerate() {
+            let endpoints = snapshot
+                .pods
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| s.selects(p))
+                .map(|(j, _)| j)
+                .collect();
+            service_by_vip.entry(s.vip).or_insert((i, endpoints));
+        }
+        IndexedSnapshot {
+            snapshot,
+            pod_by_ip,
+            pod_by_name,
+            service_by_vip,
+        }
+    }
+
+    /// The pod that has `ip`.
+    pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&Pod> {
+        self.pod_by_ip.get(&ip).map(|&i| &self.snapshot.pods[i])
+    }
+
+    /// The pod `namespace/name`.
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<&Pod> {
+        self.pod_by_name
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .map(|&i| &self.snapshot.pods[i])
+    }
+
+    /// The Service whose virtual IP is `ip`.
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Service> {
+        self.service_by_vip
+            .get(&ip)
+            .map(|(i, _)| &self.snapshot.services[*i])
+    }
+
+    /// The pods a Service selects, in file order.
+    pub fn endpoints<'a>(&'a self, service: &'a Service) -> impl Iterator<Item = &'a Pod> + 'a {
+        let indexed = self
+            .service_by_vip
+            .get(&service.vip)
+            .filter(|(i, _)| self.snapshot.services[*i] == *service)
+            .map(|(_, eps)| eps.as_slice());
+        // A Service of another snapshot: select by scanning.
+        let scanned = indexed
+            .is_none()
+            .then(|| self.snapshot.endpoints(service))
+            .into_iter()
+            .flatten();
+        indexed
+            .unwrap_or_default()
+            .iter()
+            .map(|&i| &self.snapshot.pods[i])
+            .chain(scanned)
+    }
+
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.snapshot
+    }
+}
+
+impl From<Snapshot> for IndexedSnapshot {
+    fn from(snapshot: Snapshot) -> Self {
+        IndexedSnapshot::new(snapshot)
+    }
+}
+
+impl std::ops::Deref for IndexedSnapshot {
+    type Target = Snapshot;
+    fn deref(&self) -> &Snapshot {
+        &self.snapshot
+    }
+}
+
 /// The YAML file source. Holds a snapshot; [`FileRegistry::reload_if_changed`]
 /// re-reads the file when its modification time, size or inode moved,
 /// keeping the old snapshot if the new file is invalid. Writers should
@@ -393,7 +577,7 @@ impl Snapshot {
 #[derive(Debug)]
 pub struct FileRegistry {
     path: PathBuf,
-    state: RwLock<(Arc<Snapshot>, Option<FileStamp>)>,
+    state: RwLock<(Arc<IndexedSnapshot>, Option<FileStamp>)>,
 }
 
 impl FileRegistry {
@@ -402,7 +586,7 @@ impl FileRegistry {
         let (snapshot, stamp) = read_file(&path)?;
         Ok(FileRegistry {
             path,
-            state: RwLock::new((Arc::new(snapshot), stamp)),
+            state: RwLock::new((Arc::new(snapshot.into()), stamp)),
         })
     }
 
@@ -410,7 +594,7 @@ impl FileRegistry {
         &self.path
     }
 
-    pub fn snapshot(&self) -> Arc<Snapshot> {
+    pub fn snapshot(&self) -> Arc<IndexedSnapshot> {
         self.state
             .read()
             .unwrap_or_else(PoisonError::into_inner)
@@ -430,7 +614,8 @@ impl FileRegistry {
             return Ok(false);
         }
         let (snapshot, stamp) = read_file(&self.path)?;
-        *self.state.write().unwrap_or_else(PoisonError::into_inner) = (Arc::new(snapshot), stamp);
+        *self.state.write().unwrap_or_else(PoisonError::into_inner) =
+            (Arc::new(snapshot.into()), stamp);
         Ok(true)
     }
 }
@@ -473,11 +658,7 @@ impl WorkloadRegistry for FileRegistry {
     }
 
     fn pod(&self, namespace: &str, name: &str) -> Option<Pod> {
-        self.snapshot()
-            .pods
-            .iter()
-            .find(|p| p.namespace == namespace && p.name == name)
-            .cloned()
+        self.snapshot().pod(namespace, name).cloned()
     }
 }
 
@@ -599,6 +780,35 @@ pods:
     }
 
     #[test]
+    fn the_index_answers_as_the_scans_do() {
+        let text = format!(
+            "{GOOD}  - namespace: default\n    name: web-2\n    uid: u3\n    node: node-2\n    ips: [10.10.1.3]\n    labels: {{app: web}}\nservices:\n  - namespace: default\n    name: web\n    vip: 10.96.0.10\n    ports: [{{port: 80}}]\n    selector: {{app: web}}\n  - namespace: default\n    name: none\n    vip: 10.96.0.11\n    ports: [{{port: 80}}]\n    selector: {{app: nothing}}\n"
+        );
+        let plain = parse(&text).unwrap();
+        let indexed = IndexedSnapshot::new(plain.clone());
+        for ip in [
+            "10.10.1.2",
+            "fd00::2",
+            "10.10.1.3",
+            "10.10.1.9",
+            "10.96.0.10",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(indexed.pod_by_ip(ip), plain.pod_by_ip(ip), "{ip}");
+            assert_eq!(indexed.service_by_vip(ip), plain.service_by_vip(ip), "{ip}");
+        }
+        for svc in &plain.services {
+            let a: Vec<_> = indexed.endpoints(svc).collect();
+            let b: Vec<_> = plain.endpoints(svc).collect();
+            assert_eq!(a, b, "{}", svc.name);
+        }
+        assert_eq!(indexed.endpoints(&plain.services[0]).count(), 2);
+        assert_eq!(indexed.pod("default", "web-2").unwrap().uid, "u3");
+        assert!(indexed.pod("default", "web-3").is_none());
+        assert_eq!(indexed.pods.len(), 3, "reads as the snapshot it holds");
+    }
+
+    #[test]
     fn policies_are_parsed_and_bad_ones_named() {
         let text = format!(
             "{GOOD}policies:\n  - apiVersion: security.sockmesh.io/v1\n    kind: AuthorizationPolicy\n    metadata: {{name: deny-db, namespace: default}}\n    spec:\n      selector: {{matchLabels: {{app: db}}}}\n      action: DENY\n      rules: [{{}}]\n"
@@ -610,6 +820,29 @@ pods:
             .unwrap_err()
             .to_string();
         assert!(err.contains("policies") && err.contains("NOPE"), "{err}");
+    }
+
+    #[test]
+    fn the_file_follows_the_opt_in_rule_with_unlisted_namespaces_enabled() {
+        let text = format!(
+            "{GOOD}  - namespace: quiet\n    name: q-1\n    uid: u3\n    node: node-1\n  - namespace: quiet\n    name: q-2\n    uid: u4\n    node: node-1\n    annotations: {{sockmesh.io/mesh: enabled}}\n  - namespace: default\n    name: off\n    uid: u5\n    node: node-1\n    labels: {{sockmesh.io/mesh: disabled}}\n  - namespace: default\n    name: host\n    uid: u6\n    node: node-1\n    host_network: true\nnamespaces:\n  - name: quiet\n"
+        );
+        let s = parse(&text).unwrap();
+        let meshed: Vec<_> = s
+            .pods
+            .iter()
+            .filter(|p| p.meshed())
+            .map(|p| p.name.as_str())
+            .collect();
+        assert_eq!(meshed, ["web-1", "db-1", "q-2"]);
+        let off = s.pods.iter().find(|p| p.name == "off").unwrap();
+        assert_eq!(
+            off.mesh,
+            MeshDecision::NotMeshed(crate::opt_in::NotMeshed::PodDisabled)
+        );
+        assert_eq!(s.pods[0].app(), Some("web"));
+        assert_eq!(s.pods[0].workload_name(), "web");
+        assert_eq!(s.pods[1].workload_name(), "db-1");
     }
 
     #[test]
