@@ -14,12 +14,17 @@ use serde_json::Value;
 pub const T: Duration = Duration::from_secs(60);
 
 pub fn bins() -> Result<Binaries> {
-    // Workspace binaries sit next to the test's deps directory.
-    let dir = std::env::current_exe()?
-        .parent()
-        .and_then(|d| d.parent())
-        .context("test binary has no target dir")?
-        .to_owned();
+    // Workspace binaries sit next to a program of this package, or next
+    // to the deps directory of a test.
+    let exe = std::env::current_exe()?;
+    let here = exe.parent().context("no directory for this program")?;
+    let dir = if here.join("mesh-proxy").exists() {
+        here.to_owned()
+    } else {
+        here.parent()
+            .context("test binary has no target dir")?
+            .to_owned()
+    };
     let b = Binaries {
         ca: dir.join("mesh-ca"),
         proxy: dir.join("mesh-proxy"),
@@ -37,10 +42,27 @@ pub fn bins() -> Result<Binaries> {
 
 /// The probe binary, built beside the mesh binaries.
 pub fn probe() -> PathBuf {
-    std::env::current_exe()
-        .ok()
-        .and_then(|e| Some(e.parent()?.parent()?.join("sockmesh-probe")))
+    let exe = std::env::current_exe().unwrap_or_default();
+    let here = exe.parent().map(PathBuf::from).unwrap_or_default();
+    if here.join("sockmesh-probe").exists() {
+        return here.join("sockmesh-probe");
+    }
+    here.parent()
+        .map(|d| d.join("sockmesh-probe"))
         .unwrap_or_else(|| PathBuf::from("sockmesh-probe"))
+}
+
+/// The demo, plus a Service with one endpoint (`other/iperf` on node-b),
+/// so every stream to its VIP lands on one server.
+pub fn soak_topology() -> Topology {
+    let mut topo = Topology::demo();
+    if let Some(mut svc) = topo.services.first().cloned() {
+        svc.namespace = "other".into();
+        svc.name = "iperf".into();
+        svc.selector = [("app".to_owned(), "iperf".to_owned())].into();
+        topo.services.push(svc);
+    }
+    topo
 }
 
 /// A mesh for one test: `down` on drop, even when the test fails.

@@ -15,7 +15,6 @@
 use std::time::Instant;
 
 use anyhow::{Context, Result, ensure};
-use mesh_local::Topology;
 use mesh_local::control::ControlOptions;
 use serde_json::Value;
 use sockmesh_tests::e2e::*;
@@ -138,15 +137,7 @@ fn counted(m: &TestMesh, node: &str, orig_ip: &str, port: u16) -> Result<(u64, u
 }
 
 fn soak_mesh(tag: &str, opts: ControlOptions, paths: &[&str]) -> Result<()> {
-    // The demo, plus a Service with one endpoint (so every stream of the
-    // VIP path lands on the one server): other/iperf on node-b.
-    let mut topo = Topology::demo();
-    let mut svc = topo.services[0].clone();
-    svc.namespace = "other".into();
-    svc.name = "iperf".into();
-    svc.selector = [("app".to_owned(), "iperf".to_owned())].into();
-    topo.services.push(svc);
-    let m = TestMesh::up_with(tag, &topo, opts)?;
+    let m = TestMesh::up_with(tag, &soak_topology(), opts)?;
     let per_way = (gib_per_path()? << 30) / (2 * STREAMS);
     for (i, path) in paths.iter().enumerate() {
         let port = 9100 + i as u16;
