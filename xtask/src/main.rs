@@ -75,6 +75,22 @@ enum Cmd {
         #[arg(long)]
         target: Option<String>,
     },
+    /// The integrity soak for a person (release build): minutes of many
+    /// concurrent checksummed streams with connection churn over every
+    /// path of a local mesh, then the kernel's counts checked; a summary
+    /// at the end, JSON under target/bench/soak.json. Fails on any
+    /// mismatch. (`./x test` runs a fixed 8 GiB per path.)
+    Soak {
+        /// Minutes of streams.
+        #[arg(long, default_value_t = 3.0)]
+        minutes: f64,
+        /// Streams in flight at once.
+        #[arg(long, default_value_t = 8)]
+        workers: usize,
+        /// Largest stream, MiB each way.
+        #[arg(long, default_value_t = 256)]
+        max_mib: u64,
+    },
     /// Benchmarks (release builds), printed as tables and written as JSON
     /// under target/bench/.
     Bench {
@@ -96,6 +112,11 @@ fn main() -> Result<()> {
         Cmd::Demo { what } => demo(&root, &what),
         Cmd::Test => test(&root),
         Cmd::Bench { what } => bench(&root, &what),
+        Cmd::Soak {
+            minutes,
+            workers,
+            max_mib,
+        } => soak(&root, minutes, workers, max_mib),
         Cmd::Fuzz { seconds, target } => fuzz(&root, seconds, target.as_deref()),
     }
 }
@@ -332,6 +353,35 @@ fn leftovers() -> Vec<String> {
         }
     }
     left
+}
+
+fn soak(root: &Path, minutes: f64, workers: usize, max_mib: u64) -> Result<()> {
+    println!("soak: building release binaries...");
+    // mesh-cli: `mesh supervise` runs each node's proxy.
+    sh(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "sockmesh-tests",
+        "-p",
+        "mesh-proxy",
+        "-p",
+        "mesh-ca",
+        "-p",
+        "mesh-cli",
+        "--bins",
+    ]))?;
+    let out_dir = target_dir(root).join("bench");
+    std::fs::create_dir_all(&out_dir)?;
+    sh(Command::new(target_dir(root).join("release/sockmesh-soak"))
+        .arg("--minutes")
+        .arg(minutes.to_string())
+        .arg("--workers")
+        .arg(workers.to_string())
+        .arg("--max-mib")
+        .arg(max_mib.to_string())
+        .arg("--json")
+        .arg(out_dir.join("soak.json")))
 }
 
 fn bench(root: &Path, what: &str) -> Result<()> {
