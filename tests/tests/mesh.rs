@@ -652,3 +652,56 @@ fn pods_removed_from_and_added_to_the_registry_are_unenrolled_and_enrolled_live(
     s.event("accepted")?;
     Ok(())
 }
+
+#[test]
+fn a_scrape_taken_during_traffic_passes_promtool_on_both_nodes() -> Result<()> {
+    let m = TestMesh::up("q", ControlOptions::default())?;
+    let web = format!("{}:8080", m.ip("default/web")?);
+    // A transfer large enough to be in flight while we scrape.
+    let mut s = serve(&m, "default/web", 8080, 1, 200_000_000)?;
+    let mut c = m.spawn(
+        "default/client",
+        &[
+            "connect",
+            "--to",
+            &web,
+            "--send",
+            "200000000",
+            "--seed",
+            "9",
+        ],
+    )?;
+    c.event("connected")?;
+    for node in ["node-a", "node-b"] {
+        let text = m.mesh.metrics(node)?;
+        ensure!(
+            text.contains("istio_tcp_connections_opened_total"),
+            "{node}: no TCP metrics:\n{text}"
+        );
+        let mut promtool = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("promtool (Debian's prometheus package, installed by ./x setup)")?;
+        {
+            use std::io::Write;
+            promtool
+                .stdin
+                .take()
+                .context("promtool stdin")?
+                .write_all(text.as_bytes())?;
+        }
+        let out = promtool.wait_with_output()?;
+        ensure!(
+            out.status.success(),
+            "{node}: promtool rejects the scrape: {}{}\n{text}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    c.event("transfer")?;
+    s.event("accepted")?;
+    Ok(())
+}
