@@ -273,7 +273,7 @@ fn mesh(json_out: Option<String>) -> Result<()> {
         .flat_map(|n| run.mesh.node_pids(n, &bins.proxy))
         .collect();
     let plain_server = run.mesh.pod("default/plain-server")?.ip.to_string(); // node-b
-    let cases: [(&str, &str, &str, &str); 3] = [
+    let cases: [(&str, &str, &str, &str); 4] = [
         (
             "plain TCP",
             "default/plain-client",
@@ -292,13 +292,41 @@ fn mesh(json_out: Option<String>) -> Result<()> {
             "default/web-2",
             web2.as_str(),
         ),
+        // The same path while an opted-out pod on the client's node scrapes
+        // that node's /metrics in a loop: scrapes run on the control
+        // runtime and take no lock of the data path, so connect and RR
+        // latency must not move.
+        (
+            "cross + scrapes",
+            "default/client",
+            "default/web",
+            web.as_str(),
+        ),
     ];
+    let metrics_url = format!(
+        "http://{}:15020/metrics",
+        run.mesh.node("node-a")?.fabric_ip
+    );
     const GIB: u64 = 1 << 30;
     let stream_bytes = 2 * GIB;
     let mut table: Vec<(String, Vec<f64>)> = Vec::new();
     let mut results = Vec::new();
     for (label, client, pod, ip) in cases {
         eprintln!("running {label}...");
+        // Bounded: 3000 scrapes or 5 minutes, killed when the case ends.
+        let mut hammer = if label == "cross + scrapes" {
+            let script = format!(
+                "end=$(($(date +%s)+300)); i=0; while [ $i -lt 3000 ] && [ $(date +%s) -lt $end ]; \
+                 do curl -s -o /dev/null {metrics_url}; i=$((i+1)); done"
+            );
+            Some(
+                run.mesh
+                    .pod_command("default/plain-client", &["sh", "-c", &script])?
+                    .spawn()?,
+            )
+        } else {
+            None
+        };
         let to = format!("{ip}:9000");
         let with = |base: &[&str]| -> Vec<String> { base.iter().map(|s| s.to_string()).collect() };
         fn args(v: &[String]) -> Vec<&str> {
@@ -327,6 +355,10 @@ fn mesh(json_out: Option<String>) -> Result<()> {
             &["bench", "--listen", "0.0.0.0:9000", "--count", "2000"],
             &args(&cn_args),
         )?;
+        if let Some(h) = hammer.as_mut() {
+            let _ = h.kill();
+            let _ = h.wait();
+        }
         ensure!(
             rr["event"] == "rr" && st["event"] == "stream" && cn["event"] == "connections",
             "{rr} {st} {cn}"
