@@ -29,6 +29,7 @@ const APT_PACKAGES: &[&str] = &[
     "curl",
     "python3",
     "prometheus", // promtool: the metrics tests check both exposition formats
+    "containernetworking-plugins", // bridge, ptp, host-local: mesh-cni's chain tests
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
