@@ -2,6 +2,7 @@
 //! The sockmesh node proxy.
 
 pub mod admin;
+pub mod cni;
 pub mod config;
 pub mod drain;
 pub mod hbone;

@@ -1,0 +1,746 @@
+//! The node proxy's side of CNI: the enrollment socket `mesh-cni` talks to
+//! (`--cni-socket`), the table of pod attachments the runtime reported,
+//! and the adoption of pods that were already running.
+//!
+//! In Kubernetes the registry knows a pod (identity, labels, node) but not
+//! its network namespace: the runtime tells the CNI plugin, which tells
+//! this socket. An [`Attachment`](mesh_core::enroll::PodAttachment) is kept
+//! in [`Attachments`], and [`Attachments::place`] gives the registry's pod
+//! its netns (and addresses, when the registry has none yet), so the one
+//! enrollment path — the registry reconcile — enrolls it. The server
+//! answers ADD only once [`Enroller::captured`] says the pod's netns is
+//! enrolled with its listeners open.
+//!
+//! Bounds: [`Limits`] caps concurrent connections (over it: refused at
+//! once, the plugin retries), the time to read a request, the request size
+//! (from the frame header, before the body is read) and the time to answer.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
+
+use mesh_core::enroll::{self, AttachmentRef, EnrollError, Op, Outcome, PodAttachment, Response};
+use mesh_core::registry::Pod;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{Mutex, Semaphore};
+use tracing::{info, warn};
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Enrollment connections served at once.
+    pub max_connections: usize,
+    /// Time a client has to send its whole request.
+    pub read_timeout: Duration,
+    /// Time enrollment may take before the answer is "refused".
+    pub answer_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 64,
+            read_timeout: Duration::from_secs(5),
+            answer_timeout: Duration::from_secs(25),
+        }
+    }
+}
+
+/// What the registry says about a pod the runtime reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    /// Not (yet) in this node's registry.
+    Unknown,
+    /// Known, but not to be meshed (opted out, host network, other node).
+    NotMeshed(String),
+    /// To be meshed; `uid` as the registry has it (may be empty).
+    Meshed { uid: String },
+}
+
+pub type Reconciled = Pin<Box<dyn Future<Output = Vec<String>> + Send>>;
+
+/// What this module needs from the node proxy. The proxy implements it
+/// with its registry and its own enrollment (reconcile).
+pub trait Enroller: Send + Sync + 'static {
+    fn lookup(&self, namespace: &str, name: &str) -> Lookup;
+    /// Runs the registry path's enrollment (which reads
+    /// [`Attachments::place`]) and returns its problems, one per pod.
+    fn reconcile(self: Arc<Self>) -> Reconciled;
+    /// The netns cookie if pod `namespace/name` is enrolled from `netns`.
+    fn captured(&self, key: &str, netns: &Path) -> Option<u64>;
+    /// Pods this node must mesh whose netns nobody reported yet:
+    /// `(namespace, name, uid)`.
+    fn unplaced(&self) -> Vec<(String, String, String)>;
+}
+
+/// The pod attachments the runtime reported (and those found running).
+#[derive(Debug, Default)]
+pub struct Attachments {
+    by_ref: RwLock<BTreeMap<AttachmentRef, (u64, PodAttachment)>>,
+    seq: std::sync::atomic::AtomicU64,
+}
+
+fn attachment_ref(p: &PodAttachment) -> AttachmentRef {
+    AttachmentRef {
+        container_id: p.container_id.clone(),
+        ifname: p.ifname.clone(),
+    }
+}
+
+impl Attachments {
+    pub fn insert(&self, p: PodAttachment) {
+        let n = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.by_ref
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(attachment_ref(&p), (n, p));
+    }
+
+    pub fn remove(&self, r: &AttachmentRef) -> Option<PodAttachment> {
+        self.by_ref
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(r)
+            .map(|(_, p)| p)
+    }
+
+    /// Keeps only what `keep` accepts; returns what went.
+    pub fn retain(&self, keep: impl Fn(&PodAttachment) -> bool) -> Vec<PodAttachment> {
+        let mut map = self.by_ref.write().unwrap_or_else(PoisonError::into_inner);
+        let gone: Vec<AttachmentRef> = map
+            .iter()
+            .filter(|(_, (_, p))| !keep(p))
+            .map(|(r, _)| r.clone())
+            .collect();
+        gone.iter()
+            .filter_map(|r| map.remove(r))
+            .map(|(_, p)| p)
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_ref
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The registry's `pod` as enrollment must see it: with the netns
+    /// (and, if the registry has none, the addresses) of its latest
+    /// attachment. `None`: no attachment (or the registry gives a netns
+    /// itself, as the local mesh's file does). An attachment whose UID is
+    /// not the registry's (a pod deleted and made again under one name)
+    /// does not count.
+    pub fn place(&self, pod: &Pod) -> Option<Pod> {
+        if pod.netns.is_some() {
+            return None;
+        }
+        let map = self.by_ref.read().unwrap_or_else(PoisonError::into_inner);
+        let (_, a) = map
+            .values()
+            .filter(|(_, a)| {
+                a.namespace == pod.namespace
+                    && a.name == pod.name
+                    && (pod.uid.is_empty() || a.uid == pod.uid)
+            })
+            .max_by_key(|(n, _)| *n)?;
+        let mut placed = pod.clone();
+        placed.netns = Some(a.netns.clone());
+        if placed.ips.is_empty() {
+            placed.ips = a.ips.clone();
+        }
+        Some(placed)
+    }
+}
+
+/// The server: `attachments` shared with the proxy's reconcile.
+pub struct Server<E: Enroller> {
+    pub attachments: Arc<Attachments>,
+    pub enroller: Arc<E>,
+    pub limits: Limits,
+    /// One reconcile at a time from this module (requests arrive at once).
+    reconciling: Mutex<()>,
+    slots: Arc<Semaphore>,
+}
+
+/// Binds `path` (replacing a stale socket file), mode 0600.
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let l = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+impl<E: Enroller> Server<E> {
+    pub fn new(attachments: Arc<Attachments>, enroller: Arc<E>, limits: Limits) -> Arc<Self> {
+        Arc::new(Server {
+            slots: Arc::new(Semaphore::new(limits.max_connections)),
+            attachments,
+            enroller,
+            limits,
+            reconciling: Mutex::new(()),
+        })
+    }
+
+    /// Accepts until `stop` resolves.
+    pub async fn serve(self: Arc<Self>, listener: UnixListener, stop: impl Future<Output = ()>) {
+        tokio::pin!(stop);
+        loop {
+            let accepted = tokio::select! {
+                _ = &mut stop => return,
+                a = listener.accept() => a,
+            };
+            let mut conn = match accepted {
+                Ok((c, _)) => c,
+                Err(e) => {
+                    warn!(error = %e, "CNI socket: accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            };
+            let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+                let busy = Response::new(Outcome::Refused {
+                    reason: format!(
+                        "node proxy busy: {} enrollment requests at once; retry",
+                        self.limits.max_connections
+                    ),
+                });
+                tokio::spawn(async move {
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(1), write(&mut conn, &busy)).await;
+                });
+                continue;
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                let _slot = slot;
+                me.connection(conn).await;
+            });
+        }
+    }
+
+    async fn connection(&self, mut conn: UnixStream) {
+        let req = match tokio::time::timeout(self.limits.read_timeout, read(&mut conn)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                warn!(error = %e, "CNI socket: bad request");
+                let _ = write(
+                    &mut conn,
+                    &Response::new(Outcome::Refused {
+                        reason: e.to_string(),
+                    }),
+                )
+                .await;
+                return;
+            }
+            Err(_) => {
+                warn!(timeout = ?self.limits.read_timeout, "CNI socket: request not sent in time; closed");
+                return;
+            }
+        };
+        let outcome =
+            match tokio::time::timeout(self.limits.answer_timeout, self.handle(req.op)).await {
+                Ok(o) => o,
+                Err(_) => Outcome::Refused {
+                    reason: format!(
+                        "enrollment did not finish within {:?}; the runtime retries",
+                        self.limits.answer_timeout
+                    ),
+                },
+            };
+        let _ = tokio::time::timeout(
+            self.limits.read_timeout,
+            write(&mut conn, &Response::new(outcome)),
+        )
+        .await;
+    }
+
+    async fn reconcile(&self) -> Vec<String> {
+        let _one = self.reconciling.lock().await;
+        self.enroller.clone().reconcile().await
+    }
+
+    /// The answer to one request.
+    pub async fn handle(&self, op: Op) -> Outcome {
+        match op {
+            Op::Status {} => Outcome::Done {},
+            Op::Add { pod } => self.add(pod).await,
+            Op::Check { pod } => match self.enroller.captured(&pod.key(), &pod.netns) {
+                Some(netns_cookie) => Outcome::Captured { netns_cookie },
+                None => match self.enroller.lookup(&pod.namespace, &pod.name) {
+                    Lookup::NotMeshed(reason) => Outcome::NotMeshed { reason },
+                    _ => Outcome::Refused {
+                        reason: format!(
+                            "pod {} is not enrolled from {}",
+                            pod.key(),
+                            pod.netns.display()
+                        ),
+                    },
+                },
+            },
+            Op::Del { attachment } => {
+                if let Some(p) = self.attachments.remove(&attachment) {
+                    info!(pod = %p.key(), container = %attachment.container_id, "CNI DEL: released");
+                    self.reconcile().await;
+                }
+                Outcome::Done {}
+            }
+            Op::Gc { valid } => {
+                let valid: std::collections::BTreeSet<_> = valid.into_iter().collect();
+                let gone = self.attachments.retain(|p| {
+                    valid.contains(&attachment_ref(p)) || p.container_id.starts_with(SCAN_PREFIX)
+                });
+                if !gone.is_empty() {
+                    info!(
+                        released = gone.len(),
+                        "CNI GC: released attachments the runtime no longer has"
+                    );
+                    self.reconcile().await;
+                }
+                Outcome::Done {}
+            }
+        }
+    }
+
+    async fn add(&self, pod: PodAttachment) -> Outcome {
+        let key = pod.key();
+        match self.enroller.lookup(&pod.namespace, &pod.name) {
+            Lookup::Unknown => {
+                return Outcome::Refused {
+                    reason: format!(
+                        "pod {key} is not in this node's registry (yet); the runtime retries"
+                    ),
+                };
+            }
+            Lookup::NotMeshed(reason) => return Outcome::NotMeshed { reason },
+            Lookup::Meshed { uid } if !uid.is_empty() && uid != pod.uid => {
+                return Outcome::Refused {
+                    reason: format!(
+                        "pod {key}: the runtime's UID {:?} is not the registry's {uid:?} (a pod of the same name was made again?)",
+                        pod.uid
+                    ),
+                };
+            }
+            Lookup::Meshed { .. } => {}
+        }
+        let netns = pod.netns.clone();
+        if let Some(netns_cookie) = self.enroller.captured(&key, &netns) {
+            self.attachments.insert(pod);
+            return Outcome::Captured { netns_cookie };
+        }
+        info!(pod = %key, netns = %netns.display(), container = %pod.container_id, "CNI ADD: enrolling");
+        self.attachments.insert(pod);
+        let problems = self.reconcile().await;
+        match self.enroller.captured(&key, &netns) {
+            Some(netns_cookie) => Outcome::Captured { netns_cookie },
+            None => {
+                let mine: Vec<&String> = problems
+                    .iter()
+                    .filter(|p| p.starts_with(&format!("pod {key}:")))
+                    .collect();
+                let reason = if mine.is_empty() {
+                    format!("pod {key} not enrolled from {}", netns.display())
+                } else {
+                    mine.iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                };
+                warn!(pod = %key, %reason, "CNI ADD refused (fail closed; the runtime retries)");
+                Outcome::Refused {
+                    reason: truncate(reason, enroll::MAX_REASON),
+                }
+            }
+        }
+    }
+
+    /// Drops attachments whose netns is gone (a pod that ended without
+    /// DEL, a scanned process that exited) and adopts running pods nobody
+    /// reported; reconciles if anything changed. Returns (dropped, adopted).
+    pub async fn sweep(&self, proc_root: &Path) -> (usize, usize) {
+        let gone = self.attachments.retain(|p| p.netns.exists());
+        for p in &gone {
+            info!(pod = %p.key(), netns = %p.netns.display(), "netns gone: released");
+        }
+        let unplaced = self.enroller.unplaced();
+        let found = if unplaced.is_empty() {
+            Vec::new()
+        } else {
+            running_pods(proc_root, &unplaced)
+        };
+        let adopted = found.len();
+        for a in found {
+            info!(pod = %a.key(), netns = %a.netns.display(), "running pod found: enrolling");
+            self.attachments.insert(a);
+        }
+        if !gone.is_empty() || adopted > 0 {
+            self.reconcile().await;
+        }
+        (gone.len(), adopted)
+    }
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max.saturating_sub(3);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push_str("...");
+    }
+    s
+}
+
+async fn read(conn: &mut UnixStream) -> Result<enroll::Request, EnrollError> {
+    let mut header = [0u8; 4];
+    conn.read_exact(&mut header).await?;
+    let len = enroll::frame_len(header)?;
+    let mut body = vec![0u8; len];
+    conn.read_exact(&mut body).await?;
+    enroll::parse_request(&body)
+}
+
+async fn write(conn: &mut UnixStream, r: &Response) -> Result<(), EnrollError> {
+    let frame = enroll::encode(r)?;
+    conn.write_all(&frame).await?;
+    conn.shutdown().await?;
+    Ok(())
+}
+
+/// Container IDs of attachments found by [`running_pods`] (GC keeps them:
+/// the runtime never listed them; they go when their process does).
+pub const SCAN_PREFIX: &str = "running:";
+/// Processes looked at per scan.
+const MAX_SCANNED: usize = 65_536;
+
+/// Pods among `wanted` (`namespace, name, uid`) that already run: a
+/// process whose cgroup path carries the pod's UID (kubelet writes it as
+/// `pod<uid>` with the cgroupfs driver, `pod<uid with _>` with systemd's)
+/// and whose netns is not the proxy's own (host-network pods share that).
+pub fn running_pods(proc_root: &Path, wanted: &[(String, String, String)]) -> Vec<PodAttachment> {
+    let own = std::fs::metadata(proc_root.join("self/ns/net")).ok();
+    let own_ino = own.map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+    let mut found: BTreeMap<String, PodAttachment> = BTreeMap::new();
+    let Ok(dir) = std::fs::read_dir(proc_root) else {
+        return Vec::new();
+    };
+    for e in dir.flatten().take(MAX_SCANNED) {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        let Ok(cgroup) = std::fs::read_to_string(e.path().join("cgroup")) else {
+            continue;
+        };
+        for (ns, pod, uid) in wanted {
+            let key = format!("{ns}/{pod}");
+            if uid.is_empty() || found.contains_key(&key) {
+                continue;
+            }
+            let systemd = uid.replace('-', "_");
+            if !(cgroup.contains(uid.as_str()) || cgroup.contains(systemd.as_str())) {
+                continue;
+            }
+            let netns: PathBuf = e.path().join("ns/net");
+            let ino = std::fs::metadata(&netns)
+                .ok()
+                .map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+            if ino.is_none() || ino == own_ino {
+                continue;
+            }
+            found.insert(
+                key,
+                PodAttachment {
+                    container_id: format!("{SCAN_PREFIX}{pid}"),
+                    ifname: "scan".into(),
+                    netns,
+                    namespace: ns.clone(),
+                    name: pod.clone(),
+                    uid: uid.clone(),
+                    ips: Vec::new(),
+                },
+            );
+        }
+    }
+    found.into_values().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A proxy whose registry has `default/web` (uid u-1) meshed and
+    /// `default/plain` opted out; reconcile "enrolls" what `place` gives.
+    struct Fake {
+        att: Arc<Attachments>,
+        enrolled: RwLock<BTreeMap<String, PathBuf>>,
+        reconciles: AtomicUsize,
+        fail: bool,
+    }
+
+    fn registry_pod(name: &str) -> Pod {
+        Pod {
+            namespace: "default".into(),
+            name: name.into(),
+            uid: "u-1".into(),
+            node: "n1".into(),
+            service_account: "sa".into(),
+            ips: vec![],
+            labels: BTreeMap::new(),
+            netns: None,
+            annotations: BTreeMap::new(),
+            host_network: false,
+            workload: None,
+            mesh: mesh_core::opt_in::MeshDecision::Meshed(
+                mesh_core::opt_in::OptedInBy::NamespaceLabel,
+            ),
+        }
+    }
+
+    impl Enroller for Fake {
+        fn lookup(&self, _ns: &str, name: &str) -> Lookup {
+            match name {
+                "web" => Lookup::Meshed { uid: "u-1".into() },
+                "plain" => Lookup::NotMeshed("opted out".into()),
+                _ => Lookup::Unknown,
+            }
+        }
+        fn reconcile(self: Arc<Self>) -> Reconciled {
+            Box::pin(async move {
+                self.reconciles.fetch_add(1, Ordering::Relaxed);
+                if self.fail {
+                    return vec!["pod default/web: CA unreachable".into()];
+                }
+                let mut e = self.enrolled.write().unwrap();
+                e.clear();
+                if let Some(p) = self.att.place(&registry_pod("web")) {
+                    e.insert("default/web".into(), p.netns.unwrap());
+                }
+                vec![]
+            })
+        }
+        fn captured(&self, key: &str, netns: &Path) -> Option<u64> {
+            (self.enrolled.read().unwrap().get(key).map(|p| p.as_path()) == Some(netns))
+                .then_some(42)
+        }
+        fn unplaced(&self) -> Vec<(String, String, String)> {
+            if self.enrolled.read().unwrap().is_empty() {
+                vec![("default".into(), "web".into(), "u-1".into())]
+            } else {
+                vec![]
+            }
+        }
+    }
+
+    fn server(fail: bool) -> Arc<Server<Fake>> {
+        let att = Arc::new(Attachments::default());
+        let fake = Arc::new(Fake {
+            att: att.clone(),
+            enrolled: RwLock::new(BTreeMap::new()),
+            reconciles: AtomicUsize::new(0),
+            fail,
+        });
+        Server::new(att, fake, Limits::default())
+    }
+
+    fn att(name: &str, netns: &Path) -> PodAttachment {
+        PodAttachment {
+            container_id: format!("c-{name}"),
+            ifname: "eth0".into(),
+            netns: netns.to_owned(),
+            namespace: "default".into(),
+            name: name.into(),
+            uid: "u-1".into(),
+            ips: vec!["10.9.0.2".parse().unwrap()],
+        }
+    }
+
+    #[tokio::test]
+    async fn add_answers_captured_only_once_enrolled_and_del_releases() {
+        let s = server(false);
+        let d = tempfile::tempdir().unwrap();
+        let ns = d.path().join("ns");
+        std::fs::write(&ns, "").unwrap();
+        let o = s
+            .handle(Op::Add {
+                pod: att("web", &ns),
+            })
+            .await;
+        assert_eq!(o, Outcome::Captured { netns_cookie: 42 });
+        let placed = s.attachments.place(&registry_pod("web")).unwrap();
+        assert_eq!(placed.netns.as_deref(), Some(ns.as_path()));
+        assert_eq!(
+            placed.ips,
+            vec!["10.9.0.2".parse::<std::net::IpAddr>().unwrap()]
+        );
+        assert_eq!(
+            s.handle(Op::Check {
+                pod: att("web", &ns)
+            })
+            .await,
+            Outcome::Captured { netns_cookie: 42 }
+        );
+        let r = AttachmentRef {
+            container_id: "c-web".into(),
+            ifname: "eth0".into(),
+        };
+        assert_eq!(
+            s.handle(Op::Del {
+                attachment: r.clone()
+            })
+            .await,
+            Outcome::Done {}
+        );
+        assert!(s.enroller.enrolled.read().unwrap().is_empty());
+        // DEL again: nothing to do, still done, no reconcile.
+        let before = s.enroller.reconciles.load(Ordering::Relaxed);
+        assert_eq!(s.handle(Op::Del { attachment: r }).await, Outcome::Done {});
+        assert_eq!(s.enroller.reconciles.load(Ordering::Relaxed), before);
+    }
+
+    #[tokio::test]
+    async fn unknown_opted_out_and_failing_pods_get_their_reason() {
+        let s = server(false);
+        let ns = PathBuf::from("/proc/self/ns/net");
+        match s
+            .handle(Op::Add {
+                pod: att("ghost", &ns),
+            })
+            .await
+        {
+            Outcome::Refused { reason } => assert!(reason.contains("default/ghost"), "{reason}"),
+            o => panic!("{o:?}"),
+        }
+        assert!(matches!(
+            s.handle(Op::Add {
+                pod: att("plain", &ns)
+            })
+            .await,
+            Outcome::NotMeshed { .. }
+        ));
+        let mut other = att("web", &ns);
+        other.uid = "u-2".into();
+        match s.handle(Op::Add { pod: other }).await {
+            Outcome::Refused { reason } => assert!(reason.contains("u-2"), "{reason}"),
+            o => panic!("{o:?}"),
+        }
+        let s = server(true);
+        match s
+            .handle(Op::Add {
+                pod: att("web", &ns),
+            })
+            .await
+        {
+            Outcome::Refused { reason } => assert!(reason.contains("CA unreachable"), "{reason}"),
+            o => panic!("{o:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn gc_keeps_what_the_runtime_lists_and_sweep_drops_gone_netns() {
+        let s = server(false);
+        let d = tempfile::tempdir().unwrap();
+        let ns = d.path().join("ns");
+        std::fs::write(&ns, "").unwrap();
+        s.handle(Op::Add {
+            pod: att("web", &ns),
+        })
+        .await;
+        let keep = AttachmentRef {
+            container_id: "c-web".into(),
+            ifname: "eth0".into(),
+        };
+        s.handle(Op::Gc { valid: vec![keep] }).await;
+        assert_eq!(s.attachments.len(), 1);
+        s.handle(Op::Gc { valid: vec![] }).await;
+        assert!(s.attachments.is_empty());
+        assert!(s.enroller.enrolled.read().unwrap().is_empty());
+        s.handle(Op::Add {
+            pod: att("web", &ns),
+        })
+        .await;
+        std::fs::remove_file(&ns).unwrap();
+        let empty = tempfile::tempdir().unwrap();
+        assert_eq!(s.sweep(empty.path()).await, (1, 0));
+        assert!(s.attachments.is_empty());
+    }
+
+    #[test]
+    fn running_pods_are_found_by_the_uid_in_their_cgroup() {
+        let d = tempfile::tempdir().unwrap();
+        let proc = d.path();
+        // Our own netns, and a pod process with another one.
+        for (pid, cgroup, ns) in [
+            ("self", "0::/system.slice/proxy.service", "a"),
+            (
+                "77",
+                "0::/kubepods.slice/kubepods-besteffort-podu_1.slice/cri-x.scope",
+                "b",
+            ),
+            ("78", "0::/kubepods.slice/other", "c"),
+        ] {
+            std::fs::create_dir_all(proc.join(pid).join("ns")).unwrap();
+            std::fs::write(proc.join(pid).join("cgroup"), cgroup).unwrap();
+            std::fs::write(proc.join(pid).join("ns/net"), ns).unwrap();
+        }
+        let found = running_pods(proc, &[("default".into(), "web".into(), "u-1".into())]);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].netns, proc.join("77/ns/net"));
+        assert_eq!(found[0].container_id, "running:77");
+    }
+
+    #[tokio::test]
+    async fn the_socket_refuses_oversized_frames_and_serves_status() {
+        let s = server(false);
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("cni.sock");
+        let l = bind(&path).unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(s.clone().serve(l, async {
+            let _ = rx.await;
+        }));
+        let mut c = UnixStream::connect(&path).await.unwrap();
+        c.write_all(&((enroll::MAX_MESSAGE + 1) as u32).to_be_bytes())
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        c.read_to_end(&mut out).await.unwrap();
+        let r = enroll::parse_response(&out[4..]).unwrap();
+        assert!(
+            matches!(r.outcome, Outcome::Refused { ref reason } if reason.contains("limit")),
+            "{r:?}"
+        );
+        let mut c = UnixStream::connect(&path).await.unwrap();
+        c.write_all(&enroll::encode(&enroll::Request::new(Op::Status {})).unwrap())
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        c.read_to_end(&mut out).await.unwrap();
+        assert_eq!(
+            enroll::parse_response(&out[4..]).unwrap().outcome,
+            Outcome::Done {}
+        );
+        let _ = tx.send(());
+        task.await.unwrap();
+    }
+}
