@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 use mesh_proxy::hbone::{
-    Connector, H2Config, Pool, PoolKey, Refusal, Tunnel, accept, handler_fn, serve,
+    Connector, ConnectorError, H2Config, Pool, PoolKey, Refusal, Tunnel, accept, handler_fn, serve,
 };
 use rcgen::{
     BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -253,8 +253,11 @@ impl Connector for Dialer {
         TcpStream::connect(key.dest).await
     }
 
-    fn tls(&self, _: &PoolKey) -> Result<(Arc<rustls::ClientConfig>, ServerName<'static>), String> {
-        let name = ServerName::try_from("hbone.invalid").map_err(|e| e.to_string())?;
+    fn tls(
+        &self,
+        _: &PoolKey,
+    ) -> Result<(Arc<rustls::ClientConfig>, ServerName<'static>), ConnectorError> {
+        let name = ServerName::try_from("hbone.invalid")?;
         Ok((self.0.clone(), name))
     }
 }

@@ -52,11 +52,6 @@ pub struct Config {
     pub inbound_mode: InboundMode,
     /// Data-plane worker threads.
     pub workers: usize,
-    /// Let sk_msg redirect app<->proxy bytes (skipping loopback TCP). Off:
-    /// the kernel only counts them and TCP's flow control applies; the
-    /// redirect has none, so a writer faster than the mesh can queue
-    /// without bound (ARCHITECTURE.md, known limits).
-    pub app_redirect: bool,
     /// How often the registry file is checked for changes.
     pub registry_poll: Duration,
     /// How long SIGTERM waits for open connections.
@@ -69,7 +64,16 @@ pub struct Config {
     /// Bounds of every pod's 15008 listener (caps, handshake budget, idle
     /// timeouts).
     pub hbone_limits: crate::hbone::ServerLimits,
+    /// HTTP/2 windows, frame sizes, timeouts and the copy buffer of every
+    /// tunnel (both sides) and of every plain copy (passthrough, plaintext).
+    pub h2: crate::hbone::H2Config,
+    /// A plain TCP dial from a pod's netns (the app on delivery, a
+    /// passthrough destination, the first hop of a pooled connection).
+    pub dial_timeout: Duration,
 }
+
+/// [`Config::dial_timeout`] unless told otherwise.
+pub const DEFAULT_DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 #[error("config: {what}: {reason}")]
@@ -179,12 +183,13 @@ mod tests {
             readiness_addr: "0.0.0.0:15021".parse().unwrap(),
             inbound_mode: InboundMode::Strict,
             workers: 2,
-            app_redirect: false,
             registry_poll: Duration::from_millis(500),
             drain_deadline: Duration::from_secs(5),
             metrics_state: None,
             metrics_retention: Duration::from_secs(3600),
             hbone_limits: crate::hbone::ServerLimits::default(),
+            h2: crate::hbone::H2Config::default(),
+            dial_timeout: DEFAULT_DIAL_TIMEOUT,
         }
     }
 

@@ -73,11 +73,6 @@ struct Args {
     /// Data-plane worker threads.
     #[arg(long, default_value_t = 2)]
     workers: usize,
-    /// Redirect app<->proxy bytes with sk_msg instead of only counting them.
-    /// Faster, but with no flow control: a writer faster than the mesh
-    /// queues without bound in the kernel (until ENOMEM). Off by default.
-    #[arg(long)]
-    app_redirect: bool,
     /// Log filter (RUST_LOG syntax); switchable at run time on the admin port.
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log: String,
@@ -147,7 +142,6 @@ fn main() -> std::process::ExitCode {
         readiness_addr: args.readiness,
         inbound_mode: args.inbound_mode,
         workers: args.workers,
-        app_redirect: args.app_redirect,
         registry_poll: Duration::from_millis(500),
         drain_deadline: Duration::from_secs(args.drain_seconds),
         metrics_state: args.metrics_state,
@@ -159,6 +153,8 @@ fn main() -> std::process::ExitCode {
             connection_idle_timeout: Duration::from_secs(args.hbone_idle_seconds),
             tunnel_idle_timeout: Duration::from_secs(args.tunnel_idle_seconds),
         },
+        h2: mesh_proxy::hbone::H2Config::default(),
+        dial_timeout: mesh_proxy::config::DEFAULT_DIAL_TIMEOUT,
     };
     match run(cfg, log) {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -38,6 +38,8 @@
 //! [`exposition`] renders a registry as Prometheus text 0.0.4 (the default)
 //! or OpenMetrics, as the scraper's `Accept` header asks.
 
+mod labels;
+
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;

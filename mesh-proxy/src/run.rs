@@ -23,7 +23,7 @@ use crate::identity::{
     CaClientConfig, CertManager, CertManagerConfig, HttpsCaClient, load_pem_certs,
 };
 use crate::metrics::{FlowSource, TcpMetrics};
-use crate::node::NodeProxy;
+use crate::proxy::NodeProxy;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{what}: {reason}")]
@@ -81,9 +81,9 @@ pub fn run(cfg: Config, log: LogControl) -> Result<(), RunError> {
         )
     })?;
     datapath
-        .set_redirect(cfg.app_redirect)
+        .set_redirect(false)
         .map_err(|e| fail("eBPF flow mode", e))?;
-    info!(mode = %datapath.mode(), app_redirect = cfg.app_redirect, pins = %datapath.pin_dir().display(), "data path ready");
+    info!(mode = %datapath.mode(), pins = %datapath.pin_dir().display(), "data path ready");
     let registry = FileRegistry::load(&cfg.registry).map_err(|e| fail("registry", e))?;
     let anchors = load_pem_certs(&cfg.ca_bundle).map_err(|e| fail("--ca-bundle", e))?;
     let token = std::fs::read_to_string(&cfg.token_file)
@@ -113,7 +113,7 @@ pub fn run(cfg: Config, log: LogControl) -> Result<(), RunError> {
         data_rt.handle().clone(),
         watch.clone(),
     )
-    .map_err(|e| fail("policies", e))?;
+    .map_err(|e| fail("node proxy", e))?;
 
     // Metrics read the kernel's flows through a map handle of their own:
     // a scrape never takes a lock the data path or the control plane holds.
@@ -225,14 +225,6 @@ impl FlowSource for NodeFlows {
 #[derive(Debug)]
 struct Health(Arc<NodeProxy>);
 
-impl std::fmt::Debug for NodeProxy {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NodeProxy")
-            .field("node", &self.cfg.node)
-            .finish_non_exhaustive()
-    }
-}
-
 impl Collector for Health {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let s = &self.0.stats;
@@ -328,7 +320,6 @@ impl AdminState for Admin {
     }
 
     fn workloads(&self) -> serde_json::Value {
-        let enrolled = self.node.enrolled_pods();
         let snap = self.node.registry.snapshot();
         let pods: Vec<_> = snap
             .pods
@@ -336,14 +327,14 @@ impl AdminState for Admin {
             .filter(|p| p.node == self.node.cfg.node)
             .map(|p| {
                 let key = format!("{}/{}", p.namespace, p.name);
-                let e = enrolled.iter().find(|e| e.key == key);
+                let e = self.node.enrolled(&key);
                 json!({
                     "pod": key,
                     "ips": p.ips,
                     "identity": p.identity(&self.node.cfg.trust_domain).map(|i| i.to_string()).unwrap_or_default(),
                     "enrolled": e.is_some(),
                     "netns": p.netns,
-                    "netns_cookie": e.map(|e| e.cookie),
+                    "netns_cookie": e.as_ref().map(|e| e.cookie),
                     "listeners": e.map(|e| e.listeners.iter().map(|a| a.to_string()).collect::<Vec<_>>()),
                     "labels": p.labels,
                 })
@@ -365,6 +356,10 @@ impl AdminState for Admin {
                 let l = l.unwrap_or_default();
                 json!({
                     "cookie": f.cookie,
+                    "direction": match f.direction {
+                        mesh_ebpf::Direction::Outbound => "outbound",
+                        mesh_ebpf::Direction::Inbound => "inbound",
+                    },
                     "source_workload": format!("{}/{}", l.source_workload_namespace, l.source_workload),
                     "source_principal": l.source_principal,
                     "app_socket": f.src,
@@ -429,15 +424,19 @@ impl AdminState for Admin {
     }
 
     fn ready(&self) -> Result<(), String> {
-        let enrolled = self.node.enrolled_pods();
         let snap = self.node.registry.snapshot();
         let mut missing = Vec::new();
         for p in self.node.wanted_pods(&snap) {
             let key = format!("{}/{}", p.namespace, p.name);
-            match enrolled.iter().find(|e| e.key == key) {
+            match self.node.enrolled(&key) {
                 None => missing.push(format!("{key} not enrolled")),
                 Some(e) => {
-                    if !self.node.certs.state(&e.identity).is_some_and(|s| s.valid) {
+                    if !self
+                        .node
+                        .certs
+                        .state(&e.spec().identity)
+                        .is_some_and(|s| s.valid)
+                    {
                         missing.push(format!("{key} has no valid certificate"));
                     }
                 }

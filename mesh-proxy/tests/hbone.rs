@@ -14,8 +14,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Empty;
 use mesh_proxy::hbone::{
-    CapExceeded, Connector, H2Config, Handler, HboneError, Limiter, Pool, PoolKey, Refusal,
-    ServeSummary, ServerLimits, Tunnel, TunnelClosed, serve, serve_tcp,
+    CapExceeded, Connector, ConnectorError, H2Config, Handler, HboneError, Limiter, Pool, PoolKey,
+    Refusal, ServeSummary, ServerLimits, Tunnel, TunnelClosed, serve, serve_tcp,
 };
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -385,19 +385,23 @@ impl Connector for TestConnector {
     fn tls(
         &self,
         _key: &PoolKey,
-    ) -> Result<(Arc<rustls::ClientConfig>, ServerName<'static>), String> {
+    ) -> Result<(Arc<rustls::ClientConfig>, ServerName<'static>), ConnectorError> {
         Ok((
             self.tls.clone(),
             ServerName::try_from("hbone.invalid").unwrap(),
         ))
     }
 
-    fn verify(&self, _key: &PoolKey, peer: &[CertificateDer<'static>]) -> Result<(), String> {
+    fn verify(
+        &self,
+        _key: &PoolKey,
+        peer: &[CertificateDer<'static>],
+    ) -> Result<(), ConnectorError> {
         let id = peer.first().map(spiffe_id).unwrap_or_default();
         if id == self.expect_peer {
             Ok(())
         } else {
-            Err(format!("peer is {id:?}, expected {:?}", self.expect_peer))
+            Err(format!("peer is {id:?}, expected {:?}", self.expect_peer).into())
         }
     }
 }
@@ -1173,15 +1177,18 @@ async fn an_idle_tunnel_is_closed_after_its_idle_timeout_and_a_busy_one_is_not()
     // Busy for three idle timeouts: a byte each way every 100 ms keeps it.
     let busy_until = tokio::time::Instant::now() + 3 * idle;
     let mut buf = [0u8; 1];
+    let mut last_byte = tokio::time::Instant::now();
     while tokio::time::Instant::now() < busy_until {
         t.write_all(b"x").await.unwrap();
         within("echo", t.read_exact(&mut buf)).await.unwrap();
+        last_byte = tokio::time::Instant::now();
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(server.handler.closed.lock().unwrap().is_empty());
 
-    // Then silent: closed once the timeout has passed since the last byte.
-    let quiet_since = tokio::time::Instant::now();
+    // Then silent: closed once the timeout has passed since the last byte
+    // (the last echo, not the end of the pause after it).
+    let quiet_since = last_byte;
     let took = closed_after(&mut t, quiet_since).await;
     assert!(
         took >= idle - Duration::from_millis(100),

@@ -149,7 +149,11 @@ fn plaintext_never_reaches_a_meshed_pod_whether_its_proxy_is_up_killed_draining_
         Ok(m.log("proxy-node-b").contains("draining"))
     })?;
     assert_sealed(&m, "node-a", "default/web", "proxy draining")?;
-    ensure!(!gone(pid), "the proxy exited with a tunnel still open");
+    ensure!(
+        !gone(pid),
+        "the proxy exited with a tunnel still open:\n{}",
+        m.log("proxy-node-b")
+    );
     {
         use std::io::Write;
         held.child
@@ -218,11 +222,17 @@ fn an_ipv4_mapped_ipv6_destination_goes_through_mtls_not_around_it() -> Result<(
         line.contains(&format!("{web}:8080")),
         "destination not canonicalized: {line}"
     );
-    let log_b = m.log("proxy-node-b");
-    ensure!(
-        log_b.contains("spiffe://cluster.local/ns/default/sa/client"),
-        "web's proxy did not see the client's identity:\n{log_b}"
-    );
+    // web's proxy logs the tunnel when it closes, which may be just after
+    // the client's transfer returns.
+    wait_until(
+        "web's proxy to log the client's identity",
+        Duration::from_secs(10),
+        || {
+            Ok(m.log("proxy-node-b")
+                .contains("spiffe://cluster.local/ns/default/sa/client"))
+        },
+    )
+    .with_context(|| format!("web's proxy log:\n{}", m.log("proxy-node-b")))?;
     Ok(())
 }
 

@@ -26,13 +26,18 @@ pub enum HboneError {
         dest: SocketAddr,
         alpn: Option<String>,
     },
-    #[error("hbone {dest}: peer refused: {reason}")]
-    PeerRejected { dest: SocketAddr, reason: String },
-    #[error("hbone {dest}: TLS configuration for source {identity}: {reason}")]
+    #[error("hbone {dest}: peer refused: {source}")]
+    PeerRejected {
+        dest: SocketAddr,
+        #[source]
+        source: super::ConnectorError,
+    },
+    #[error("hbone {dest}: TLS configuration for source {identity}: {source}")]
     Config {
         dest: SocketAddr,
         identity: String,
-        reason: String,
+        #[source]
+        source: super::ConnectorError,
     },
     #[error("hbone {dest}: HTTP/2 handshake: {source}")]
     Handshake {

@@ -49,15 +49,16 @@ use std::time::Duration;
 
 pub use authority::{AuthorityError, fuzz_authority, parse_authority};
 pub use error::HboneError;
-pub use pool::{Connector, Pool, PoolKey, TunnelStream};
+pub use pool::{Connector, ConnectorError, Pool, PoolKey, TunnelStream};
 pub use server::{
     CapExceeded, Handler, Limiter, LimiterStats, ReadBuffer, Refusal, ServeSummary,
     TLS_READ_BUFFER, Tunnel, TunnelClosed, accept, buffer_reads, handler_fn, serve, serve_tcp,
     serve_with_limits,
 };
 
-/// The HBONE port in every meshed pod's netns.
-pub const HBONE_PORT: u16 = 15008;
+/// The HBONE port in every meshed pod's netns (declared by the eBPF ABI,
+/// whose `sk_lookup` leaves it alone).
+pub use mesh_ebpf::HBONE_PORT;
 
 /// The one ALPN protocol HBONE speaks. Both TLS configurations must offer
 /// it: the server's `alpn_protocols` (the caller builds that config), the
@@ -110,7 +111,7 @@ impl Default for ServerLimits {
 }
 
 /// HTTP/2 and copy settings, the same on both sides of a tunnel.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct H2Config {
     /// Initial flow-control window of each stream (`SETTINGS_INITIAL_WINDOW_SIZE`).
     pub stream_window: u32,

@@ -65,6 +65,10 @@ impl fmt::Debug for PoolKey {
     }
 }
 
+/// Why a [`Connector`] will not make or accept a connection (its own error
+/// type, boxed: the pool only reports it).
+pub type ConnectorError = Box<dyn std::error::Error + Send + Sync>;
+
 /// How the pool makes a new connection; the proxy implements it.
 pub trait Connector: Send + Sync + 'static {
     /// The TCP connection to `key.dest`. The proxy makes the socket itself:
@@ -79,7 +83,7 @@ pub trait Connector: Send + Sync + 'static {
     fn tls(
         &self,
         key: &PoolKey,
-    ) -> Result<(Arc<rustls::ClientConfig>, ServerName<'static>), String>;
+    ) -> Result<(Arc<rustls::ClientConfig>, ServerName<'static>), ConnectorError>;
 
     /// Checks the server's certificate chain (leaf first) once per new
     /// connection, after the handshake and before the connection is pooled:
@@ -90,7 +94,7 @@ pub trait Connector: Send + Sync + 'static {
         &self,
         key: &PoolKey,
         peer_certificates: &[CertificateDer<'static>],
-    ) -> Result<(), String> {
+    ) -> Result<(), ConnectorError> {
         let _ = (key, peer_certificates);
         Ok(())
     }
@@ -329,7 +333,7 @@ impl<C: Connector> Pool<C> {
                 Attempt::Fail(HboneError::Config {
                     dest,
                     identity: key.identity.to_string(),
-                    reason: format!("CONNECT {target}: {e}"),
+                    source: format!("CONNECT {target}: {e}").into(),
                 })
             })?;
         let mut send = conn.send.clone();
@@ -420,10 +424,10 @@ impl<C: Connector> Pool<C> {
     async fn open(&self, key: &PoolKey, slot: &Arc<Slot>) -> Result<PooledConn, HboneError> {
         let inner = &self.inner;
         let dest = key.dest;
-        let config_err = |reason: String| HboneError::Config {
+        let config_err = |source| HboneError::Config {
             dest,
             identity: key.identity.to_string(),
-            reason,
+            source,
         };
         let (tls, server_name) = inner.connector.tls(key).map_err(config_err)?;
         let tls = with_h2_alpn(tls);
@@ -459,7 +463,7 @@ impl<C: Connector> Pool<C> {
             inner
                 .connector
                 .verify(key, &peer)
-                .map_err(|reason| HboneError::PeerRejected { dest, reason })?;
+                .map_err(|source| HboneError::PeerRejected { dest, source })?;
             let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
             builder
                 .timer(TokioTimer::new())
