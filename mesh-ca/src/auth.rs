@@ -6,15 +6,19 @@
 //!   random token per node ([`create_node_token`]), a file of mode 0600 in a
 //!   0700 directory; the node proxy sends it as `Authorization: Bearer`. The
 //!   CA compares it in constant time with every node's token.
-//! - **Kubernetes** (a later issue, not implemented here): the node proxy
+//! - **Kubernetes** ([`TokenReviewAuthenticator`], here): the node proxy
 //!   sends its projected service-account token, minted for the dedicated
-//!   audience `sockmesh-ca`. The CA posts a `TokenReview` with
+//!   audience [`CA_AUDIENCE`]. The CA posts a `TokenReview` with
 //!   `spec.audiences: ["sockmesh-ca"]` and accepts only if the review is
 //!   authenticated, its `status.audiences` contains `sockmesh-ca` (never an
-//!   audience-less fallback), the user is the proxy's service account
-//!   (`system:serviceaccount:<mesh ns>:mesh-proxy`), and takes the node from
-//!   `status.user.extra["authentication.kubernetes.io/node-name"]` (bound
-//!   tokens carry it). The result is the same [`Caller`].
+//!   audience-less fallback), the user is one of the proxy's service
+//!   accounts (`system:serviceaccount:<mesh ns>:mesh-proxy`), and the token
+//!   is bound to a pod (`status.user.extra["authentication.kubernetes.io/pod-name"]`
+//!   and `pod-uid`). The node is that pod's `spec.nodeName`, read from the
+//!   API (the pod must still exist with that uid); a `node-name` in the
+//!   token's extra, when present, must agree. The result is the same
+//!   [`Caller`]. Every refusal names its cause here (the CA log); the
+//!   caller only ever sees an opaque 401.
 
 use std::fmt;
 use std::fs;
@@ -25,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 
 use base64::Engine;
-use mesh_core::display::Shown;
+use mesh_core::display::{self, Shown};
 use rand::RngCore;
 use subtle::ConstantTimeEq;
 
@@ -71,6 +75,22 @@ pub enum AuthError {
     BadNodeName(Shown),
     #[error("{path}: token is empty or not base64url")]
     BadToken { path: PathBuf },
+    /// The API server said no; its reason, control characters escaped, bounded.
+    #[error("token review: not authenticated: {0}")]
+    TokenRejected(String),
+    /// Audiences quoted, escaped once, bounded.
+    #[error("token review: the token is not for audience {want}, only for {got}")]
+    WrongAudience { want: String, got: String },
+    #[error("token review: {user} is not a node proxy service account (allowed: {allowed})")]
+    NotProxy { user: String, allowed: String },
+    #[error(
+        "token review: {user}'s token is not bound to a pod (mount a projected service account token)"
+    )]
+    NotBound { user: String },
+    #[error("token review: bound pod {pod}: {reason}")]
+    BoundPod { pod: Shown, reason: String },
+    #[error("token review: {0}")]
+    Api(String),
 }
 
 pub type AuthFuture<'a> = Pin<Box<dyn Future<Output = Result<Caller, AuthError>> + Send + 'a>>;
@@ -147,6 +167,145 @@ impl Authenticator for FileTokenAuthenticator {
         Box::pin(async move {
             match credential {
                 Credential::Bearer(token) => self.check(token.as_bytes()),
+            }
+        })
+    }
+}
+
+/// The audience node proxies mint their service-account token for.
+pub const CA_AUDIENCE: &str = "sockmesh-ca";
+
+/// Kubernetes: node proxies authenticated by TokenReview of their projected
+/// service-account token (see the module documentation).
+pub struct TokenReviewAuthenticator {
+    client: kube::Client,
+    audience: String,
+    /// `system:serviceaccount:<ns>:<name>` of the node proxies.
+    proxies: Vec<String>,
+}
+
+impl fmt::Debug for TokenReviewAuthenticator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenReviewAuthenticator")
+            .field("audience", &self.audience)
+            .field("proxies", &self.proxies)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Bounds on what the API server's answers put in a log line.
+const REASON_BYTES: usize = 512;
+const NAME_CHARS: usize = 320;
+
+const EXTRA_POD_NAME: &str = "authentication.kubernetes.io/pod-name";
+const EXTRA_POD_UID: &str = "authentication.kubernetes.io/pod-uid";
+const EXTRA_NODE_NAME: &str = "authentication.kubernetes.io/node-name";
+
+impl TokenReviewAuthenticator {
+    /// `proxies`: the node proxies' service accounts, `(namespace, name)`.
+    pub fn new(client: kube::Client, audience: &str, proxies: &[(String, String)]) -> Self {
+        TokenReviewAuthenticator {
+            client,
+            audience: audience.to_owned(),
+            proxies: proxies
+                .iter()
+                .map(|(ns, sa)| format!("system:serviceaccount:{ns}:{sa}"))
+                .collect(),
+        }
+    }
+
+    async fn review(&self, token: &str) -> Result<Caller, AuthError> {
+        use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+        use k8s_openapi::api::core::v1::Pod;
+        if token.is_empty() {
+            return Err(AuthError::TokenRejected("empty token".into()));
+        }
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: Some(token.to_owned()),
+                audiences: Some(vec![self.audience.clone()]),
+            },
+            ..Default::default()
+        };
+        let reviews: kube::Api<TokenReview> = kube::Api::all(self.client.clone());
+        let done = reviews
+            .create(&kube::api::PostParams::default(), &review)
+            .await
+            .map_err(|e| AuthError::Api(format!("posting the TokenReview: {e}")))?;
+        let status = done.status.unwrap_or_default();
+        if status.authenticated != Some(true) {
+            let why = status.error.unwrap_or_else(|| "no reason given".into());
+            return Err(AuthError::TokenRejected(display::text(&why, REASON_BYTES)));
+        }
+        let audiences = status.audiences.unwrap_or_default();
+        if !audiences.contains(&self.audience) {
+            return Err(AuthError::WrongAudience {
+                want: display::bounded(&self.audience, NAME_CHARS),
+                got: display::bounded(&audiences.join(","), NAME_CHARS),
+            });
+        }
+        let user = status.user.unwrap_or_default();
+        let username = user.username.unwrap_or_default();
+        if !self.proxies.contains(&username) {
+            return Err(AuthError::NotProxy {
+                user: display::bounded(&username, NAME_CHARS),
+                allowed: self.proxies.join(", "),
+            });
+        }
+        let namespace = username
+            .strip_prefix("system:serviceaccount:")
+            .and_then(|rest| rest.split_once(':'))
+            .map(|(ns, _)| ns.to_owned())
+            .unwrap_or_default();
+        let extra = user.extra.unwrap_or_default();
+        let one = |key: &str| extra.get(key).and_then(|v| v.first()).cloned();
+        let (Some(pod_name), Some(pod_uid)) = (one(EXTRA_POD_NAME), one(EXTRA_POD_UID)) else {
+            return Err(AuthError::NotBound {
+                user: display::bounded(&username, NAME_CHARS),
+            });
+        };
+        let shown = Shown::new(&format!("{namespace}/{pod_name}"));
+        let bound = |reason: String| AuthError::BoundPod {
+            pod: shown.clone(),
+            reason,
+        };
+        let pods: kube::Api<Pod> = kube::Api::namespaced(self.client.clone(), &namespace);
+        let pod = pods
+            .get_opt(&pod_name)
+            .await
+            .map_err(|e| bound(format!("reading it: {e}")))?
+            .ok_or_else(|| bound("no longer exists".into()))?;
+        if pod.metadata.uid.as_deref() != Some(pod_uid.as_str()) {
+            return Err(bound(format!(
+                "uid {} is not the token's {pod_uid} (the pod was replaced)",
+                pod.metadata.uid.unwrap_or_default()
+            )));
+        }
+        let node = pod
+            .spec
+            .and_then(|s| s.node_name)
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| bound("not scheduled on a node".into()))?;
+        if let Some(claimed) = one(EXTRA_NODE_NAME)
+            && claimed != node
+        {
+            return Err(bound(format!(
+                "runs on node {node}, the token says {}",
+                Shown::new(&claimed)
+            )));
+        }
+        Ok(Caller {
+            node,
+            principal: format!("{username} (pod {namespace}/{pod_name})"),
+        })
+    }
+}
+
+impl Authenticator for TokenReviewAuthenticator {
+    fn authenticate<'a>(&'a self, credential: &'a Credential) -> AuthFuture<'a> {
+        Box::pin(async move {
+            match credential {
+                Credential::Bearer(token) => self.review(token).await,
             }
         })
     }

@@ -27,6 +27,7 @@
 
 pub mod auth;
 pub mod authority;
+pub mod cluster;
 pub mod csr;
 pub mod metrics;
 pub mod roots;
@@ -43,7 +44,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
-pub use auth::{Authenticator, Caller, Credential, FileTokenAuthenticator};
+pub use auth::{
+    Authenticator, Caller, Credential, FileTokenAuthenticator, TokenReviewAuthenticator,
+};
 pub use authority::{Authority, Issued, SignError};
 pub use metrics::Metrics;
 pub use roots::{RootError, RootSource, RootStore};

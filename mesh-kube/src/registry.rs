@@ -56,6 +56,10 @@ pub struct KubeConfig {
     /// Watch retry backoff: doubles from `min` to `max`, with jitter.
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// Watch sockmesh's AuthorizationPolicies (the node proxy must: until
+    /// the CRD exists it is not synced; the CA, which only needs pods, need
+    /// not: see [`KubeConfig::for_ca`]).
+    pub policies: bool,
     /// Watch Istio's AuthorizationPolicies too, once their CRD exists
     /// (checked every `istio_recheck`).
     pub istio_policies: bool,
@@ -63,6 +67,15 @@ pub struct KubeConfig {
 }
 
 impl KubeConfig {
+    /// The CA's: every pod, no policies.
+    pub fn for_ca() -> Self {
+        KubeConfig {
+            policies: false,
+            istio_policies: false,
+            ..KubeConfig::new(PodScope::Cluster)
+        }
+    }
+
     pub fn new(scope: PodScope) -> Self {
         KubeConfig {
             scope,
@@ -74,6 +87,7 @@ impl KubeConfig {
             probe_every: Duration::from_secs(5),
             backoff_min: Duration::from_millis(200),
             backoff_max: Duration::from_secs(10),
+            policies: true,
             istio_policies: true,
             istio_recheck: Duration::from_secs(60),
         }
@@ -310,16 +324,18 @@ impl KubeRegistry {
                 watcher::Config::default(),
                 slices_w,
             ),
-            reflect(
+            tokio::spawn(rebuild_loop(shared.clone())),
+            tokio::spawn(probe_loop(shared.clone(), client.clone())),
+        ];
+        if config.policies {
+            tasks.push(reflect(
                 &shared,
                 "authorizationpolicies.security.sockmesh.io",
                 Api::all_with(client.clone(), &policy_ar),
                 watcher::Config::default(),
                 policies_w,
-            ),
-            tokio::spawn(rebuild_loop(shared.clone())),
-            tokio::spawn(probe_loop(shared.clone(), client.clone())),
-        ];
+            ));
+        }
         if config.istio_policies {
             tasks.push(tokio::spawn(istio_loop(shared.clone(), client)));
         }
