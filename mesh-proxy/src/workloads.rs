@@ -17,7 +17,7 @@ use mesh_ebpf::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 use parking_lot::{Mutex, RwLock};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use crate::hbone;
 use crate::identity::{CertError, TlsConfigError};
@@ -116,6 +116,16 @@ enum Port {
     Plaintext,
 }
 
+impl Port {
+    fn number(self) -> u16 {
+        match self {
+            Port::Outbound => OUTBOUND_PORT,
+            Port::Hbone => HBONE_PORT,
+            Port::Plaintext => INBOUND_PLAINTEXT_PORT,
+        }
+    }
+}
+
 impl NodeProxy {
     pub fn enrolled(&self, key: &str) -> Option<Arc<EnrolledPod>> {
         self.pods.get(key)
@@ -137,7 +147,11 @@ impl NodeProxy {
             .iter()
             .filter(|p| p.node == self.cfg.node && p.meshed())
             // The netns from the file, or the one CNI reported.
-            .filter_map(|p| self.cni.place(p).or_else(|| p.netns.is_some().then(|| p.clone())))
+            .filter_map(|p| {
+                self.cni
+                    .place(p)
+                    .or_else(|| p.netns.is_some().then(|| p.clone()))
+            })
     }
 
     /// Brings enrollment in line with the registry: new pods of this node
@@ -437,14 +451,21 @@ impl NodeProxy {
             let pod = pod.clone();
             let drain = self.drain.clone();
             let guard = self.conns.guard();
-            tokio::spawn(async move {
-                let _guard = guard;
-                match port {
-                    Port::Outbound => node.outbound(&pod, stream, peer).await,
-                    Port::Hbone => node.inbound_hbone(pod, stream, peer, drain).await,
-                    Port::Plaintext => node.inbound_plaintext(&pod, stream, peer).await,
+            // One span per connection: its record and every line logged
+            // while it is carried are inside it.
+            let span =
+                tracing::info_span!("connection", pod = %pod.key, port = port.number(), %peer);
+            tokio::spawn(
+                async move {
+                    let _guard = guard;
+                    match port {
+                        Port::Outbound => node.outbound(&pod, stream, peer).await,
+                        Port::Hbone => node.inbound_hbone(pod, stream, peer, drain).await,
+                        Port::Plaintext => node.inbound_plaintext(&pod, stream, peer).await,
+                    }
                 }
-            });
+                .instrument(span),
+            );
         }
     }
 }

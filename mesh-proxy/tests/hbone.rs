@@ -244,7 +244,7 @@ impl Handler for TestHandler {
         Ok(stream)
     }
 
-    fn closed(&self, closed: &TunnelClosed) {
+    fn closed(&self, _upstream: TcpStream, closed: &TunnelClosed) {
         self.closed.lock().unwrap().push(closed.clone());
     }
 }

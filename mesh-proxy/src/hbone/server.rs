@@ -483,9 +483,11 @@ pub trait Handler: Send + Sync + 'static {
     /// [`H2Config::open_timeout`] (then the peer gets `504`).
     fn open(&self, tunnel: Tunnel) -> impl Future<Output = Result<Self::Stream, Refusal>> + Send;
 
-    /// Called once per tunnel that was opened, when its copy ends.
-    fn closed(&self, closed: &TunnelClosed) {
-        let _ = closed;
+    /// Called once per tunnel that was opened, when its copy ends, with
+    /// the upstream [`Handler::open`] returned (so whatever the handler
+    /// keeps with it, such as a connection record, ends here).
+    fn closed(&self, upstream: Self::Stream, closed: &TunnelClosed) {
+        let _ = (upstream, closed);
     }
 }
 
@@ -496,8 +498,8 @@ impl<H: Handler> Handler for Arc<H> {
         (**self).open(tunnel)
     }
 
-    fn closed(&self, closed: &TunnelClosed) {
-        (**self).closed(closed)
+    fn closed(&self, upstream: Self::Stream, closed: &TunnelClosed) {
+        (**self).closed(upstream, closed)
     }
 }
 
@@ -853,7 +855,7 @@ impl<H: Handler> Conn<H> {
             error = closed.error.as_deref(),
             "hbone: tunnel closed"
         );
-        self.handler.closed(&closed);
+        self.handler.closed(upstream, &closed);
     }
 }
 

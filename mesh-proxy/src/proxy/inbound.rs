@@ -2,16 +2,21 @@
 //! bounded handshake and HTTP/2 are `hbone::serve_tcp`, the same path the
 //! HBONE benchmark measures; this room is the [`hbone::Handler`] that
 //! checks each tunnel (target, client identity, policy) and dials the app
-//! from inside the pod's netns.
+//! from inside the pod's netns. Each tunnel's [`Connection`] record travels
+//! with the app's stream ([`Delivery`]) and is written when the tunnel ends.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
 
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tracing::{debug, info};
+use tracing::debug;
 
 use super::NodeProxy;
+use super::connection::{Connection, Direction, Refused, Security};
 use crate::hbone::{self, Refusal, Tunnel, TunnelClosed};
 use crate::identity::peer_identity;
 use crate::route::{canonical, is_proxy_port};
@@ -48,8 +53,10 @@ impl NodeProxy {
         .await;
         match served {
             Err(e @ hbone::HboneError::Accept { .. }) if e.cap_exceeded().is_none() => {
-                info!(target: "access", direction = "inbound", dst_workload = %pod.key, src = %peer,
-                      error = %e, "mTLS handshake refused");
+                let mut conn = Connection::new(self.stats.clone(), Direction::Inbound);
+                conn.src = Some(peer);
+                conn.dst_workload = Some(pod.key.clone());
+                conn.refuse(Refused::Handshake(format!("mTLS handshake: {e}")));
             }
             Err(e) => debug!(pod = %pod.key, %peer, error = %e, "HBONE connection ended"),
             Ok(_) => {}
@@ -66,67 +73,121 @@ struct Inbound {
     peer: SocketAddr,
 }
 
+/// The app's end of a tunnel, with the tunnel's record.
+pub struct Delivery {
+    app: TcpStream,
+    conn: Connection,
+}
+
 impl hbone::Handler for Inbound {
-    type Stream = TcpStream;
+    type Stream = Delivery;
 
     fn open(
         &self,
         tunnel: Tunnel,
-    ) -> impl std::future::Future<Output = Result<TcpStream, Refusal>> + Send {
+    ) -> impl std::future::Future<Output = Result<Delivery, Refusal>> + Send {
         let node = self.node.clone();
         let pod = self.pod.clone();
         let spec = self.spec.clone();
         let peer = self.peer;
+        let mut conn = Connection::new(node.stats.clone(), Direction::Inbound);
+        conn.src = Some(peer);
+        conn.dst = Some(tunnel.target);
+        conn.dst_workload = Some(pod.key.clone());
+        conn.dst_identity = Some(spec.identity.to_string());
+        conn.security = Security::MutualTls;
         async move {
             let target = canonical(tunnel.target);
             if is_proxy_port(target.port()) {
-                node.stats
-                    .proxy_port_refused
-                    .fetch_add(1, Ordering::Relaxed);
+                conn.refuse(Refused::ProxyPort);
                 return Err(Refusal::Forbidden(format!(
                     "{target}: the proxy's own port is not a tunnel target"
                 )));
             }
             if !spec.pod.ips.contains(&target.ip()) {
-                return Err(Refusal::Unavailable(format!(
-                    "{} is not an address of pod {}",
-                    tunnel.target, pod.key
-                )));
+                let why = format!("{} is not an address of pod {}", tunnel.target, pod.key);
+                conn.refuse(Refused::Unroutable(why.clone()));
+                return Err(Refusal::Unavailable(why));
             }
-            let principal = tunnel
+            let principal = match tunnel
                 .peer_certificates
                 .first()
-                .ok_or_else(|| Refusal::Forbidden("no client certificate".into()))
-                .and_then(|c| peer_identity(c).map_err(|e| Refusal::Forbidden(e.to_string())))?;
+                .ok_or_else(|| "no client certificate".to_owned())
+                .and_then(|c| peer_identity(c).map_err(|e| e.to_string()))
+            {
+                Ok(p) => p,
+                Err(why) => {
+                    conn.refuse(Refused::Handshake(why.clone()));
+                    return Err(Refusal::Forbidden(why));
+                }
+            };
+            conn.src_identity = Some(principal.to_string());
             let decision = node.authorize(Some(&principal), peer.ip(), &spec.pod, target.port());
             if !decision.allowed {
-                node.stats.inbound_denied.fetch_add(1, Ordering::Relaxed);
-                info!(target: "access", direction = "inbound", dst_workload = %pod.key, src = %peer,
-                      src_identity = %principal, dst = %tunnel.target, security = "mutual_tls",
-                      result = "denied", policy = %decision.reason, "connection denied");
+                conn.refuse(Refused::Policy(decision.reason.clone()));
                 return Err(Refusal::Forbidden(decision.reason));
             }
             node.stats.inbound_opened.fetch_add(1, Ordering::Relaxed);
-            let app = node
-                .dial_from(&pod.sockets, target)
-                .await
-                .map_err(|e| Refusal::BadGateway(format!("connect {target}: {e}")))?;
-            node.note_delivery(&app, Some(&principal), peer);
-            Ok(app)
+            match node.dial_from(&pod.sockets, target).await {
+                Ok(app) => {
+                    node.note_delivery(&app, Some(&principal), peer);
+                    Ok(Delivery { app, conn })
+                }
+                Err(e) => {
+                    let why = format!("connect {target}: {e}");
+                    conn.refuse(Refused::Upstream(why.clone()));
+                    Err(Refusal::BadGateway(why))
+                }
+            }
         }
     }
 
-    fn closed(&self, c: &TunnelClosed) {
-        let principal = c
-            .peer_certificates
-            .first()
-            .and_then(|cert| peer_identity(cert).ok())
-            .map(|i| i.to_string())
-            .unwrap_or_default();
-        info!(target: "access", direction = "inbound", dst_workload = %self.pod.key, src = %self.peer,
-              src_identity = %principal, dst = %c.target, security = "mutual_tls",
-              bytes_received = c.bytes_from_peer, bytes_sent = c.bytes_to_peer,
-              duration_ms = c.duration.as_millis() as u64, error = c.error.as_deref().unwrap_or("-"),
-              "connection closed");
+    fn closed(&self, mut upstream: Delivery, c: &TunnelClosed) {
+        upstream.conn.bytes_received = c.bytes_from_peer;
+        upstream.conn.bytes_sent = c.bytes_to_peer;
+        if let Some(e) = &c.error {
+            upstream.conn.failed(e.clone());
+        }
+        // Dropped here: the record is written.
+    }
+}
+
+impl AsyncRead for Delivery {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.app).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Delivery {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.app).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.app).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.app.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.app).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.app).poll_shutdown(cx)
     }
 }

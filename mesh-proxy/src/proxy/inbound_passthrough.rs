@@ -5,12 +5,10 @@
 //! source identity and forwards it from inside the pod's netns.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
-use std::time::Instant;
 
 use tokio::net::TcpStream;
-use tracing::info;
 
+use super::connection::{Connection, Direction, Refused, Security};
 use super::{NodeProxy, reset};
 use crate::config::InboundMode;
 use crate::route::{canonical, is_proxy_port};
@@ -29,50 +27,30 @@ impl NodeProxy {
             Ok(a) => canonical(a),
             Err(_) => return,
         };
-        if is_proxy_port(dst.port()) {
-            self.stats
-                .proxy_port_refused
-                .fetch_add(1, Ordering::Relaxed);
-            info!(target: "access", direction = "inbound", dst_workload = %pod.key, src = %peer, dst = %dst,
-                  security = "none", result = "refused", reason = "the proxy's own port is not a destination", "connection refused");
+        let mut conn = Connection::new(self.stats.clone(), Direction::Inbound);
+        conn.src = Some(peer);
+        conn.dst = Some(dst);
+        conn.dst_workload = Some(pod.key.clone());
+        let refused = if is_proxy_port(dst.port()) {
+            Some(Refused::ProxyPort)
+        } else if self.cfg.inbound_mode == InboundMode::Strict {
+            Some(Refused::Strict)
+        } else {
+            let decision = self.authorize(None, peer.ip(), &pod.spec().pod, dst.port());
+            (!decision.allowed).then_some(Refused::Policy(decision.reason))
+        };
+        if let Some(why) = refused {
             reset(&stream);
+            conn.refuse(why);
             return;
         }
-        if self.cfg.inbound_mode == InboundMode::Strict {
-            self.stats.plaintext_refused.fetch_add(1, Ordering::Relaxed);
-            info!(target: "access", direction = "inbound", dst_workload = %pod.key, src = %peer, dst = %dst,
-                  security = "none", result = "refused", reason = "STRICT: plaintext to a meshed pod", "connection refused");
-            reset(&stream);
-            return;
-        }
-        let decision = self.authorize(None, peer.ip(), &pod.spec().pod, dst.port());
-        if !decision.allowed {
-            self.stats.inbound_denied.fetch_add(1, Ordering::Relaxed);
-            info!(target: "access", direction = "inbound", dst_workload = %pod.key, src = %peer, dst = %dst,
-                  security = "none", result = "denied", policy = %decision.reason, "connection denied");
-            reset(&stream);
-            return;
-        }
-        let start = Instant::now();
+        conn.security = Security::Plaintext;
         match self.dial_from(&pod.sockets, dst).await {
             Ok(mut app) => {
                 self.note_delivery(&app, None, peer);
-                let r = tokio::io::copy_bidirectional_with_sizes(
-                    &mut stream,
-                    &mut app,
-                    self.h2.copy_buffer,
-                    self.h2.copy_buffer,
-                )
-                .await;
-                let (a, b) = r.unwrap_or((0, 0));
-                info!(target: "access", direction = "inbound", dst_workload = %pod.key, src = %peer, dst = %dst,
-                      security = "plaintext", bytes_received = a, bytes_sent = b,
-                      duration_ms = start.elapsed().as_millis() as u64, "connection closed");
+                conn.copied(self.splice(&mut stream, &mut app).await);
             }
-            Err(e) => {
-                info!(target: "access", direction = "inbound", dst_workload = %pod.key, src = %peer,
-                            dst = %dst, error = %e, "upstream failed")
-            }
+            Err(e) => conn.failed(format!("upstream: {e}")),
         }
     }
 }

@@ -12,6 +12,7 @@
 //! `ProxyInputs`); enrollment and the accept loops are in
 //! [`crate::workloads`], the routing decision in [`crate::route`].
 
+pub mod connection;
 pub mod inbound;
 pub mod inbound_passthrough;
 pub mod outbound;
@@ -25,6 +26,7 @@ use mesh_core::policy::{self, PolicySet};
 use mesh_core::registry::{FileRegistry, Pod, Snapshot};
 use mesh_ebpf::netns::PodSockets;
 use mesh_ebpf::{Datapath, OrigDstReader, PROXY_MARK};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpSocket, TcpStream};
 use tracing::debug;
 
@@ -81,7 +83,7 @@ pub struct NodeProxy {
     /// not know (a Service flow's endpoint, a delivery's source identity),
     /// handed to metrics without a shared lock.
     pub notes: FlowNotes,
-    pub stats: ProxyStats,
+    pub stats: Arc<ProxyStats>,
     /// Open connections (every direction), so SIGTERM can wait for them.
     pub conns: crate::drain::Tracker,
     /// Handle of the data-plane runtime (accept loops and copies run there).
@@ -119,7 +121,7 @@ impl NodeProxy {
             retry: Backoff::default(),
             rr: AtomicUsize::new(0),
             notes: FlowNotes::default(),
-            stats: ProxyStats::default(),
+            stats: Arc::default(),
             conns: crate::drain::Tracker::default(),
             data,
             drain,
@@ -171,6 +173,18 @@ impl NodeProxy {
             ),
             Err(e) => debug!(error = %e, "SO_COOKIE of a delivery socket"),
         }
+    }
+
+    /// Copies both ways between the source's `down` and the destination's
+    /// `up` until both are closed, with the tunnels' copy buffer:
+    /// `(source -> destination, destination -> source)` bytes.
+    pub(crate) async fn splice(
+        &self,
+        down: &mut TcpStream,
+        up: &mut (impl AsyncRead + AsyncWrite + Unpin + ?Sized),
+    ) -> std::io::Result<(u64, u64)> {
+        let size = self.h2.copy_buffer;
+        tokio::io::copy_bidirectional_with_sizes(down, up, size, size).await
     }
 
     /// A TCP connection to `to` from a socket made in `sockets`' netns,

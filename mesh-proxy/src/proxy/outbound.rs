@@ -8,13 +8,13 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
-use std::time::Instant;
 
 use mesh_core::identity::{Identity, IdentityError};
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
-use tracing::{info, warn};
+use tracing::warn;
 
+use super::connection::{Connection, Direction, Refused, Security};
 use super::{NodeProxy, reset};
 use crate::hbone::{self, ConnectorError, PoolKey};
 use crate::identity::{PeerIdentityError, TlsConfigError};
@@ -120,108 +120,79 @@ impl NodeProxy {
 impl NodeProxy {
     /// Carries one connection accepted on `pod`'s 15001.
     pub(crate) async fn outbound(&self, pod: &EnrolledPod, mut app: TcpStream, peer: SocketAddr) {
-        let start = Instant::now();
         let spec = pod.spec();
+        let mut conn = Connection::new(self.stats.clone(), Direction::Outbound);
+        conn.src = Some(peer);
+        conn.src_workload = Some(pod.key.clone());
+        conn.src_identity = Some(spec.identity.to_string());
         let (orig, flow_cookie) = match self.orig.original(pod.cookie, peer) {
             Ok(Some((o, c))) => (canonical(o), c),
             Ok(None) => {
-                self.stats.outbound_failed.fetch_add(1, Ordering::Relaxed);
                 warn!(pod = %pod.key, %peer, "no original destination for this connection; closing");
+                conn.refuse(Refused::Unroutable("no original destination".into()));
                 return;
             }
             Err(e) => {
-                self.stats.outbound_failed.fetch_add(1, Ordering::Relaxed);
                 warn!(pod = %pod.key, %peer, error = %e, "original destination lookup failed");
+                conn.refuse(Refused::Unroutable(format!(
+                    "original destination lookup: {e}"
+                )));
                 return;
             }
         };
+        conn.dst = Some(orig);
         let rr = self.rr.fetch_add(1, Ordering::Relaxed);
         let route = route(&self.registry.snapshot(), orig, rr);
         self.stats.outbound_opened.fetch_add(1, Ordering::Relaxed);
-        let copy_buffer = self.h2.copy_buffer;
         match route {
             Route::Mesh {
                 dst,
                 target,
                 service,
             } => {
+                let endpoint = format!("{}/{}", dst.namespace, dst.name);
                 if service.is_some() {
-                    self.notes.note(
-                        flow_cookie,
-                        Note::Endpoint(format!("{}/{}", dst.namespace, dst.name)),
-                    );
+                    self.notes
+                        .note(flow_cookie, Note::Endpoint(endpoint.clone()));
                 }
-                let dst_ip = target.ip();
-                let key = PoolKey::new(
-                    pod.key.as_str(),
-                    SocketAddr::new(dst_ip, mesh_ebpf::HBONE_PORT),
-                );
-                let dst_id = dst
+                conn.via = Some(target);
+                conn.dst_workload = Some(endpoint);
+                conn.dst_identity = dst
                     .identity(&self.cfg.trust_domain)
                     .map(|i| i.to_string())
-                    .unwrap_or_default();
+                    .ok();
+                conn.service = service;
+                conn.security = Security::MutualTls;
+                let key = PoolKey::new(
+                    pod.key.as_str(),
+                    SocketAddr::new(target.ip(), mesh_ebpf::HBONE_PORT),
+                );
                 match self.pool.connect(&key, target).await {
-                    Ok(mut tunnel) => {
-                        let r = tokio::io::copy_bidirectional_with_sizes(
-                            &mut app,
-                            &mut tunnel,
-                            copy_buffer,
-                            copy_buffer,
-                        )
-                        .await;
-                        let (up, down, err) = match r {
-                            Ok((a, b)) => (a, b, None),
-                            Err(e) => (0, 0, Some(e.to_string())),
-                        };
-                        info!(target: "access", direction = "outbound", src_workload = %pod.key,
-                              src_identity = %spec.identity, dst = %orig, via = %target,
-                              dst_workload = %format!("{}/{}", dst.namespace, dst.name), dst_identity = %dst_id,
-                              service = service.as_deref().unwrap_or("-"), security = "mutual_tls",
-                              bytes_sent = up, bytes_received = down,
-                              duration_ms = start.elapsed().as_millis() as u64,
-                              error = err.as_deref().unwrap_or("-"), "connection closed");
-                    }
+                    Ok(mut tunnel) => conn.copied(self.splice(&mut app, &mut tunnel).await),
                     Err(e) => {
-                        self.stats.outbound_failed.fetch_add(1, Ordering::Relaxed);
                         // Refused (policy, unreachable): the app sees a reset.
                         reset(&app);
-                        info!(target: "access", direction = "outbound", src_workload = %pod.key,
-                              src_identity = %spec.identity, dst = %orig, via = %target, dst_identity = %dst_id,
-                              status = e.status().map(|s| s.as_u16()).unwrap_or(0),
-                              duration_ms = start.elapsed().as_millis() as u64,
-                              error = %e, "connection refused");
+                        conn.refuse(Refused::Tunnel {
+                            status: e.status().map(|s| s.as_u16()),
+                            error: e.to_string(),
+                        });
                     }
                 }
             }
             Route::Passthrough { target } => {
                 self.stats.passthrough.fetch_add(1, Ordering::Relaxed);
+                conn.via = Some(target);
                 match self.dial_from(&pod.sockets, target).await {
-                    Ok(mut up) => {
-                        let r = tokio::io::copy_bidirectional_with_sizes(
-                            &mut app,
-                            &mut up,
-                            copy_buffer,
-                            copy_buffer,
-                        )
-                        .await;
-                        let (a, b) = r.unwrap_or((0, 0));
-                        info!(target: "access", direction = "outbound", src_workload = %pod.key, dst = %target,
-                              security = "none", bytes_sent = a, bytes_received = b,
-                              duration_ms = start.elapsed().as_millis() as u64, "passthrough closed");
-                    }
+                    Ok(mut up) => conn.copied(self.splice(&mut app, &mut up).await),
                     Err(e) => {
-                        self.stats.outbound_failed.fetch_add(1, Ordering::Relaxed);
                         reset(&app);
-                        info!(target: "access", direction = "outbound", src_workload = %pod.key, dst = %target,
-                              security = "none", error = %e, "passthrough failed");
+                        conn.refuse(Refused::Upstream(e.to_string()));
                     }
                 }
             }
             Route::Unroutable { reason } => {
-                self.stats.outbound_failed.fetch_add(1, Ordering::Relaxed);
                 reset(&app);
-                info!(target: "access", direction = "outbound", src_workload = %pod.key, dst = %orig,
-                      error = %reason, "connection refused");
+                conn.refuse(Refused::Unroutable(reason));
             }
         }
     }
