@@ -54,12 +54,29 @@ impl ResourceType {
                 "create", "delete", "get", "list", "patch", "update", "watch",
             ]
         };
+        let short: &[&str] = match (self.group.as_str(), self.plural.as_str()) {
+            ("", "pods") => &["po"],
+            ("", "namespaces") => &["ns"],
+            ("", "nodes") => &["no"],
+            ("", "services") => &["svc"],
+            ("", "endpoints") => &["ep"],
+            ("", "configmaps") => &["cm"],
+            ("", "serviceaccounts") => &["sa"],
+            ("", "events") => &["ev"],
+            ("apps", "deployments") => &["deploy"],
+            ("apps", "replicasets") => &["rs"],
+            ("apps", "statefulsets") => &["sts"],
+            ("apps", "daemonsets") => &["ds"],
+            ("apiextensions.k8s.io", _) => &["crd", "crds"],
+            _ => &[],
+        };
         json!({
             "name": self.plural,
             "singularName": self.kind.to_lowercase(),
             "namespaced": self.namespaced,
             "kind": self.kind,
             "verbs": verbs,
+            "shortNames": short,
         })
     }
 }

@@ -9,10 +9,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use mesh_ca::cluster::{ClusterError, LeaderElection, RootSecret};
 use mesh_ca::roots::{RootSource, RootStore};
 use mesh_ca::server::ListenerLimits;
-use mesh_ca::{Ca, CaConfig, CaServer, FileTokenAuthenticator, auth};
+use mesh_ca::{Ca, CaConfig, CaServer, FileTokenAuthenticator, TokenReviewAuthenticator, auth};
 use mesh_core::registry::FileRegistry;
+use mesh_kube::{KubeConfig, KubeRegistry};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -33,6 +35,11 @@ Examples:
   mesh-ca root --state-dir /var/lib/sockmesh/ca --trust-domain cluster.local activate
   #   ... wait until every certificate of the old root is renewed (one TTL), then:
   mesh-ca root --state-dir /var/lib/sockmesh/ca --trust-domain cluster.local retire
+
+  # In a Kubernetes cluster (in-cluster config, or KUBECONFIG): proxies authenticate
+  # with their projected token (audience sockmesh-ca), pods come from the API, the
+  # root lives in Secret sockmesh-system/sockmesh-ca-root (created if absent).
+  mesh-ca cluster --trust-domain cluster.local --namespace sockmesh-system
 
 Proxies trust <state-dir>/trust-bundle.pem (or ca.crt of a plugged CA) for the CA's
 own TLS certificate; its names are set with --server-name.";
@@ -119,6 +126,8 @@ enum Command {
         /// Node name, as in the registry.
         node: String,
     },
+    /// Serve in a Kubernetes cluster: TokenReview, pods from the API, root in a Secret.
+    Cluster(ClusterArgs),
     /// Rotate the generated root, one step at a time.
     Root {
         #[arg(long, value_name = "DIR")]
@@ -128,6 +137,51 @@ enum Command {
         #[arg(value_enum)]
         step: RootStep,
     },
+}
+
+#[derive(Debug, clap::Args)]
+struct ClusterArgs {
+    /// Trust domain of the identities issued.
+    #[arg(long, value_name = "DOMAIN")]
+    trust_domain: String,
+    /// The mesh's namespace: the root Secret, the Lease and the proxies' service account.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "sockmesh-system")]
+    namespace: String,
+    /// Secret holding the root (tls.crt, tls.key, ca.crt); created if absent, never overwritten.
+    #[arg(long, default_value = "sockmesh-ca-root", value_name = "NAME")]
+    root_secret: String,
+    /// The node proxies' service account, `name` (in --namespace) or `namespace:name` (repeatable).
+    #[arg(
+        long = "proxy-service-account",
+        default_value = "mesh-proxy",
+        value_name = "SA"
+    )]
+    proxy_service_accounts: Vec<String>,
+    /// The audience the proxies' projected tokens are minted for.
+    #[arg(long, default_value = auth::CA_AUDIENCE)]
+    audience: String,
+    /// This replica's name in the leader Lease.
+    #[arg(long, env = "POD_NAME", default_value = "mesh-ca")]
+    identity: String,
+    /// The leader Lease's name and duration.
+    #[arg(long, default_value = "sockmesh-ca", value_name = "NAME")]
+    lease: String,
+    #[arg(long, default_value = "15s", value_parser = parse_duration, value_name = "DURATION")]
+    lease_duration: Duration,
+    /// Where the root is written for the signer (the key 0600).
+    #[arg(long, default_value = "/var/run/sockmesh-ca", value_name = "DIR")]
+    work_dir: PathBuf,
+    #[arg(long, default_value = "0.0.0.0:15012", value_name = "ADDR")]
+    listen: SocketAddr,
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
+    #[arg(long, default_value = "24h", value_parser = parse_duration, value_name = "DURATION")]
+    default_ttl: Duration,
+    #[arg(long, default_value = "48h", value_parser = parse_duration, value_name = "DURATION")]
+    max_ttl: Duration,
+    #[arg(long = "server-name", value_name = "NAME",
+          default_values_t = ["mesh-ca".to_string(), "localhost".to_string(), "127.0.0.1".to_string()])]
+    server_names: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -186,8 +240,81 @@ fn main() -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&store.status()?)?);
             Ok(())
         }
+        Some(Command::Cluster(args)) => serve_cluster(args),
         None => serve(config),
     }
+}
+
+fn serve_cluster(args: ClusterArgs) -> Result<()> {
+    let proxies: Vec<(String, String)> = args
+        .proxy_service_accounts
+        .iter()
+        .map(|sa| match sa.split_once(':') {
+            Some((ns, name)) => (ns.to_owned(), name.to_owned()),
+            None => (args.namespace.clone(), sa.clone()),
+        })
+        .collect();
+    let mut ca_config = CaConfig::new(
+        &args.trust_domain,
+        RootSource::Plugged(args.work_dir.clone()),
+    );
+    ca_config.default_ttl = args.default_ttl;
+    ca_config.max_ttl = args.max_ttl;
+    ca_config.server_names = args.server_names.clone();
+    ca_config.validate()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("building the tokio runtime")?;
+    runtime.block_on(async move {
+        let client = kube::Client::try_default()
+            .await
+            .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+        let (leads, _election) = LeaderElection {
+            client: client.clone(),
+            namespace: args.namespace.clone(),
+            name: args.lease.clone(),
+            identity: args.identity.clone(),
+            lease: args.lease_duration,
+        }
+        .run();
+        let secret = RootSecret {
+            namespace: args.namespace.clone(),
+            name: args.root_secret.clone(),
+        };
+        let roots = loop {
+            let may_create = *leads.borrow();
+            match secret
+                .load_or_create(&client, &args.trust_domain, &args.work_dir, may_create, std::time::SystemTime::now())
+                .await
+            {
+                Ok(roots) => break roots,
+                Err(e @ ClusterError::NotYet { .. }) => tracing::info!("{e}"),
+                Err(e) => tracing::warn!(error = %e, "root Secret; retrying"),
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        };
+        ca_config.roots = roots;
+        let registry = Arc::new(KubeRegistry::start(client.clone(), KubeConfig::for_ca()));
+        if !registry.wait_synced(Duration::from_secs(60)).await {
+            tracing::warn!(health = ?registry.health(), "pods not listed yet: sign requests are refused until they are");
+        }
+        let authenticator = TokenReviewAuthenticator::new(client, &args.audience, &proxies);
+        let ca = Ca::new(ca_config, Arc::new(authenticator), registry.clone())?;
+        let server = CaServer::bind(ca.clone(), args.listen).await?;
+        let metrics = match args.metrics_listen {
+            Some(addr) => Some(CaServer::bind_metrics(ca.clone(), addr).await?),
+            None => None,
+        };
+        tokio::signal::ctrl_c().await.context("waiting for a signal")?;
+        tracing::info!("shutting down");
+        server.shutdown().await;
+        if let Some(m) = metrics {
+            m.shutdown().await;
+        }
+        anyhow::Ok(())
+    })
 }
 
 fn serve(config: Config) -> Result<()> {
