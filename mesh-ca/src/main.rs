@@ -127,7 +127,7 @@ enum Command {
         node: String,
     },
     /// Serve in a Kubernetes cluster: TokenReview, pods from the API, root in a Secret.
-    Cluster(ClusterArgs),
+    Cluster(Box<ClusterArgs>),
     /// Rotate the generated root, one step at a time.
     Root {
         #[arg(long, value_name = "DIR")]
@@ -240,7 +240,7 @@ fn main() -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&store.status()?)?);
             Ok(())
         }
-        Some(Command::Cluster(args)) => serve_cluster(args),
+        Some(Command::Cluster(args)) => serve_cluster(*args),
         None => serve(config),
     }
 }
