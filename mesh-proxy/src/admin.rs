@@ -79,30 +79,12 @@ pub fn query_param(query: &str, key: &str) -> Option<String> {
         .split('&')
         .filter_map(|kv| kv.split_once('='))
         .find(|(k, _)| *k == key)
-        .map(|(_, v)| percent_decode(v))
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        match b[i] {
-            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
-                (Some(h), Some(l)) => {
-                    out.push((h * 16 + l) as u8);
-                    i += 3;
-                    continue;
-                }
-                _ => out.push(b'%'),
-            },
-            b'+' => out.push(b' '),
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+        // A form's `+` is a space; an invalid escape stays as it is.
+        .map(|(_, v)| {
+            percent_encoding::percent_decode_str(&v.replace('+', " "))
+                .decode_utf8_lossy()
+                .into_owned()
+        })
 }
 
 /// All the request's `Accept` values, joined as one list.
@@ -317,6 +299,12 @@ mod tests {
         assert_eq!(query_param("a=1&pod=x%2Fy", "pod").as_deref(), Some("x/y"));
         assert_eq!(query_param("pod=%zz", "pod").as_deref(), Some("%zz"));
         assert_eq!(query_param("pod=%2", "pod").as_deref(), Some("%2"));
+        assert_eq!(
+            query_param("dst=10.0.0.1%3A80&level=a+b", "dst").as_deref(),
+            Some("10.0.0.1:80"),
+            "an escaped colon"
+        );
+        assert_eq!(query_param("level=a+b", "level").as_deref(), Some("a b"));
     }
 
     #[test]

@@ -46,7 +46,9 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use mesh_core::identity::{Clock, SystemClock};
@@ -653,9 +655,9 @@ impl TcpMetrics {
     /// was pruned. Writes the state file when something changed.
     pub fn snapshot(&self) -> Result<BTreeMap<SeriesLabels, Totals>, String> {
         let now = unix_secs(self.clock.now());
-        let mut source = self.source.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut source = self.source.lock();
         let flows = source.flows()?;
-        let mut guard = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut guard = self.inner.lock();
         let inner: &mut Inner = &mut guard;
         let mut present = HashSet::with_capacity(flows.len());
         for f in &flows {
@@ -796,7 +798,7 @@ impl TcpMetrics {
     /// Writes the state file now if something changed since the last write
     /// (call on shutdown, after the last scrape).
     pub fn save(&self) -> Result<(), StateError> {
-        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut inner = self.inner.lock();
         match &self.state_path {
             Some(path) if inner.dirty => {
                 write_state(path, &inner.to_file())?;
@@ -1218,10 +1220,10 @@ mod tests {
     struct Fixed(Arc<Mutex<Vec<FlowEntry>>>);
     impl FlowSource for Fixed {
         fn flows(&mut self) -> Result<Vec<FlowEntry>, String> {
-            Ok(self.0.lock().unwrap().clone())
+            Ok(self.0.lock().clone())
         }
         fn forget(&mut self, cookie: u64) -> Result<(), String> {
-            self.0.lock().unwrap().retain(|f| f.cookie != cookie);
+            self.0.lock().retain(|f| f.cookie != cookie);
             Ok(())
         }
     }
@@ -1257,7 +1259,7 @@ mod tests {
             })
         }
         fn workload_exists(&self, _ns: &str, w: &str) -> bool {
-            !self.gone.lock().unwrap().contains(w)
+            !self.gone.lock().contains(w)
         }
     }
 
@@ -1334,7 +1336,7 @@ mod tests {
     struct Captured(Arc<Mutex<Vec<u8>>>);
     impl std::io::Write for Captured {
         fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
+            self.0.lock().extend_from_slice(b);
             Ok(b.len())
         }
         fn flush(&mut self) -> std::io::Result<()> {
@@ -1424,9 +1426,9 @@ mod tests {
         let m = TcpMetrics::new(src, Arc::new(ByPort::default()));
         // Kernel bytes_sent (the source's) is Istio's received_bytes.
         assert_eq!(only(&m), totals(15, 150, 2, 1));
-        assert_eq!(flows.lock().unwrap().len(), 2, "closed flow not dropped");
+        assert_eq!(flows.lock().len(), 2, "closed flow not dropped");
         // The open flow moves on, then closes: totals only grow.
-        *flows.lock().unwrap() = vec![flow(2, 8080, 70, 9, true)];
+        *flows.lock() = vec![flow(2, 8080, 70, 9, true)];
         assert_eq!(only(&m), totals(19, 170, 2, 2));
     }
 
@@ -1538,15 +1540,15 @@ mod tests {
         ]);
         let m = TcpMetrics::new(src, Arc::new(ByPort::default()));
         assert_eq!(only(&m), totals(51, 507, 2, 1));
-        *flows.lock().unwrap() = vec![flow(1, 8080, 600, 60, false)];
+        *flows.lock() = vec![flow(1, 8080, 600, 60, false)];
         assert_eq!(only(&m), totals(61, 607, 2, 1));
         // The LRU map evicts the open flow: it vanishes without closing.
-        flows.lock().unwrap().clear();
+        flows.lock().clear();
         assert_eq!(only(&m), totals(61, 607, 2, 2));
         // A flow the kernel shows with lower counts cannot pull totals down.
-        *flows.lock().unwrap() = vec![flow(3, 8080, 10, 1, false)];
+        *flows.lock() = vec![flow(3, 8080, 10, 1, false)];
         assert_eq!(only(&m), totals(62, 617, 3, 2));
-        *flows.lock().unwrap() = vec![flow(3, 8080, 4, 0, false)];
+        *flows.lock() = vec![flow(3, 8080, 4, 0, false)];
         assert_eq!(only(&m), totals(62, 617, 3, 2));
     }
 
@@ -1557,16 +1559,16 @@ mod tests {
         impl FlowResolver for Once {
             fn labels(&self, f: &FlowEntry) -> Option<FlowLabels> {
                 // Resolvable only the first time (then the pod is gone).
-                let mut done = self.0.lock().unwrap();
+                let mut done = self.0.lock();
                 (!std::mem::replace(&mut *done, true)).then(|| ByPort::default().labels(f))?
             }
         }
         let (src, flows) = source(vec![flow(1, 8080, 10, 1, false)]);
         let m = TcpMetrics::new(src, Arc::new(Once::default()));
         assert_eq!(only(&m), totals(1, 10, 1, 0));
-        *flows.lock().unwrap() = vec![flow(1, 8080, 30, 3, false)];
+        *flows.lock() = vec![flow(1, 8080, 30, 3, false)];
         assert_eq!(only(&m), totals(3, 30, 1, 0));
-        flows.lock().unwrap().clear();
+        flows.lock().clear();
         assert_eq!(only(&m), totals(3, 30, 1, 1));
     }
 
@@ -1585,7 +1587,7 @@ mod tests {
         assert!(path.exists(), "no state written at the scrape");
         drop(m);
         // While the proxy is down flow 2 grows and flow 3 is evicted.
-        *flows.lock().unwrap() = vec![flow(2, 8080, 80, 6, false)];
+        *flows.lock() = vec![flow(2, 8080, 80, 6, false)];
         let m = TcpMetrics::new(Box::new(Fixed(flows.clone())), Arc::new(ByPort::default()))
             .with_state_file(Some(path.clone()));
         let after = m.snapshot().unwrap();
@@ -1632,7 +1634,7 @@ mod tests {
         let m = tracing::subscriber::with_default(subscriber, || {
             TcpMetrics::new(src, Arc::new(ByPort::default())).with_state_file(Some(path.clone()))
         });
-        let log = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        let log = String::from_utf8(log.0.lock().clone()).unwrap();
         assert!(
             log.contains("WARN")
                 && log.contains(&path.display().to_string())
@@ -1709,7 +1711,6 @@ mod tests {
         resolver
             .gone
             .lock()
-            .unwrap()
             .extend(["port-8080".to_owned(), "port-9090".to_owned()]);
         clock.advance(Duration::from_secs(599));
         assert_eq!(
@@ -1727,7 +1728,7 @@ mod tests {
             "port-9090"
         );
         // Once its flow has left, it too waits out the retention.
-        flows.lock().unwrap().clear();
+        flows.lock().clear();
         assert_eq!(m.snapshot().unwrap().len(), 1);
         clock.advance(Duration::from_secs(600));
         assert!(m.snapshot().unwrap().is_empty());

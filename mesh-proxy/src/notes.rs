@@ -7,7 +7,8 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
-use std::sync::{Mutex, PoisonError};
+
+use parking_lot::Mutex;
 
 /// Notes queued at most between two reads (a scrape, a reconcile tick):
 /// one per kernel flow the map can hold.
@@ -65,7 +66,7 @@ impl FlowNotes {
     }
 
     fn with_map<T>(&self, f: impl FnOnce(&mut HashMap<u64, Note>) -> T) -> T {
-        let mut guard = self.read.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut guard = self.read.lock();
         let (rx, map) = &mut *guard;
         map.extend(rx.try_iter());
         f(map)

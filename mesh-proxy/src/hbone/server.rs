@@ -16,8 +16,10 @@ use std::hash::{BuildHasher, RandomState};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+
+use parking_lot::Mutex;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -279,9 +281,9 @@ impl Limiter {
         self.shard(peer).get(&peer).copied().unwrap_or(0)
     }
 
-    fn shard(&self, peer: IpAddr) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
+    fn shard(&self, peer: IpAddr) -> parking_lot::MutexGuard<'_, HashMap<IpAddr, usize>> {
         let i = (self.shard_of.hash_one(peer) % CAP_SHARDS as u64) as usize;
-        self.peers[i].lock().unwrap_or_else(PoisonError::into_inner)
+        self.peers[i].lock()
     }
 
     /// Admits one connection from `peer`, or says which cap it is over

@@ -4,7 +4,9 @@ use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -172,11 +174,7 @@ impl HttpsCaClient {
                     reason: e.to_string(),
                 })?;
         let _ = tcp.set_nodelay(true);
-        let tls = self
-            .tls
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
+        let tls = self.tls.read().clone();
         let stream = tokio_rustls::TlsConnector::from(tls)
             .connect(self.server_name.clone(), tcp)
             .await
@@ -291,7 +289,7 @@ impl CaClient for HttpsCaClient {
 
     fn update_trust(&self, roots: &[CertificateDer<'static>]) {
         match tls_config(&self.provider, &self.config, roots) {
-            Ok(cfg) => *self.tls.write().unwrap_or_else(PoisonError::into_inner) = cfg,
+            Ok(cfg) => *self.tls.write() = cfg,
             Err(e) => tracing::warn!(error = %e, "keeping the CA client's trust anchors"),
         }
     }

@@ -10,7 +10,9 @@
 //!   does one round of work, so tests drive it without sleeping.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use mesh_core::ca::{SignRequest, SignResponse};
@@ -158,8 +160,8 @@ pub(crate) struct Entry {
 }
 
 impl Entry {
-    fn lock(&self) -> std::sync::MutexGuard<'_, EntryState> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> parking_lot::MutexGuard<'_, EntryState> {
+        self.state.lock()
     }
 
     /// The certificate if it is valid at `now`.
@@ -226,11 +228,7 @@ impl CertManager {
     }
 
     pub(crate) fn entry(&self, identity: &Identity) -> Arc<Entry> {
-        let mut entries = self
-            .inner
-            .entries
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut entries = self.inner.entries.lock();
         entries
             .entry(identity.clone())
             .or_insert_with(|| {
@@ -258,22 +256,12 @@ impl CertManager {
 
     /// Stops keeping `identity` (its last pod left the node).
     pub fn forget(&self, identity: &Identity) {
-        self.inner
-            .entries
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(identity);
+        self.inner.entries.lock().remove(identity);
     }
 
     /// The certificate of `identity` if one valid now is held.
     pub fn current(&self, identity: &Identity) -> Option<Arc<WorkloadCert>> {
-        let entry = self
-            .inner
-            .entries
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(identity)
-            .cloned()?;
+        let entry = self.inner.entries.lock().get(identity).cloned()?;
         entry.current(self.inner.clock.now())
     }
 
@@ -537,7 +525,6 @@ impl CertManager {
             .inner
             .entries
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
             .iter()
             .filter(|(_, e)| e.lock().next_refresh <= now)
             .map(|(i, e)| (i.clone(), e.clone()))
@@ -559,7 +546,6 @@ impl CertManager {
         self.inner
             .entries
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
             .values()
             .map(|e| e.lock().next_refresh)
             .min()
@@ -591,7 +577,6 @@ impl CertManager {
             .inner
             .entries
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
             .iter()
             .map(|(identity, e)| {
                 let st = e.lock();

@@ -8,7 +8,9 @@
 //! [`peer_identity`]. DNS names are never checked: SVIDs carry none.
 
 use std::fmt;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
 use std::time::UNIX_EPOCH;
 
 use mesh_core::identity::{Clock, Identity};
@@ -127,14 +129,11 @@ impl BundleCell {
     }
 
     pub fn get(&self) -> Arc<TrustBundle> {
-        self.0
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.0.read().clone()
     }
 
     pub fn set(&self, bundle: TrustBundle) {
-        *self.0.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(bundle);
+        *self.0.write() = Arc::new(bundle);
     }
 }
 
