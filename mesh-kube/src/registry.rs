@@ -27,7 +27,7 @@ use kube::core::ApiResource;
 use kube::runtime::reflector::{self, Store, store::Writer};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource};
-use mesh_core::registry::{Node, Pod, Service, Snapshot, WorkloadRegistry};
+use mesh_core::registry::{IndexedSnapshot, Node, Pod, Service, Snapshot, WorkloadRegistry};
 use serde::de::DeserializeOwned;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
@@ -94,13 +94,12 @@ impl KubeConfig {
     }
 }
 
-/// The registry's view of the cluster, indexed.
+/// The registry's view of the cluster: mesh-core's indexed snapshot (the
+/// type the file source serves too), the Services' endpoints from their
+/// EndpointSlices, and what was skipped.
 #[derive(Debug, Default)]
 pub struct View {
-    pub snapshot: Arc<Snapshot>,
-    pods_by_ip: HashMap<IpAddr, usize>,
-    pods_by_name: HashMap<(String, String), usize>,
-    services_by_vip: HashMap<IpAddr, usize>,
+    pub snapshot: Arc<IndexedSnapshot>,
     endpoints: HashMap<(String, String), Vec<Endpoint>>,
     /// Objects skipped, with why.
     pub problems: Vec<ObjectProblem>,
@@ -110,19 +109,15 @@ pub struct View {
 
 impl View {
     pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&Pod> {
-        self.pods_by_ip.get(&ip).map(|i| &self.snapshot.pods[*i])
+        self.snapshot.pod_by_ip(ip)
     }
 
     pub fn pod(&self, namespace: &str, name: &str) -> Option<&Pod> {
-        self.pods_by_name
-            .get(&(namespace.to_owned(), name.to_owned()))
-            .map(|i| &self.snapshot.pods[*i])
+        self.snapshot.pod(namespace, name)
     }
 
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Service> {
-        self.services_by_vip
-            .get(&ip)
-            .map(|i| &self.snapshot.services[*i])
+        self.snapshot.service_by_vip(ip)
     }
 
     /// The ready endpoints of a Service, from its EndpointSlices (pods of
@@ -350,7 +345,8 @@ impl KubeRegistry {
             .clone()
     }
 
-    pub fn snapshot(&self) -> Arc<Snapshot> {
+    /// The indexed snapshot, the type `FileRegistry::snapshot` serves.
+    pub fn snapshot(&self) -> Arc<IndexedSnapshot> {
         self.view().snapshot.clone()
     }
 
@@ -508,7 +504,7 @@ async fn rebuild_loop(shared: Arc<Shared>) {
         shared.dirty.notified().await;
         let view = build(&shared);
         let mut current = shared.view.write().unwrap_or_else(PoisonError::into_inner);
-        if current.snapshot == view.snapshot
+        if current.snapshot.snapshot() == view.snapshot.snapshot()
             && current.problems == view.problems
             && current.generation > 0
         {
@@ -613,25 +609,8 @@ fn build(shared: &Shared) -> View {
         services,
         policies,
     };
-    let mut pods_by_ip = HashMap::new();
-    let mut pods_by_name = HashMap::new();
-    for (i, p) in snapshot.pods.iter().enumerate() {
-        for ip in &p.ips {
-            pods_by_ip.insert(*ip, i);
-        }
-        pods_by_name.insert((p.namespace.clone(), p.name.clone()), i);
-    }
-    let services_by_vip = snapshot
-        .services
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (s.vip, i))
-        .collect();
     View {
-        snapshot: Arc::new(snapshot),
-        pods_by_ip,
-        pods_by_name,
-        services_by_vip,
+        snapshot: Arc::new(IndexedSnapshot::new(snapshot)),
         endpoints,
         problems,
         generation: 0,
