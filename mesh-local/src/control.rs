@@ -49,6 +49,9 @@ pub struct ControlOptions {
     pub restart_proxies: bool,
     /// The supervisor's backoff.
     pub restart_policy: RestartPolicy,
+    /// Each proxy serves mesh-cni at [`Mesh::cni_socket`]
+    /// (`mesh-proxy --cni-socket`).
+    pub cni_sockets: bool,
 }
 
 impl Default for ControlOptions {
@@ -62,6 +65,7 @@ impl Default for ControlOptions {
             proxy_workers: 2,
             restart_proxies: true,
             restart_policy: RestartPolicy::default(),
+            cni_sockets: false,
         }
     }
 }
@@ -399,7 +403,7 @@ impl Mesh {
         let metrics_state = self
             .control_dir("control")?
             .join(format!("metrics-{node}.json"));
-        Ok(vec![
+        let mut argv = vec![
             bins.proxy.display().to_string(),
             "--node".into(),
             node.to_owned(),
@@ -429,7 +433,12 @@ impl Mesh {
             // Counters continue across a crash and restart of the proxy.
             "--metrics-state".into(),
             metrics_state.display().to_string(),
-        ])
+        ];
+        if opts.cni_sockets {
+            argv.push("--cni-socket".into());
+            argv.push(self.cni_socket(node).display().to_string());
+        }
+        Ok(argv)
     }
 
     /// Waits (bounded by the command timeout) until the supervisor `pid`
@@ -465,6 +474,14 @@ impl Mesh {
             });
         }
         r
+    }
+
+    /// Where `node`'s proxy serves mesh-cni (with
+    /// [`ControlOptions::cni_sockets`]).
+    pub fn cni_socket(&self, node: &str) -> PathBuf {
+        self.state_dir()
+            .join("control")
+            .join(format!("cni-{node}.sock"))
     }
 
     /// The record of `node`'s proxy supervisor (see [`supervise`]).

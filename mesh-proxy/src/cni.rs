@@ -395,6 +395,47 @@ impl<E: Enroller> Server<E> {
     }
 }
 
+/// Serves `listener` and sweeps every `sweep` (attachments whose netns is
+/// gone, running pods nobody reported, found under `proc_root`) until
+/// `stop` resolves; then removes the socket file, so the plugin's STATUS
+/// reports not ready.
+pub async fn run<E: Enroller>(
+    server: Arc<Server<E>>,
+    listener: UnixListener,
+    proc_root: PathBuf,
+    sweep: Duration,
+    stop: impl Future<Output = ()>,
+) {
+    let path = listener
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_pathname().map(Path::to_owned));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let serving = {
+        let mut rx = stop_rx.clone();
+        tokio::spawn(server.clone().serve(listener, async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }))
+    };
+    let sweeping = tokio::spawn(async move {
+        let mut rx = stop_rx;
+        let mut tick = tokio::time::interval(sweep);
+        loop {
+            tokio::select! {
+                _ = rx.changed() => return,
+                _ = tick.tick() => { server.sweep(&proc_root).await; }
+            }
+        }
+    });
+    stop.await;
+    let _ = stop_tx.send(true);
+    let _ = serving.await;
+    let _ = sweeping.await;
+    if let Some(p) = path {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
 fn truncate(mut s: String, max: usize) -> String {
     if s.len() > max {
         let mut end = max.saturating_sub(3);
@@ -482,6 +523,44 @@ pub fn running_pods(proc_root: &Path, wanted: &[(String, String, String)]) -> Ve
         }
     }
     found.into_values().collect()
+}
+
+/// The node proxy as the CNI server sees it: its registry, and its one
+/// enrollment path (reconcile), which reads [`Attachments::place`].
+impl Enroller for crate::proxy::NodeProxy {
+    fn lookup(&self, namespace: &str, name: &str) -> Lookup {
+        let snap = self.registry.snapshot();
+        match snap.pod(namespace, name) {
+            None => Lookup::Unknown,
+            Some(p) if p.node != self.cfg.node => Lookup::NotMeshed(format!(
+                "scheduled on node {}, this is {}",
+                p.node, self.cfg.node
+            )),
+            Some(p) if !p.meshed() => Lookup::NotMeshed(format!("not in the mesh: {:?}", p.mesh)),
+            Some(p) => Lookup::Meshed { uid: p.uid.clone() },
+        }
+    }
+
+    fn reconcile(self: Arc<Self>) -> Reconciled {
+        Box::pin(async move { crate::proxy::NodeProxy::reconcile(&self).await })
+    }
+
+    fn captured(&self, key: &str, netns: &Path) -> Option<u64> {
+        self.enrolled(key)
+            .filter(|e| e.netns.as_path() == netns)
+            .map(|e| e.cookie)
+    }
+
+    fn unplaced(&self) -> Vec<(String, String, String)> {
+        let snap = self.registry.snapshot();
+        snap.snapshot()
+            .pods
+            .iter()
+            .filter(|p| p.node == self.cfg.node && p.netns.is_none() && p.meshed())
+            .filter(|p| self.cni.place(p).is_none())
+            .map(|p| (p.namespace.clone(), p.name.clone(), p.uid.clone()))
+            .collect()
+    }
 }
 
 #[cfg(test)]

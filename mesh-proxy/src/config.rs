@@ -70,6 +70,8 @@ pub struct Config {
     /// A plain TCP dial from a pod's netns (the app on delivery, a
     /// passthrough destination, the first hop of a pooled connection).
     pub dial_timeout: Duration,
+    /// Unix socket where mesh-cni hands over new pods (off when unset).
+    pub cni_socket: Option<PathBuf>,
 }
 
 /// [`Config::dial_timeout`] unless told otherwise.
@@ -190,6 +192,7 @@ mod tests {
             hbone_limits: crate::hbone::ServerLimits::default(),
             h2: crate::hbone::H2Config::default(),
             dial_timeout: DEFAULT_DIAL_TIMEOUT,
+            cni_socket: None,
         }
     }
 

@@ -104,6 +104,10 @@ struct Args {
     /// Seconds a tunnel that moves no byte either way stays open.
     #[arg(long, default_value_t = 3600)]
     tunnel_idle_seconds: u64,
+    /// Unix socket where the mesh-cni plugin hands over new pods
+    /// (e.g. /var/run/sockmesh/cni.sock). Off by default.
+    #[arg(long)]
+    cni_socket: Option<PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -155,6 +159,7 @@ fn main() -> std::process::ExitCode {
         },
         h2: mesh_proxy::hbone::H2Config::default(),
         dial_timeout: mesh_proxy::config::DEFAULT_DIAL_TIMEOUT,
+        cni_socket: args.cni_socket,
     };
     match run(cfg, log) {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -158,6 +158,13 @@ pub fn run(cfg: Config, log: LogControl) -> Result<(), RunError> {
         }
         let problems = node.reconcile().await;
         info!(node = %cfg.node, pods = node.enrolled_pods().len(), problems = problems.len(), "node proxy up");
+        if let Some(path) = &cfg.cni_socket {
+            let l = crate::cni::bind(path).map_err(|e| fail(format!("--cni-socket {}", path.display()), e))?;
+            let server = crate::cni::Server::new(node.cni.clone(), node.clone(), crate::cni::Limits::default());
+            let mut stop = watch.clone();
+            tokio::spawn(crate::cni::run(server, l, "/proc".into(), cfg.registry_poll, async move { stop.signaled().await }));
+            info!(socket = %path.display(), "CNI enrollment socket up");
+        }
 
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(|e| fail("SIGTERM handler", e))?;
