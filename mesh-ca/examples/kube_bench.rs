@@ -60,7 +60,10 @@ async fn wait(reg: &KubeRegistry, mut done: impl FnMut(&mesh_kube::View) -> bool
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
-    let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
     let pods = args.first().copied().unwrap_or(200);
     let signings = args.get(1).copied().unwrap_or(2000);
     let conns = args.get(2).copied().unwrap_or(4);
@@ -79,22 +82,32 @@ async fn main() -> anyhow::Result<()> {
     for i in 0..pods {
         let name = format!("p{i}");
         let t = Instant::now();
-        pods_api.create(&PostParams::default(), &pod(&name, i + 1)).await?;
+        pods_api
+            .create(&PostParams::default(), &pod(&name, i + 1))
+            .await?;
         wait(&reg, |v| v.pod("bench", &name).is_some()).await;
         created.push(t.elapsed());
     }
-    println!("pod created -> in the snapshot:      {}", percentiles(created));
+    println!(
+        "pod created -> in the snapshot:      {}",
+        percentiles(created)
+    );
 
     let mut flipped = Vec::with_capacity(pods);
     for i in 0..pods {
         let name = format!("p{i}");
         let patch = json!({"metadata": {"annotations": {"sockmesh.io/mesh": "enabled"}}});
         let t = Instant::now();
-        pods_api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+        pods_api
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
         wait(&reg, |v| v.pod("bench", &name).is_some_and(|p| p.meshed())).await;
         flipped.push(t.elapsed());
     }
-    println!("annotation flipped -> meshed:        {}", percentiles(flipped));
+    println!(
+        "annotation flipped -> meshed:        {}",
+        percentiles(flipped)
+    );
 
     // The CA: TokenReview + pod lookup + authorization + signing, over HTTPS.
     api.create(json!({"apiVersion": "v1", "kind": "Pod",
@@ -119,7 +132,13 @@ async fn main() -> anyhow::Result<()> {
         name: "root".into(),
     };
     let roots = secret
-        .load_or_create(&client(&api), "cluster.local", dir.path(), true, SystemTime::now())
+        .load_or_create(
+            &client(&api),
+            "cluster.local",
+            dir.path(),
+            true,
+            SystemTime::now(),
+        )
         .await?;
     let ca_reg = Arc::new(KubeRegistry::start(client(&api), KubeConfig::for_ca()));
     assert!(ca_reg.wait_synced(Duration::from_secs(10)).await);
@@ -128,7 +147,11 @@ async fn main() -> anyhow::Result<()> {
         CA_AUDIENCE,
         &[("sockmesh-system".into(), "mesh-proxy".into())],
     );
-    let ca = Ca::new(CaConfig::new("cluster.local", roots), Arc::new(auth), ca_reg)?;
+    let ca = Ca::new(
+        CaConfig::new("cluster.local", roots),
+        Arc::new(auth),
+        ca_reg,
+    )?;
     let server = CaServer::bind(ca.clone(), "127.0.0.1:0".parse()?).await?;
     let key = rcgen::KeyPair::generate()?;
     let identity = "spiffe://cluster.local/ns/bench/sa/sa";
@@ -142,10 +165,12 @@ async fn main() -> anyhow::Result<()> {
     let mut store = rustls::RootCertStore::empty();
     store.add_parsable_certificates(ca.trust_bundle());
     let tls = Arc::new(
-        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_root_certificates(store)
-            .with_no_client_auth(),
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(store)
+        .with_no_client_auth(),
     );
     let addr = server.local_addr();
     let started = Instant::now();
@@ -159,7 +184,9 @@ async fn main() -> anyhow::Result<()> {
                 .connect("localhost".try_into().unwrap(), tcp)
                 .await
                 .unwrap();
-            let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+            let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .unwrap();
             tokio::spawn(conn);
             let mut lat = Vec::with_capacity(n);
             for _ in 0..n {

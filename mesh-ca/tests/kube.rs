@@ -272,6 +272,8 @@ async fn forged_expired_wrong_audience_and_unbound_tokens_are_refused_opaquely_a
     );
     let not_proxy = c.token("shop", "web", "web-1", "node-a", CA_AUDIENCE, 600);
     let pod_gone = c.token(MESH_NS, "mesh-proxy", "proxy-b", "node-b", CA_AUDIENCE, 600);
+    // Bound to proxy-a (on node-a) but claiming node-b: the API's pod wins.
+    let wrong_node = c.token(MESH_NS, "mesh-proxy", "proxy-a", "node-b", CA_AUDIENCE, 600);
     c.api.delete("", "pods", MESH_NS, "proxy-b").unwrap();
     let unbound = c.api.mint_token(TokenSpec {
         namespace: MESH_NS.into(),
@@ -297,6 +299,10 @@ async fn forged_expired_wrong_audience_and_unbound_tokens_are_refused_opaquely_a
         ),
         (pod_gone.as_str(), "pods \"proxy-b\" not found"),
         (unbound.as_str(), "is not bound to a pod"),
+        (
+            wrong_node.as_str(),
+            "runs on node node-a, the token says \"node-b\"",
+        ),
     ] {
         let (status, body) = c.sign(token, WEB).await;
         assert_eq!(
@@ -314,7 +320,7 @@ async fn forged_expired_wrong_audience_and_unbound_tokens_are_refused_opaquely_a
     assert_eq!(
         c.api
             .requests("create", "tokenreviews.authentication.k8s.io"),
-        6
+        7
     );
 }
 
