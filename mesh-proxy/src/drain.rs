@@ -1,106 +1,89 @@
-//! Graceful shutdown: one `Trigger` owns the signal; every task holds a
+//! Graceful shutdown, on tokio-util's `CancellationToken` and
+//! `TaskTracker`: one `Trigger` owns the signal; every task holds a
 //! `Watch`, stops taking new work when it fires, finishes what it has, and
 //! drops its `Watch`. `Trigger::drain` returns once every `Watch` is gone
-//! (or the deadline passes).
+//! (or the deadline passes). `Tracker` counts open connections the same way.
 
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
 #[derive(Debug)]
 pub struct Trigger {
-    signal: watch::Sender<bool>,
-    done: mpsc::Receiver<()>,
-    // Kept so `done` only closes when every Watch is dropped.
-    _alive: Option<mpsc::Sender<()>>,
+    signal: CancellationToken,
+    watches: TaskTracker,
 }
 
 #[derive(Clone, Debug)]
 pub struct Watch {
-    signal: watch::Receiver<bool>,
-    _alive: mpsc::Sender<()>,
+    signal: CancellationToken,
+    _alive: TaskTrackerToken,
 }
 
 pub fn channel() -> (Trigger, Watch) {
-    let (signal, rx) = watch::channel(false);
-    let (alive, done) = mpsc::channel(1);
-    (
-        Trigger {
-            signal,
-            done,
-            _alive: None,
-        },
-        Watch {
-            signal: rx,
-            _alive: alive,
-        },
-    )
+    let signal = CancellationToken::new();
+    let watches = TaskTracker::new();
+    let watch = Watch {
+        signal: signal.clone(),
+        _alive: watches.token(),
+    };
+    (Trigger { signal, watches }, watch)
 }
 
 impl Watch {
     /// Resolves when draining starts.
     pub async fn signaled(&mut self) {
-        let _ = self.signal.wait_for(|d| *d).await;
+        self.signal.cancelled().await
     }
 
     pub fn is_draining(&self) -> bool {
-        *self.signal.borrow()
+        self.signal.is_cancelled()
     }
 }
 
 /// Counts open connections, so a drain can wait for them.
 #[derive(Clone, Debug, Default)]
-pub struct Tracker(std::sync::Arc<(std::sync::atomic::AtomicUsize, tokio::sync::Notify)>);
+pub struct Tracker(TaskTracker);
 
 /// Held by one open connection; dropping it ends the connection's count.
 #[derive(Debug)]
-pub struct Guard(Tracker);
+pub struct Guard(#[allow(dead_code)] TaskTrackerToken);
 
 impl Tracker {
     pub fn guard(&self) -> Guard {
-        self.0.0.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        Guard(self.clone())
+        Guard(self.0.token())
     }
 
     pub fn open(&self) -> usize {
-        self.0.0.load(std::sync::atomic::Ordering::Acquire)
+        self.0.len()
     }
 
     /// Waits until no connection is open, at most `deadline`. Returns
     /// whether they all finished.
     pub async fn idle(&self, deadline: Duration) -> bool {
-        let wait = async {
-            loop {
-                let notified = self.0.1.notified();
-                if self.open() == 0 {
-                    return;
-                }
-                notified.await;
-            }
-        };
-        tokio::time::timeout(deadline, wait).await.is_ok()
-    }
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if self.0.0.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
-            self.0.0.1.notify_waiters();
-        }
+        // `wait` returns once the tracker is closed and empty; closing
+        // does not stop new guards, and it is reopened after.
+        self.0.close();
+        let idle = tokio::time::timeout(deadline, self.0.wait()).await.is_ok();
+        self.0.reopen();
+        idle
     }
 }
 
 impl Trigger {
     /// Tells every task to stop taking new work (without waiting).
     pub fn signal(&self) {
-        let _ = self.signal.send(true);
+        self.signal.cancel();
     }
 
     /// Signals every task and waits until all have finished, at most
     /// `deadline`. Returns whether they all finished.
-    pub async fn drain(mut self, deadline: Duration) -> bool {
-        let _ = self.signal.send(true);
-        tokio::time::timeout(deadline, self.done.recv())
+    pub async fn drain(self, deadline: Duration) -> bool {
+        self.signal.cancel();
+        self.watches.close();
+        tokio::time::timeout(deadline, self.watches.wait())
             .await
             .is_ok()
     }
