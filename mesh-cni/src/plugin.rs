@@ -52,7 +52,10 @@ fn prev_result(conf: &NetConf) -> Result<&Value, CniError> {
 
 /// The pod to enroll, or `None` when the sandbox is not a Kubernetes pod.
 fn attachment(env: &Env, conf: &NetConf) -> Result<Option<PodAttachment>, CniError> {
-    let Some(pod) = spec::k8s_pod(&env.args)? else {
+    // CNI_ARGS first; `args.cni` of the configuration fills what it lacks.
+    let mut args = conf.conf_args.clone();
+    args.extend(env.args.clone());
+    let Some(pod) = spec::k8s_pod(&args)? else {
         return Ok(None);
     };
     let netns = env

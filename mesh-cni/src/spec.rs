@@ -264,6 +264,10 @@ pub struct NetConf {
     pub prev_result: Option<Value>,
     /// `cni.dev/valid-attachments` (GC).
     pub valid_attachments: Vec<(String, String)>,
+    /// `args.cni`: string arguments the runtime put in the configuration
+    /// (conventions: the same keys as `CNI_ARGS`; `CNI_ARGS` wins). Lets a
+    /// runtime that passes no `CNI_ARGS` (`ctr run --cni`) name the pod.
+    pub conf_args: BTreeMap<String, String>,
     pub socket: PathBuf,
     pub log_file: Option<PathBuf>,
     pub log_level: String,
@@ -355,6 +359,23 @@ impl NetConf {
             Some(other) => {
                 return Err(config_error(
                     "prevResult",
+                    format!(
+                        "must be an object, not {}",
+                        bounded(&other.to_string(), SHOWN)
+                    ),
+                ));
+            }
+        };
+        let conf_args = match obj.get("args").and_then(|a| a.get("cni")) {
+            None | Some(Value::Null) => BTreeMap::new(),
+            Some(Value::Object(m)) => m
+                .iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                .take(64)
+                .collect(),
+            Some(other) => {
+                return Err(config_error(
+                    "args.cni",
                     format!(
                         "must be an object, not {}",
                         bounded(&other.to_string(), SHOWN)
@@ -458,6 +479,7 @@ impl NetConf {
             name,
             prev_result,
             valid_attachments,
+            conf_args,
             socket: socket.into(),
             log_file: log_file.map(PathBuf::from),
             log_level,
@@ -557,6 +579,23 @@ mod tests {
             env(&[("CNI_COMMAND", "VERSION")]).unwrap().command,
             Command::Version
         );
+    }
+
+    #[test]
+    fn args_in_the_configuration_are_read_as_strings() {
+        let c = NetConf::parse(
+            br#"{"cniVersion":"1.0.0","args":{"cni":{"K8S_POD_NAME":"web-1","labels":[1]}}}"#,
+            Command::Add,
+        )
+        .unwrap();
+        assert_eq!(
+            c.conf_args.get("K8S_POD_NAME").map(String::as_str),
+            Some("web-1")
+        );
+        assert!(!c.conf_args.contains_key("labels"));
+        let e = NetConf::parse(br#"{"cniVersion":"1.0.0","args":{"cni":7}}"#, Command::Add)
+            .unwrap_err();
+        assert!(e.msg.contains("args.cni"), "{e}");
     }
 
     #[test]
