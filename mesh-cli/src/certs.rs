@@ -5,6 +5,7 @@
 
 use anyhow::Result;
 use serde::Serialize;
+use std::io::Write as _;
 
 use crate::admin::{self, CertState, Workloads};
 use crate::cli::CertsArgs;
@@ -134,9 +135,13 @@ pub fn run(name: &str, args: &CertsArgs) -> Result<()> {
         cert,
     };
     if args.output.json() {
-        println!("{}", serde_json::to_string_pretty(&pc)?);
+        writeln!(std::io::stdout(), "{}", serde_json::to_string_pretty(&pc)?)?;
     } else {
-        print!("{}", render(&pc, units::now_unix(), &Paint::stdout()));
+        write!(
+            std::io::stdout(),
+            "{}",
+            render(&pc, units::now_unix(), &Paint::stdout())
+        )?;
     }
     Ok(())
 }

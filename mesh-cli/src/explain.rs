@@ -3,6 +3,7 @@
 //! peer identity) and the policy decision with the rule that made it —
 //! from the source pod's node proxy (`GET /explain`). Verdict first.
 
+use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{Context, Result};
@@ -486,13 +487,13 @@ pub fn run(name: &str, args: &ExplainArgs) -> Result<()> {
         } else {
             Value::from(docs.into_iter().cloned().collect::<Vec<_>>())
         };
-        println!("{}", serde_json::to_string_pretty(&doc)?);
+        writeln!(std::io::stdout(), "{}", serde_json::to_string_pretty(&doc)?)?;
     } else {
         let parts: Vec<String> = answers
             .iter()
             .map(|(v, asked)| render(v, asked.as_deref(), &paint))
             .collect();
-        print!("{}", parts.join("\n"));
+        write!(std::io::stdout(), "{}", parts.join("\n"))?;
     }
     Ok(())
 }

@@ -35,6 +35,10 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let code = match run(cli) {
         Ok(code) => code,
+        // Rust ignores SIGPIPE, so `mesh top --once | head` sees its next
+        // write fail once `head` exits: end quietly, with the status a
+        // shell gives a process killed by SIGPIPE (128 + 13).
+        Err(e) if broken_pipe(&e) => 141,
         Err(e) => {
             let err = Paint::stderr();
             let _ = std::io::stdout().flush();
@@ -48,6 +52,14 @@ pub fn main() -> ExitCode {
         }
     };
     ExitCode::from(code)
+}
+
+/// Whether `e` comes from writing to a pipe whose reader is gone.
+fn broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 /// Runs one parsed command; `Ok(code)` is the exit code of a command that
@@ -66,12 +78,16 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Version(args) => {
             let v = env!("CARGO_PKG_VERSION");
             if args.output.json() {
-                println!(
+                writeln!(
+                    std::io::stdout(),
                     "{}",
                     serde_json::json!({"mesh": v, "state_root": "/run/sockmesh"})
-                );
+                )?;
             } else {
-                println!("mesh {v} (sockmesh local mesh; state in /run/sockmesh)");
+                writeln!(
+                    std::io::stdout(),
+                    "mesh {v} (sockmesh local mesh; state in /run/sockmesh)"
+                )?;
             }
             Ok(0)
         }
@@ -79,12 +95,27 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             let mut cmd = Cli::command();
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut cmd, "mesh", &mut script);
-            match std::io::stdout().write_all(&script) {
-                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
-                    Err(anyhow::Error::new(e).context("write the completion script"))
-                }
-                _ => Ok(0),
-            }
+            std::io::stdout()
+                .write_all(&script)
+                .map_err(|e| anyhow::Error::new(e).context("write the completion script"))?;
+            Ok(0)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reader_that_went_away_is_told_from_other_write_errors() {
+        let pipe = || std::io::Error::from(std::io::ErrorKind::BrokenPipe);
+        assert!(broken_pipe(&anyhow::Error::new(pipe())));
+        assert!(broken_pipe(
+            &anyhow::Error::new(pipe()).context("write the table")
+        ));
+        let full = std::io::Error::from(std::io::ErrorKind::StorageFull);
+        assert!(!broken_pipe(&anyhow::Error::new(full)));
+        assert!(!broken_pipe(&anyhow::anyhow!("Broken pipe")));
     }
 }

@@ -76,7 +76,9 @@ impl Steps {
     fn say(&mut self, what: &str) {
         self.n += 1;
         let t = format!("{:>5.1}s", self.start.elapsed().as_secs_f64());
-        println!(
+        // Progress only: a reader that went away is told by the summary.
+        let _ = writeln!(
+            std::io::stdout(),
             "{} {} {what}",
             self.paint.dim(&t),
             self.paint.green(&format!("[{:>2}]", self.n))
@@ -130,14 +132,15 @@ pub fn up(name: &str, args: &UpArgs) -> Result<()> {
         ),
     };
     let paint = Paint::stdout();
-    println!(
+    writeln!(
+        std::io::stdout(),
         "{} mesh {} ({} nodes, {} pods){}",
         paint.bold("Building"),
         paint.bold(name),
         topology.nodes.len(),
         topology.pods.len(),
         if is_demo { " with the demo apps" } else { "" }
-    );
+    )?;
     let mut steps = Steps {
         n: 0,
         start: Instant::now(),
@@ -190,16 +193,17 @@ pub fn up(name: &str, args: &UpArgs) -> Result<()> {
     let state = mesh.detach();
     let n = name_flag(name);
     let p = steps.paint;
-    println!(
+    writeln!(
+        std::io::stdout(),
         "\n{} mesh {name} is up ({:.0}s); state {}",
         p.green("✓"),
         steps.start.elapsed().as_secs_f64(),
         state.display()
-    );
+    )?;
     if !policy_names.is_empty() {
-        println!("  policies: {}", policy_names.join(", "));
+        writeln!(std::io::stdout(), "  policies: {}", policy_names.join(", "))?;
     }
-    println!("\n{}", p.bold("Try next:"));
+    writeln!(std::io::stdout(), "\n{}", p.bold("Try next:"))?;
     let tries: Vec<(String, &str)> = if is_demo {
         vec![
             (
@@ -253,11 +257,12 @@ pub fn up(name: &str, args: &UpArgs) -> Result<()> {
     };
     let width = tries.iter().map(|(c, _)| c.len()).max().unwrap_or(0);
     for (cmd, why) in tries {
-        println!(
+        writeln!(
+            std::io::stdout(),
             "  {}  {}",
             p.cyan(&format!("{cmd:width$}")),
             p.dim(&format!("# {why}"))
-        );
+        )?;
     }
     Ok(())
 }
@@ -391,7 +396,7 @@ pub fn down(name: &str, args: &DownArgs) -> Result<u8> {
     let report = match mesh_local::down(name, &Options::default()) {
         Ok(r) => r,
         Err(mesh_local::Error::DownIncomplete { report, .. }) => {
-            print_down(&report, args.output.json());
+            print_down(&report, args.output.json())?;
             anyhow::bail!(
                 "mesh {name}: down could not remove everything: {}",
                 report.problems.join("; ")
@@ -399,25 +404,31 @@ pub fn down(name: &str, args: &DownArgs) -> Result<u8> {
         }
         Err(e) => return Err(e.into()),
     };
-    print_down(&report, args.output.json());
+    print_down(&report, args.output.json())?;
     Ok(0)
 }
 
-fn print_down(r: &mesh_local::DownReport, json: bool) {
+fn print_down(r: &mesh_local::DownReport, json: bool) -> std::io::Result<()> {
     if json {
-        println!(
+        writeln!(
+            std::io::stdout(),
             "{}",
             serde_json::json!({
                 "mesh": r.mesh, "removed": !r.is_empty(), "killed": r.killed, "netns": r.netns,
                 "veths": r.veths, "cgroups": r.cgroups, "pins": r.pins, "files": r.files,
                 "state_dir": r.state_dir, "problems": r.problems,
             })
-        );
+        )?;
     } else if r.is_empty() {
-        println!("mesh {}: nothing to remove (it is not up)", r.mesh);
+        writeln!(
+            std::io::stdout(),
+            "mesh {}: nothing to remove (it is not up)",
+            r.mesh
+        )?;
     } else {
-        print!("{r}");
+        write!(std::io::stdout(), "{r}")?;
     }
+    Ok(())
 }
 
 /// Runs a program in a pod; returns its exit code (128+N when killed by

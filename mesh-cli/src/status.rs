@@ -5,6 +5,7 @@ use anyhow::Result;
 use mesh_local::Mesh;
 use mesh_local::supervise::Phase;
 use serde::Serialize;
+use std::io::Write as _;
 
 use crate::admin::{self, CertState, Workloads};
 use crate::cli::StatusArgs;
@@ -417,9 +418,13 @@ pub fn run(name: &str, args: &StatusArgs) -> Result<u8> {
     let mesh = crate::local::open(name)?;
     let s = collect(&mesh);
     if args.output.json() {
-        println!("{}", serde_json::to_string_pretty(&s)?);
+        writeln!(std::io::stdout(), "{}", serde_json::to_string_pretty(&s)?)?;
     } else {
-        print!("{}", render(&s, now_unix_ms(), &Paint::stdout()));
+        write!(
+            std::io::stdout(),
+            "{}",
+            render(&s, now_unix_ms(), &Paint::stdout())
+        )?;
     }
     Ok(if s.problems.is_empty() { 0 } else { 1 })
 }
