@@ -239,30 +239,30 @@ impl Pins {
     }
 }
 
-/// Checks that `path` (or the nearest existing ancestor) is on bpffs.
+/// Checks that `path` (or the nearest existing ancestor) is on bpffs, by the
+/// filesystem magic `statfs` reports (not by reading the mount table).
 fn ensure_bpffs(path: &Path) -> Result<()> {
-    let mounts =
-        fs::read_to_string("/proc/self/mounts").map_err(io_err(Path::new("/proc/self/mounts")))?;
-    let mut best: Option<(&str, &str)> = None;
-    for line in mounts.lines() {
-        let mut f = line.split_whitespace();
-        let (Some(_dev), Some(mnt), Some(fstype)) = (f.next(), f.next(), f.next()) else {
-            continue;
-        };
-        if path.starts_with(mnt) && best.is_none_or(|(b, _)| mnt.len() > b.len()) {
-            best = Some((mnt, fstype));
-        }
-    }
-    match best {
-        Some((_, "bpf")) => Ok(()),
-        Some((mnt, fstype)) => Err(Error::NoBpffs {
-            path: path.to_owned(),
-            found: format!("{fstype} at {mnt}"),
-        }),
-        None => Err(Error::NoBpffs {
-            path: path.to_owned(),
-            found: "no mount".into(),
-        }),
+    use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
+    // The pin root may not exist yet: its nearest existing ancestor is on
+    // the filesystem it will be made on.
+    let existing = path
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    let not_bpffs = |found: String| Error::NoBpffs {
+        path: path.to_owned(),
+        found,
+    };
+    let fs =
+        statfs(existing).map_err(|e| not_bpffs(format!("statfs {}: {e}", existing.display())))?;
+    if fs.filesystem_type() == BPF_FS_MAGIC {
+        Ok(())
+    } else {
+        Err(not_bpffs(format!(
+            "filesystem type {:#x} at {}",
+            fs.filesystem_type().0,
+            existing.display()
+        )))
     }
 }
 
@@ -1000,4 +1000,26 @@ pub fn age(start_ns: u64) -> Duration {
         .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
         .unwrap_or(start_ns);
     Duration::from_nanos(now.saturating_sub(start_ns))
+}
+
+#[cfg(test)]
+mod bpffs_tests {
+    use super::*;
+
+    #[test]
+    fn a_path_off_bpffs_is_refused_with_what_was_found() {
+        let dir = std::env::temp_dir().join("sockmesh-not-bpffs/pins");
+        let e = ensure_bpffs(&dir).unwrap_err().to_string();
+        assert!(e.contains("is not on a bpf filesystem"), "{e}");
+        assert!(e.contains("filesystem type 0x"), "{e}");
+    }
+
+    #[test]
+    fn a_path_on_bpffs_is_accepted_before_it_exists() {
+        // Only where bpffs is mounted (privileged hosts); elsewhere the
+        // refusal above is the behaviour under test.
+        if ensure_bpffs(Path::new("/sys/fs/bpf")).is_ok() {
+            assert!(ensure_bpffs(Path::new("/sys/fs/bpf/sockmesh-none/abi")).is_ok());
+        }
+    }
 }
