@@ -81,6 +81,10 @@ pub trait Enroller: Send + Sync + 'static {
 pub struct Attachments {
     by_ref: RwLock<BTreeMap<AttachmentRef, (u64, PodAttachment)>>,
     seq: std::sync::atomic::AtomicU64,
+    /// Held by the proxy's reconcile for its whole run: the run loop and
+    /// the CNI server both reconcile, and two at once would enroll one pod
+    /// twice (the second bind of 15001 fails: measured in the benchmark).
+    reconciling: Mutex<()>,
 }
 
 fn attachment_ref(p: &PodAttachment) -> AttachmentRef {
@@ -119,6 +123,12 @@ impl Attachments {
             .filter_map(|r| map.remove(r))
             .map(|(_, p)| p)
             .collect()
+    }
+
+    /// One reconcile at a time (see the field); the proxy's reconcile
+    /// holds this for its whole run.
+    pub async fn reconciling(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.reconciling.lock().await
     }
 
     pub fn len(&self) -> usize {
@@ -165,8 +175,6 @@ pub struct Server<E: Enroller> {
     pub attachments: Arc<Attachments>,
     pub enroller: Arc<E>,
     pub limits: Limits,
-    /// One reconcile at a time from this module (requests arrive at once).
-    reconciling: Mutex<()>,
     slots: Arc<Semaphore>,
 }
 
@@ -193,7 +201,6 @@ impl<E: Enroller> Server<E> {
             attachments,
             enroller,
             limits,
-            reconciling: Mutex::new(()),
         })
     }
 
@@ -270,8 +277,9 @@ impl<E: Enroller> Server<E> {
         .await;
     }
 
+    /// The proxy's reconcile, which serializes itself
+    /// ([`Attachments::reconciling`]).
     async fn reconcile(&self) -> Vec<String> {
-        let _one = self.reconciling.lock().await;
         self.enroller.clone().reconcile().await
     }
 

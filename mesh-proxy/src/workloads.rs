@@ -159,6 +159,8 @@ impl NodeProxy {
     /// lapses), removed ones unenrolled. A pod that failed is tried again
     /// after its own backoff. Returns this round's problems, one per pod.
     pub async fn reconcile(self: &Arc<Self>) -> Vec<String> {
+        // One at a time: the run loop and the CNI socket both call this.
+        let _one = self.cni.reconciling().await;
         let snap = self.registry.snapshot();
         *self
             .policies

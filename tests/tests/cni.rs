@@ -482,3 +482,494 @@ fn with_the_proxy_down_add_fails_closed_and_succeeds_on_retry_and_running_pods_a
     })?;
     Ok(())
 }
+
+/// `cargo test -p sockmesh-tests --test cni bench -- --ignored --nocapture`:
+/// CNI ADD latency of ptp + host-local, and what mesh-cni
+/// adds after it with the real node proxy (enrollment: eBPF, listeners,
+/// the certificate of the pods' shared service account), over 200 pods.
+#[test]
+#[ignore]
+fn bench_cni_add_latency_with_the_real_proxy() -> Result<()> {
+    let n = 200;
+    let m = TestMesh::up(
+        "cb",
+        ControlOptions {
+            cni_sockets: true,
+            ..ControlOptions::default()
+        },
+    )?;
+    let node = m.mesh.node("node-a")?.clone();
+    let names: Vec<(String, String)> = (0..=n)
+        .map(|i| {
+            (
+                format!("bench-{i}"),
+                format!("6c1d2e3f-0000-4000-8000-{i:012}"),
+            )
+        })
+        .collect();
+    let mut doc = m.mesh.registry_document(None);
+    for (name, uid) in &names {
+        doc["pods"].as_array_mut().context("pods")?.push(json!({
+            "namespace": "default", "name": name, "uid": uid, "node": "node-a",
+            "service_account": "bench", "ips": [], "labels": {"app": "bench"},
+        }));
+    }
+    write_registry(&m, &doc)?;
+    let last = format!("default/{}", names[n].0);
+    wait_until(
+        "node-a's proxy to know the pods",
+        Duration::from_secs(30),
+        || Ok(enrolled(&m, "node-a", &last)? == Some(false)),
+    )?;
+    let dir = m.mesh.state_dir().join("cni-bench");
+    std::fs::create_dir_all(&dir)?;
+    let base = node.gateway.octets();
+    let addr = |last: u8| format!("{}.{}.{}.{last}", base[0], base[1], base[2]);
+    let ptp = json!({
+        "cniVersion": "1.0.0", "name": "k8s-pod-network",
+        "plugins": [{"type": "ptp", "ipMasq": false, "ipam": {
+            "type": "host-local", "dataDir": dir.join("ipam"),
+            "ranges": [[{"subnet": node.pod_cidr, "rangeStart": addr(230),
+                         "rangeEnd": addr(250), "gateway": node.gateway.to_string()}]],
+            "routes": [{"dst": "0.0.0.0/0"}]}}]
+    });
+    let mesh = json!({"type": "mesh-cni", "cniVersion": "1.0.0", "name": "k8s-pod-network",
+                      "socket": m.mesh.cni_socket("node-a"), "timeoutSeconds": 30});
+    let (mut bare, mut added) = (Vec::new(), Vec::new());
+    for (i, (name, uid)) in names.iter().enumerate() {
+        let pod = RuntimePod::new("bench", &node.pods_cgroup, uid)?;
+        lo_up(&node.netns_path(), &pod)?;
+        let env = pod_env_of("ADD", &pod.path(), name, uid);
+        let start = Instant::now();
+        let result = match chain(&node.netns_path(), &ptp, &env, None)? {
+            Ok(r) => r,
+            Err(e) => bail!("ptp ADD: {e}"),
+        };
+        if i > 0 {
+            bare.push(start.elapsed());
+        }
+        let mut conf = mesh.clone();
+        conf["prevResult"] = result.clone();
+        // Pod 0 warms up, untimed: the CA learns the new service account
+        // at its next registry poll and refuses it until then.
+        let tries = if i == 0 { 60 } else { 1 };
+        let mut last = None;
+        for _ in 0..tries {
+            let start = Instant::now();
+            let mut child = Command::new(mesh_cni())
+                .env_clear()
+                .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()?;
+            child
+                .stdin
+                .take()
+                .context("stdin")?
+                .write_all(conf.to_string().as_bytes())?;
+            let o = child.wait_with_output()?;
+            let took = start.elapsed();
+            let ok = o.status.success();
+            last = Some(o);
+            if ok {
+                if i > 0 {
+                    added.push(took);
+                }
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let o = last.context("no ADD ran")?;
+        ensure!(
+            o.status.success(),
+            "mesh-cni ADD {name}: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+        let mut list = ptp.clone();
+        list["plugins"]
+            .as_array_mut()
+            .context("plugins")?
+            .push(mesh.clone());
+        let del = pod_env_of("DEL", &pod.path(), name, uid);
+        ensure!(
+            chain(&node.netns_path(), &list, &del, Some(&result))?.is_ok(),
+            "DEL {name}"
+        );
+    }
+    // Reconciles from the run loop and the socket never overlap (they
+    // used to enroll one pod twice: the second bind failed).
+    let log = m.log("proxy-node-a");
+    ensure!(
+        !log.contains("Address already in use"),
+        "a pod was enrolled twice at once:\n{log}"
+    );
+    let pct = |v: &mut Vec<Duration>, p: f64| {
+        v.sort();
+        v[((v.len() as f64 - 1.0) * p).round() as usize]
+    };
+    println!(
+        "ADD ptp+host-local ({n}):              p50 {:?} p99 {:?}",
+        pct(&mut bare, 0.5),
+        pct(&mut bare, 0.99)
+    );
+    println!(
+        "added by mesh-cni, real proxy ({n}):   p50 {:?} p99 {:?}",
+        pct(&mut added, 0.5),
+        pct(&mut added, 0.99)
+    );
+    Ok(())
+}
+
+/// Stops on drop: a child process (containerd).
+struct Daemon(std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Removes on drop the directories this test had to create on the
+/// machine's filesystem (mount points for the CNI dirs, only if absent).
+struct MadeDirs(Vec<PathBuf>);
+
+impl Drop for MadeDirs {
+    fn drop(&mut self) {
+        for d in self.0.iter().rev() {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
+/// What runc and containerd leave outside the mesh's own tree, removed on
+/// drop: the mesh's cgroups in the cgroup v1 hierarchies (runc creates
+/// the container's cgroup in every mounted hierarchy on a hybrid system)
+/// and /run/containerd (shim sockets, runc state), if it was not there.
+struct RuntimeLeftovers {
+    mesh_cgroup: String,
+    run_containerd: bool,
+}
+
+impl Drop for RuntimeLeftovers {
+    fn drop(&mut self) {
+        if let Ok(dirs) = std::fs::read_dir("/sys/fs/cgroup") {
+            for c in dirs.flatten().filter(|c| c.file_name() != "unified") {
+                let top = c.path().join(&self.mesh_cgroup);
+                if top.is_dir() {
+                    let _ = Command::new("find")
+                        .arg(&top)
+                        .args(["-depth", "-type", "d", "-exec", "rmdir", "{}", ";"])
+                        .status();
+                }
+            }
+        }
+        if self.run_containerd {
+            let _ = std::fs::remove_dir_all("/run/containerd");
+        }
+    }
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// An OCI image archive of Debian's busybox-static (no registry): one
+/// layer with /bin/busybox and its applet links.
+fn busybox_image(dir: &Path) -> Result<PathBuf> {
+    let busybox = Path::new("/bin/busybox");
+    ensure!(
+        busybox.exists(),
+        "/bin/busybox missing: apt-get install busybox-static"
+    );
+    let root = dir.join("rootfs");
+    std::fs::create_dir_all(root.join("bin"))?;
+    std::fs::copy(busybox, root.join("bin/busybox"))?;
+    let list = Command::new(busybox).arg("--list").output()?;
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        let link = root.join("bin").join(applet);
+        if applet != "busybox" && !link.exists() {
+            std::os::unix::fs::symlink("busybox", link)?;
+        }
+    }
+    let layout = dir.join("oci");
+    let blobs = layout.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs)?;
+    let layer_tar = dir.join("layer.tar");
+    ensure!(
+        Command::new("tar")
+            .args(["--numeric-owner", "--owner=0", "--group=0", "-C"])
+            .arg(&root)
+            .arg("-cf")
+            .arg(&layer_tar)
+            .arg(".")
+            .status()?
+            .success(),
+        "tar the layer"
+    );
+    let layer = std::fs::read(&layer_tar)?;
+    let layer_digest = sha256_hex(&layer);
+    std::fs::write(blobs.join(&layer_digest), &layer)?;
+    let config = serde_json::to_vec(&json!({
+        "architecture": "amd64", "os": "linux",
+        "config": {"Env": ["PATH=/bin"], "Cmd": ["sh"]},
+        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{layer_digest}")]},
+    }))?;
+    let config_digest = sha256_hex(&config);
+    std::fs::write(blobs.join(&config_digest), &config)?;
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": format!("sha256:{config_digest}"), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": format!("sha256:{layer_digest}"), "size": layer.len()}],
+    }))?;
+    let manifest_digest = sha256_hex(&manifest);
+    std::fs::write(blobs.join(&manifest_digest), &manifest)?;
+    std::fs::write(
+        layout.join("index.json"),
+        serde_json::to_vec(&json!({
+            "schemaVersion": 2,
+            "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                           "digest": format!("sha256:{manifest_digest}"), "size": manifest.len(),
+                           "annotations": {"io.containerd.image.name": "docker.io/sockmesh/busybox:test",
+                                           "org.opencontainers.image.ref.name": "test"}}],
+        }))?,
+    )?;
+    std::fs::write(
+        layout.join("oci-layout"),
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+    )?;
+    let archive = dir.join("busybox-oci.tar");
+    ensure!(
+        Command::new("tar")
+            .arg("-C")
+            .arg(&layout)
+            .arg("-cf")
+            .arg(&archive)
+            .args(["oci-layout", "index.json", "blobs"])
+            .status()?
+            .success(),
+        "tar the image"
+    );
+    Ok(archive)
+}
+
+/// containerd 1.6 + runc (Debian) running in node-a's netns; `ctr run
+/// --cni` of a local busybox image runs the chain (ptp + host-local +
+/// mesh-cni, from a conflist in a private mount of /etc/cni/net.d); the
+/// container's first connect is carried by the mesh.
+#[test]
+fn a_container_run_by_containerd_is_meshed_before_its_first_connect() -> Result<()> {
+    const CTR_UID: &str = "6c1d2e3f-0000-4000-8000-0000000c7a00";
+    for bin in ["containerd", "ctr", "runc", "unshare"] {
+        ensure!(
+            Command::new("sh")
+                .args(["-c", &format!("command -v {bin}")])
+                .output()?
+                .status
+                .success(),
+            "{bin} missing: apt-get install containerd runc"
+        );
+    }
+    let m = TestMesh::up(
+        "cd",
+        ControlOptions {
+            cni_sockets: true,
+            ..ControlOptions::default()
+        },
+    )?;
+    let node = m.mesh.node("node-a")?.clone();
+    with_pods(&m, &[("ctr-app", CTR_UID)])?;
+    wait_until(
+        "node-a's proxy to know the pod",
+        Duration::from_secs(20),
+        || Ok(enrolled(&m, "node-a", "default/ctr-app")? == Some(false)),
+    )?;
+    let _leftovers = RuntimeLeftovers {
+        mesh_cgroup: node
+            .cgroup
+            .parent()
+            .and_then(|p| p.file_name())
+            .context("mesh cgroup")?
+            .to_string_lossy()
+            .into_owned(),
+        run_containerd: !Path::new("/run/containerd").exists(),
+    };
+    let dir = m.mesh.state_dir().join("ctr");
+    std::fs::create_dir_all(&dir)?;
+    let image = busybox_image(&dir)?;
+
+    // containerd, its state under the mesh's state dir, in node-a's netns.
+    let cfg = dir.join("containerd.toml");
+    let sock = dir.join("containerd.sock");
+    std::fs::write(
+        &cfg,
+        format!(
+            "version = 2\nroot = {:?}\nstate = {:?}\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = {:?}\n",
+            dir.join("root"),
+            dir.join("state"),
+            sock
+        ),
+    )?;
+    let log = std::fs::File::create(dir.join("containerd.log"))?;
+    let _containerd = Daemon(
+        Command::new("nsenter")
+            .arg(format!("--net={}", node.netns_path().display()))
+            .args(["--", "containerd", "--config"])
+            .arg(&cfg)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?,
+    );
+    wait_until("containerd's socket", Duration::from_secs(20), || {
+        Ok(sock.exists())
+    })?;
+    let ctr = |args: &[&str]| -> Result<std::process::Output> {
+        Ok(Command::new("ctr")
+            .arg("--address")
+            .arg(&sock)
+            .args(["--namespace", "sockmesh"])
+            .args(args)
+            .output()?)
+    };
+    let imported = ctr(&["image", "import", image.to_str().context("path")?])?;
+    ensure!(
+        imported.status.success(),
+        "ctr image import: {}",
+        String::from_utf8_lossy(&imported.stderr)
+    );
+
+    // The CNI dirs ctr reads (/etc/cni/net.d, /opt/cni/bin), bound from the
+    // test's own in a private mount namespace.
+    let mut made = MadeDirs(Vec::new());
+    for d in ["/etc/cni", "/etc/cni/net.d", "/opt/cni", "/opt/cni/bin"] {
+        if !Path::new(d).exists() {
+            std::fs::create_dir(d)?;
+            made.0.push(d.into());
+        }
+    }
+    let (conf_dir, bin_dir) = (dir.join("net.d"), dir.join("bin"));
+    std::fs::create_dir_all(&conf_dir)?;
+    std::fs::create_dir_all(&bin_dir)?;
+    for p in ["ptp", "host-local", "loopback"] {
+        std::os::unix::fs::symlink(Path::new(PLUGINS).join(p), bin_dir.join(p))?;
+    }
+    std::os::unix::fs::symlink(mesh_cni(), bin_dir.join("mesh-cni"))?;
+    let base = node.gateway.octets();
+    let addr = |last: u8| format!("{}.{}.{}.{last}", base[0], base[1], base[2]);
+    std::fs::write(
+        conf_dir.join("10-sockmesh.conflist"),
+        serde_json::to_vec_pretty(&json!({
+            "cniVersion": "1.0.0", "name": "ctr-net",
+            "plugins": [
+                {"type": "ptp", "ipMasq": false, "ipam": {
+                    "type": "host-local", "dataDir": dir.join("ipam"),
+                    "ranges": [[{"subnet": node.pod_cidr, "rangeStart": addr(230),
+                                 "rangeEnd": addr(250), "gateway": node.gateway.to_string()}]],
+                    "routes": [{"dst": "0.0.0.0/0"}]}},
+                // ctr passes no CNI_ARGS: the pod is named in args.cni.
+                {"type": "mesh-cni", "socket": m.mesh.cni_socket("node-a"),
+                 "logFile": dir.join("mesh-cni.log"), "timeoutSeconds": 30,
+                 "args": {"cni": {"K8S_POD_NAMESPACE": "default", "K8S_POD_NAME": "ctr-app",
+                                  "K8S_POD_UID": CTR_UID}}}
+            ]
+        }))?,
+    )?;
+
+    let web = m.ip("default/web")?;
+    let s = serve(&m, "default/web", 8080, 1, 1000)?;
+    // The container's cgroup under node-a's pods (the eBPF hooks sit on
+    // node-a's cgroup), named after the pod UID.
+    let cgroup = node
+        .pods_cgroup
+        .strip_prefix("/sys/fs/cgroup/unified")
+        .context("pods cgroup outside the unified hierarchy")?
+        .join(format!("pod{CTR_UID}"));
+    let script = r#"mount --bind "$1" /etc/cni/net.d && mount --bind "$2" /opt/cni/bin && ns="$3" && shift 3 && exec nsenter --net="$ns" -- "$@""#;
+    let run = Command::new("unshare")
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+            script,
+            "sockmesh-ctr",
+        ])
+        .arg(&conf_dir)
+        .arg(&bin_dir)
+        .arg(node.netns_path())
+        .arg("ctr")
+        .arg("--address")
+        .arg(&sock)
+        .args([
+            "--namespace",
+            "sockmesh",
+            "run",
+            "--rm",
+            "--cni",
+            "--snapshotter",
+            "native",
+            "--cgroup",
+        ])
+        .arg(cgroup.display().to_string())
+        .args(["docker.io/sockmesh/busybox:test", "ctr-app", "sh", "-c"])
+        .arg(format!(
+            "head -c 1000 /dev/zero | nc -w 5 {web} 8080 | wc -c"
+        ))
+        .output()?;
+    let _ = s.wait();
+    ensure!(
+        run.status.success(),
+        "ctr run: {}\n{}\nmesh-cni log:\n{}\ncontainerd log (tail):\n{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr),
+        std::fs::read_to_string(dir.join("mesh-cni.log")).unwrap_or_default(),
+        std::fs::read_to_string(dir.join("containerd.log"))
+            .unwrap_or_default()
+            .lines()
+            .rev()
+            .take(20)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    wait_until(
+        "node-a's access log line for ctr-app",
+        Duration::from_secs(10),
+        || {
+            Ok(m.log("proxy-node-a").lines().any(|l| {
+                l.contains("default/ctr-app") && l.contains("outbound") && l.contains("mutual_tls")
+            }))
+        },
+    )
+    .with_context(|| {
+        format!(
+            "ctr output: {}\nmesh-cni log:\n{}\nproxy-node-a log:\n{}",
+            String::from_utf8_lossy(&run.stdout),
+            std::fs::read_to_string(dir.join("mesh-cni.log")).unwrap_or_default(),
+            m.log("proxy-node-a")
+        )
+    })?;
+    // The container is gone (--rm): its pod is released.
+    wait_until("ctr-app to be released", Duration::from_secs(20), || {
+        Ok(enrolled(&m, "node-a", "default/ctr-app")? == Some(false))
+    })?;
+    Ok(())
+}
