@@ -40,6 +40,8 @@ pub const MAX_ID: usize = 256;
 pub const MAX_REASON: usize = 1024;
 /// Bytes of a library message an error shows.
 const SHOWN_TEXT: usize = 200;
+/// Longest error message a parse can give (the fuzz target asserts it).
+pub const MAX_ERROR_LEN: usize = 600;
 
 /// One pod's network attachment as the runtime reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -378,6 +380,42 @@ pub fn write_frame<T: Serialize>(w: &mut impl Write, msg: &T) -> Result<(), Enro
     Ok(())
 }
 
+/// Fuzz entry point for both parsers (for `fuzz/` and the unit tests):
+/// panics only on a broken invariant. An accepted message must encode and
+/// parse back to itself; a refusal's message must pass
+/// [`crate::display::check_message`] (bounded, the value escaped once).
+pub fn fuzz_parse(data: &[u8]) {
+    let input_run = data.iter().filter(|b| **b == b'\\').count();
+    let check = |e: EnrollError| {
+        if let Err(why) = crate::display::check_message(&e.to_string(), MAX_ERROR_LEN, input_run) {
+            panic!(
+                "enrollment message {:?}: {why}",
+                String::from_utf8_lossy(data)
+            );
+        }
+    };
+    match parse_request(data) {
+        Ok(r) => {
+            let frame =
+                encode(&r).unwrap_or_else(|e| panic!("accepted request does not encode: {e}"));
+            let back = parse_request(&frame[4..])
+                .unwrap_or_else(|e| panic!("re-encoded request refused: {e}"));
+            assert_eq!(back, r, "request does not round-trip");
+        }
+        Err(e) => check(e),
+    }
+    match parse_response(data) {
+        Ok(r) => {
+            let frame =
+                encode(&r).unwrap_or_else(|e| panic!("accepted response does not encode: {e}"));
+            let back = parse_response(&frame[4..])
+                .unwrap_or_else(|e| panic!("re-encoded response refused: {e}"));
+            assert_eq!(back, r, "response does not round-trip");
+        }
+        Err(e) => check(e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -562,7 +600,13 @@ mod tests {
         }
 
         #[test]
+        fn the_fuzz_invariants_hold_for_json_shaped_input(data in r#"\{"version":1,"(op|result)":"(add|check|del|gc|status|captured|refused|done|not_meshed)"(,"[a-z_]{1,12}":("[^"]{0,80}"|[0-9]{1,5}|\{\}|\[\]))*\}"#) {
+            fuzz_parse(data.as_bytes());
+        }
+
+        #[test]
         fn any_bytes_parse_or_fail_with_a_bounded_message(data in prop::collection::vec(any::<u8>(), 0..2048)) {
+            fuzz_parse(&data);
             match parse_request(&data) {
                 Ok(r) => prop_assert!(r.validate().is_ok()),
                 Err(e) => {
