@@ -170,6 +170,36 @@ fn pod_env_of(cmd: &str, netns: &Path, name: &str, uid: &str) -> BTreeMap<&'stat
     ])
 }
 
+/// mesh-cni alone, as the runtime runs it: (success, stdout JSON).
+fn mesh_cni_exec(env: &BTreeMap<&str, String>, conf: &Value) -> Result<(bool, Value)> {
+    let mut child = Command::new(mesh_cni())
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(conf.to_string().as_bytes())?;
+    let o = child.wait_with_output()?;
+    Ok((
+        o.status.success(),
+        serde_json::from_slice(&o.stdout).unwrap_or(Value::Null),
+    ))
+}
+
+/// STATUS or GC (CNI 1.1, no container) to `socket`.
+fn mesh_cni_1_1(cmd: &str, socket: &Path, extra: Value) -> Result<(bool, Value)> {
+    let mut conf = json!({"cniVersion": "1.1.0", "name": "k8s-pod-network", "type": "mesh-cni",
+                          "socket": socket});
+    if let (Some(c), Some(e)) = (conf.as_object_mut(), extra.as_object()) {
+        c.extend(e.clone());
+    }
+    mesh_cni_exec(&BTreeMap::from([("CNI_COMMAND", cmd.to_owned())]), &conf)
+}
+
 fn enrolled(m: &TestMesh, node: &str, pod: &str) -> Result<Option<bool>> {
     let (_, body) = m.mesh.admin_get(node, "/workloads")?;
     let v: Value = serde_json::from_str(&body)?;
@@ -243,6 +273,28 @@ fn a_pod_added_through_cni_is_captured_before_its_first_connect() -> Result<()> 
              "logFile": dir.as_path().join("mesh-cni.log"), "timeoutSeconds": 30}
         ]
     });
+    // Bad input reaches nothing: a netns that does not exist (4), no
+    // prevResult (7); the pod stays unenrolled.
+    let mesh_conf = {
+        let mut c = list["plugins"][1].clone();
+        c["cniVersion"] = list["cniVersion"].clone();
+        c["name"] = list["name"].clone();
+        c
+    };
+    let mut gone = pod_env("ADD", &pod.path());
+    gone.insert("CNI_NETNS", "/run/netns/sockmesh-no-such-netns".into());
+    let mut with_prev = mesh_conf.clone();
+    with_prev["prevResult"] =
+        json!({"cniVersion": "1.0.0", "ips": [{"address": "10.77.1.240/24"}]});
+    let (ok, e) = mesh_cni_exec(&gone, &with_prev)?;
+    ensure!(!ok && e["code"] == 4, "missing netns: {e}");
+    let (ok, e) = mesh_cni_exec(&pod_env("ADD", &pod.path()), &mesh_conf)?;
+    ensure!(!ok && e["code"] == 7, "no prevResult: {e}");
+    ensure!(
+        enrolled(&m, "node-a", "default/cni-app")? == Some(false),
+        "bad input enrolled the pod"
+    );
+
     // As containerd does, the loopback network first (the pod's lo up:
     // the proxy's in-pod listeners live on it).
     let lo =
@@ -328,6 +380,21 @@ fn a_pod_added_through_cni_is_captured_before_its_first_connect() -> Result<()> 
     )
     .with_context(|| format!("proxy-node-a log:\n{}", m.log("proxy-node-a")))?;
 
+    // GC listing the attachment keeps it.
+    let socket = m.mesh.cni_socket("node-a");
+    let (ok, e) = mesh_cni_1_1(
+        "GC",
+        &socket,
+        json!({"cni.dev/valid-attachments": [{"containerID": "sandbox-cni-app", "ifname": "eth0"}]}),
+    )?;
+    ensure!(ok, "GC: {e}");
+    ensure!(
+        enrolled(&m, "node-a", "default/cni-app")? == Some(true),
+        "GC released a listed attachment"
+    );
+    let (ok, e) = mesh_cni_1_1("STATUS", &socket, json!({}))?;
+    ensure!(ok, "STATUS with the proxy up: {e}");
+
     // DEL: unenrolled; DEL again: still fine.
     for _ in 0..2 {
         let del = chain(
@@ -341,6 +408,19 @@ fn a_pod_added_through_cni_is_captured_before_its_first_connect() -> Result<()> 
     ensure!(
         enrolled(&m, "node-a", "default/cni-app")? == Some(false),
         "still enrolled after DEL"
+    );
+    // Captured again (mesh-cni alone, as on a retried ADD), then a GC that
+    // no longer lists it releases it.
+    let mut again = mesh_conf.clone();
+    again["prevResult"] = result.clone();
+    let (ok, e) = mesh_cni_exec(&pod_env("ADD", &pod.path()), &again)?;
+    ensure!(ok, "second ADD: {e}");
+    ensure!(enrolled(&m, "node-a", "default/cni-app")? == Some(true));
+    let (ok, e) = mesh_cni_1_1("GC", &socket, json!({"cni.dev/valid-attachments": []}))?;
+    ensure!(ok, "GC: {e}");
+    ensure!(
+        enrolled(&m, "node-a", "default/cni-app")? == Some(false),
+        "GC kept an attachment the runtime no longer has"
     );
     Ok(())
 }
@@ -419,6 +499,10 @@ fn with_the_proxy_down_add_fails_closed_and_succeeds_on_retry_and_running_pods_a
         ]
     });
 
+    // STATUS: not available while the proxy is down.
+    let (ok, e) = mesh_cni_1_1("STATUS", &m.mesh.cni_socket("node-a"), json!({}))?;
+    ensure!(!ok && e["code"] == 50, "STATUS with the proxy down: {e}");
+
     // A pod started now is refused: fail closed, try again later.
     let late = RuntimePod::new("late", &node.pods_cgroup, LATE)?;
     lo_up(&node.netns_path(), &late)?;
@@ -455,6 +539,8 @@ fn with_the_proxy_down_add_fails_closed_and_succeeds_on_retry_and_running_pods_a
             Duration::from_secs(30),
             || Ok(std::os::unix::net::UnixStream::connect(m.mesh.cni_socket("node-a")).is_ok()),
         )?;
+        let (ok, e) = mesh_cni_1_1("STATUS", &m.mesh.cni_socket("node-a"), json!({}))?;
+        ensure!(ok, "STATUS with the proxy back: {e}");
         // The retry meshes the pod.
         let again = chain(&node.netns_path(), &list, &add, None)?;
         let result = match again {
