@@ -22,4 +22,4 @@ pub mod status;
 
 pub use convert::{Components, Endpoint, ObjectProblem};
 pub use registry::{Health, KubeConfig, KubeRegistry, PodScope, View};
-pub use status::{FIELD_MANAGER, PodStatus, StatusError, StatusWriter};
+pub use status::{FIELD_MANAGER, PodStatus, Reconciled, StatusError, StatusWriter};

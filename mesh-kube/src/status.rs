@@ -111,6 +111,14 @@ pub enum StatusError {
     },
 }
 
+/// What [`StatusWriter::reconcile`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reconciled {
+    pub written: usize,
+    pub unchanged: usize,
+    pub failed: usize,
+}
+
 /// Writes the status annotation and Events for the pods of one node.
 pub struct StatusWriter {
     client: Client,
@@ -194,6 +202,34 @@ impl StatusWriter {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(uid);
+    }
+
+    /// Brings every pod of `pods` (the node's, from the registry's view)
+    /// to `status_of(pod)`, writing only those that differ, one at a time;
+    /// forgets pods no longer listed. A failed write is logged and counted,
+    /// and retried on the next call.
+    pub async fn reconcile(
+        &self,
+        pods: &[Pod],
+        status_of: impl Fn(&Pod) -> PodStatus,
+    ) -> Reconciled {
+        let mut done = Reconciled::default();
+        for pod in pods {
+            match self.write(pod, &status_of(pod)).await {
+                Ok(true) => done.written += 1,
+                Ok(false) => done.unchanged += 1,
+                Err(e) => {
+                    tracing::warn!(error = %e, "pod status not written");
+                    done.failed += 1;
+                }
+            }
+        }
+        let listed: std::collections::HashSet<&str> = pods.iter().map(|p| p.uid.as_str()).collect();
+        self.written
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|uid, _| listed.contains(uid.as_str()));
+        done
     }
 
     /// A Warning Event on `pod` (`CertificateRefused`, `EnrollmentFailed`).

@@ -129,3 +129,53 @@ async fn failures_become_warning_events_on_the_pod() {
     assert_eq!(e.involved_object.uid.as_deref(), Some(web.uid.as_str()));
     assert_eq!(e.source.as_ref().unwrap().host.as_deref(), Some("node-1"));
 }
+
+#[tokio::test]
+async fn reconcile_writes_only_the_pods_whose_status_changed() {
+    let api = fake().await;
+    for (name, ip, ann) in [
+        ("a", "10.0.0.1", json!({"sockmesh.io/mesh": "enabled"})),
+        ("b", "10.0.0.2", json!({})),
+        ("c", "10.0.0.3", json!({})),
+    ] {
+        api.create(pod("default", name, "node-1", Some(ip), ann))
+            .unwrap();
+    }
+    let reg = registry(&api, "node-1");
+    assert!(reg.wait_synced(T).await);
+    let writer = StatusWriter::new(client(&api), "node-1");
+    let by_rule = |p: &mesh_core::registry::Pod| {
+        PodStatus::from_decision(
+            p.mesh,
+            p.identity("cluster.local").ok().map(|i| i.to_string()),
+            "ebpf",
+        )
+    };
+    let first = writer.reconcile(&reg.snapshot().pods, by_rule).await;
+    assert_eq!((first.written, first.unchanged, first.failed), (3, 0, 0));
+    wait_for("statuses seen", T, || {
+        reg.snapshot()
+            .pods
+            .iter()
+            .all(|p| p.annotations.contains_key(STATUS_ANNOTATION))
+    })
+    .await;
+    let again = writer.reconcile(&reg.snapshot().pods, by_rule).await;
+    assert_eq!((again.written, again.unchanged), (0, 3));
+    // b opts in: only b is written.
+    api.patch(
+        "",
+        "pods",
+        "default",
+        "b",
+        &json!({"metadata": {"annotations": {"sockmesh.io/mesh": "enabled"}}}),
+    )
+    .unwrap();
+    wait_for("b meshed", T, || {
+        reg.view().pod("default", "b").is_some_and(|p| p.meshed())
+    })
+    .await;
+    let third = writer.reconcile(&reg.snapshot().pods, by_rule).await;
+    assert_eq!((third.written, third.unchanged), (1, 2));
+    assert_eq!(api.requests("patch", "pods"), 4);
+}
