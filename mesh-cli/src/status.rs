@@ -70,6 +70,10 @@ pub struct PodStatus {
     pub ip: String,
     /// Enrolled by its node proxy; `None` when the proxy did not answer.
     pub meshed: Option<bool>,
+    /// Why the pod is out of the mesh by choice (the opt-in rule:
+    /// `pod-disabled`, `not-opted-in`, `host-network`); not a problem.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub opted_out: Option<String>,
     pub identity: String,
     pub cert_valid: Option<bool>,
     pub cert_not_after: Option<u64>,
@@ -173,8 +177,28 @@ pub fn collect(mesh: &Mesh) -> Status {
             redirection_mode: mode,
         });
     }
+    // The opt-in rule's decision for each pod, from the registry the proxies read.
+    let decisions: std::collections::HashMap<String, mesh_core::opt_in::MeshDecision> =
+        std::fs::read_to_string(mesh.control_registry())
+            .ok()
+            .and_then(|text| {
+                mesh_core::registry::Snapshot::parse(&mesh.control_registry(), &text).ok()
+            })
+            .map(|snap| {
+                snap.pods
+                    .iter()
+                    .map(|p| (format!("{}/{}", p.namespace, p.name), p.mesh))
+                    .collect()
+            })
+            .unwrap_or_default();
     for p in &st.pods {
         let key = p.key();
+        let opted_out = match decisions.get(&key) {
+            Some(mesh_core::opt_in::MeshDecision::NotMeshed(why)) => serde_json::to_value(why)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned)),
+            _ => None,
+        };
         let w = workloads
             .iter()
             .flat_map(|w| w.pods.iter())
@@ -188,7 +212,7 @@ pub fn collect(mesh: &Mesh) -> Status {
         } else {
             None
         };
-        if meshed == Some(false) {
+        if meshed == Some(false) && opted_out.is_none() {
             s.problems.push(format!(
                 "pod {key}: not enrolled by the proxy on {}",
                 p.node
@@ -214,6 +238,7 @@ pub fn collect(mesh: &Mesh) -> Status {
             node: p.node.clone(),
             ip: p.ip.to_string(),
             meshed,
+            opted_out,
             identity,
             cert_valid: cert.map(|c| c.valid),
             cert_not_after: cert.and_then(|c| c.not_after),
@@ -337,10 +362,11 @@ pub fn render(s: &Status, now_ms: u64, paint: &Paint) -> String {
     out.push('\n');
     let mut pods = Table::new(&["POD", "NODE", "IP", "MESHED", "IDENTITY", "CERTIFICATE"]);
     for p in &s.pods {
-        let meshed = match p.meshed {
-            Some(true) => ("yes".into(), Style::Green),
-            Some(false) => ("NO".into(), Style::RedBold),
-            None => ("?".into(), Style::Yellow),
+        let meshed = match (p.meshed, &p.opted_out) {
+            (Some(false) | None, Some(why)) => (format!("no ({why})"), Style::Plain),
+            (Some(true), _) => ("yes".into(), Style::Green),
+            (Some(false), None) => ("NO".into(), Style::RedBold),
+            (None, None) => ("?".into(), Style::Yellow),
         };
         let cert = match (p.cert_valid, p.cert_not_after) {
             (Some(true), Some(end)) => (
@@ -499,6 +525,7 @@ mod tests {
                     node: "node-a".into(),
                     ip: "10.77.1.2".into(),
                     meshed: Some(true),
+                    opted_out: None,
                     identity: "spiffe://cluster.local/ns/default/sa/client".into(),
                     cert_valid: Some(true),
                     cert_not_after: Some(1000 + 86_400),
@@ -509,6 +536,7 @@ mod tests {
                     node: "node-b".into(),
                     ip: "10.77.2.2".into(),
                     meshed: None,
+                    opted_out: None,
                     identity: String::new(),
                     cert_valid: None,
                     cert_not_after: None,
@@ -544,6 +572,28 @@ default/deny-other-to-web  DENY    app=web         1
   ✗ node node-b: mesh-proxy is not running: exited 1, restarting
 ";
         assert_eq!(got, want, "got:\n{got}");
+    }
+
+    #[test]
+    fn a_pod_out_of_the_mesh_by_choice_shows_why_and_is_no_problem() {
+        let s = Status {
+            mesh: "demo".into(),
+            pods: vec![PodStatus {
+                pod: "default/legacy".into(),
+                node: "node-a".into(),
+                ip: "10.77.1.9".into(),
+                meshed: Some(false),
+                opted_out: Some("pod-disabled".into()),
+                ..PodStatus::default()
+            }],
+            ..Status::default()
+        };
+        let got = render(&s, 1_000_000, &Paint::off());
+        assert!(
+            got.contains("default/legacy  node-a  10.77.1.9  no (pod-disabled)"),
+            "{got}"
+        );
+        assert!(!got.contains("NO "), "{got}");
     }
 
     #[test]
