@@ -141,20 +141,10 @@ impl CertManager {
             inner.config.trust_domain.clone(),
             inner.provider.clone(),
         );
-        let config = rustls::ServerConfig::builder_with_details(
-            inner.provider.clone(),
-            Arc::new(ClockTime(inner.clock.clone())),
-        )
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| TlsConfigError::Build {
-            identity: identity.clone(),
-            reason: e.to_string(),
-        })?
-        .with_client_cert_verifier(Arc::new(verifier))
-        .with_cert_resolver(Arc::new(IdentityResolver {
-            manager: self.clone(),
-            identity: identity.clone(),
-        }));
+        let config = self
+            .tls13(identity, rustls::ServerConfig::builder_with_details)?
+            .with_client_cert_verifier(Arc::new(verifier))
+            .with_cert_resolver(self.resolver(identity));
         Ok(Arc::new(config))
     }
 
@@ -174,7 +164,26 @@ impl CertManager {
             expected_peer.clone(),
             inner.provider.clone(),
         );
-        let config = rustls::ClientConfig::builder_with_details(
+        let config = self
+            .tls13(identity, rustls::ClientConfig::builder_with_details)?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_client_cert_resolver(self.resolver(identity));
+        Ok(Arc::new(config))
+    }
+
+    /// A configuration builder of either side on this manager's provider
+    /// and clock, TLS 1.3 only.
+    fn tls13<S: rustls::ConfigSide>(
+        &self,
+        identity: &Identity,
+        builder_with_details: impl FnOnce(
+            Arc<rustls::crypto::CryptoProvider>,
+            Arc<dyn rustls::time_provider::TimeProvider>,
+        ) -> rustls::ConfigBuilder<S, rustls::WantsVersions>,
+    ) -> Result<rustls::ConfigBuilder<S, rustls::WantsVerifier>, TlsConfigError> {
+        let inner = &self.inner;
+        builder_with_details(
             inner.provider.clone(),
             Arc::new(ClockTime(inner.clock.clone())),
         )
@@ -182,13 +191,14 @@ impl CertManager {
         .map_err(|e| TlsConfigError::Build {
             identity: identity.clone(),
             reason: e.to_string(),
-        })?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_client_cert_resolver(Arc::new(IdentityResolver {
+        })
+    }
+
+    /// Presents `identity`'s current certificate, on either side.
+    fn resolver(&self, identity: &Identity) -> Arc<IdentityResolver> {
+        Arc::new(IdentityResolver {
             manager: self.clone(),
             identity: identity.clone(),
-        }));
-        Ok(Arc::new(config))
+        })
     }
 }
