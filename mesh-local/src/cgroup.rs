@@ -14,6 +14,29 @@ use crate::Error;
 const MAX_DEPTH: usize = 12;
 const MAX_DIRS: usize = 20_000;
 
+/// Where cgroup v2 is mounted on hosts that have no mount table to say.
+const DEFAULT_CGROUP2_ROOT: &str = "/sys/fs/cgroup";
+
+/// The mount point of the cgroup v2 hierarchy, from `/proc/self/mounts`:
+/// `/sys/fs/cgroup` on unified hosts (most distributions),
+/// `/sys/fs/cgroup/unified` on hybrid ones.
+pub fn v2_root() -> PathBuf {
+    std::fs::read_to_string("/proc/self/mounts")
+        .ok()
+        .and_then(|m| v2_root_in(&m))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CGROUP2_ROOT))
+}
+
+/// The first `cgroup2` mount of a mount table.
+pub fn v2_root_in(mounts: &str) -> Option<PathBuf> {
+    mounts.lines().find_map(|line| {
+        let mut f = line.split_whitespace();
+        let (_dev, mnt, fstype) = (f.next()?, f.next()?, f.next()?);
+        // Mount points escape spaces and tabs as octal (`\040`).
+        (fstype == "cgroup2").then(|| PathBuf::from(mnt.replace("\\040", " ")))
+    })
+}
+
 pub fn create(path: &Path) -> Result<(), Error> {
     std::fs::create_dir(path).map_err(|source| Error::Io {
         what: "create cgroup",
@@ -151,4 +174,31 @@ pub fn remove_tree(root: &Path, timeout: Duration) -> Result<Vec<PathBuf>, Error
         removed.push(d);
     }
     Ok(removed)
+}
+
+#[cfg(test)]
+mod root_tests {
+    use super::*;
+
+    #[test]
+    fn the_v2_root_is_where_cgroup2_is_mounted() {
+        let unified = "sysfs /sys sysfs rw 0 0\n\
+                       cgroup2 /sys/fs/cgroup cgroup2 rw,nsdelegate 0 0\n";
+        assert_eq!(v2_root_in(unified), Some(PathBuf::from("/sys/fs/cgroup")));
+        let hybrid = "tmpfs /sys/fs/cgroup tmpfs ro 0 0\n\
+                      cgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n\
+                      cgroup /sys/fs/cgroup/memory cgroup rw,memory 0 0\n";
+        assert_eq!(
+            v2_root_in(hybrid),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(
+            v2_root_in("cgroup /sys/fs/cgroup/cpu cgroup rw 0 0\n"),
+            None
+        );
+        assert_eq!(
+            v2_root_in("none /mnt/my\\040cg cgroup2 rw 0 0\n"),
+            Some(PathBuf::from("/mnt/my cg"))
+        );
+    }
 }

@@ -34,6 +34,8 @@ pub mod supervise;
 mod teardown;
 pub mod topology;
 
+pub use cgroup::{v2_root as cgroup2_root, v2_root_in as cgroup2_root_in};
+
 use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
@@ -66,7 +68,7 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             state_root: PathBuf::from("/run/sockmesh"),
-            cgroup_root: PathBuf::from("/sys/fs/cgroup/unified"),
+            cgroup_root: cgroup::v2_root(),
             bpffs: PathBuf::from("/sys/fs/bpf"),
             ipv6: true,
             command_timeout: Duration::from_secs(10),

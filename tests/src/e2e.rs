@@ -289,15 +289,9 @@ pub fn wait_until(
     timeout: Duration,
     mut ok: impl FnMut() -> Result<bool>,
 ) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    while !ok()? {
-        ensure!(
-            Instant::now() < deadline,
-            "{what} did not happen within {timeout:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Ok(())
+    crate::poll(what, timeout, Duration::from_millis(100), || {
+        Ok(ok()?.then_some(()))
+    })
 }
 
 /// The sum of `name` over every series that has all of `labels`.

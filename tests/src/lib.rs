@@ -16,13 +16,39 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 
-/// Root of the cgroup v2 hierarchy on this machine (hybrid layout).
-pub const CGROUP2_ROOT: &str = "/sys/fs/cgroup/unified";
+/// Root of the cgroup v2 hierarchy on this machine, from the mount table
+/// (`/sys/fs/cgroup` on unified hosts, `/sys/fs/cgroup/unified` on hybrid
+/// ones).
+pub fn cgroup2_root() -> std::path::PathBuf {
+    mesh_local::cgroup2_root()
+}
 pub const BPFFS: &str = "/sys/fs/bpf";
 /// Every sandbox object's name starts with this.
 pub const PREFIX: &str = "sockmesh-t";
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// Polls `ok` every `every` until it gives a value, failing after
+/// `timeout` with what did not happen: the one way the tests wait for
+/// something observable (never a fixed sleep before an assert).
+pub fn poll<T>(
+    what: &str,
+    timeout: Duration,
+    every: Duration,
+    mut ok: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = ok()? {
+            return Ok(v);
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{what} did not happen within {timeout:?}"
+        );
+        std::thread::sleep(every);
+    }
+}
 
 /// Fails (never skips) when the privileged tier cannot run here.
 pub fn require_privileges() {
@@ -31,9 +57,11 @@ pub fn require_privileges() {
         "privileged tests must run as root (they create network namespaces, cgroups and load eBPF); \
          run them with `./x test` as root"
     );
+    let root = cgroup2_root();
     assert!(
-        Path::new(CGROUP2_ROOT).join("cgroup.procs").exists(),
-        "no cgroup v2 hierarchy at {CGROUP2_ROOT}"
+        root.join("cgroup.procs").exists(),
+        "no cgroup v2 hierarchy at {}",
+        root.display()
     );
 }
 
@@ -69,7 +97,7 @@ impl Sandbox {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
-        let cgroup = Path::new(CGROUP2_ROOT).join(&name);
+        let cgroup = cgroup2_root().join(&name);
         std::fs::create_dir(&cgroup).with_context(|| format!("mkdir {}", cgroup.display()))?;
         Ok(Sandbox {
             probe_bin: probe_bin.into(),
@@ -196,7 +224,7 @@ fn alive(pid: i32) -> bool {
 /// binary killed mid-run cannot run its destructors).
 pub fn sweep_stale() {
     let stale = |name: &str| pid_of(name).is_some_and(|p| !alive(p));
-    if let Ok(rd) = std::fs::read_dir(CGROUP2_ROOT) {
+    if let Ok(rd) = std::fs::read_dir(cgroup2_root()) {
         for e in rd.flatten() {
             let n = e.file_name().to_string_lossy().into_owned();
             if stale(&n) {

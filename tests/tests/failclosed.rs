@@ -212,11 +212,20 @@ fn an_ipv4_mapped_ipv6_destination_goes_through_mtls_not_around_it() -> Result<(
     let mapped = format!("[::ffff:{web}]:8080");
     let mut s = serve(&m, "default/web", 8080, 1, 1000)?;
     transfer(&m, "default/client", &mapped, &mut s, 1000, 1000)?;
-    let log_a = m.log("proxy-node-a");
-    let line = log_a
-        .lines()
-        .rfind(|l| l.contains("direction=\"outbound\"") || l.contains("direction=outbound"))
-        .with_context(|| format!("no outbound access log line:\n{log_a}"))?;
+    // The outbound record is written when the client's proxy closes the
+    // connection, which may be just after the transfer returns.
+    let outbound = |log: &str| {
+        log.lines()
+            .rfind(|l| l.contains("direction=\"outbound\"") || l.contains("direction=outbound"))
+            .map(str::to_owned)
+    };
+    wait_until(
+        "the outbound access log line",
+        Duration::from_secs(10),
+        || Ok(outbound(&m.log("proxy-node-a")).is_some()),
+    )
+    .with_context(|| format!("no outbound access log line:\n{}", m.log("proxy-node-a")))?;
+    let line = outbound(&m.log("proxy-node-a")).context("outbound line")?;
     ensure!(line.contains("mutual_tls"), "not carried over mTLS: {line}");
     ensure!(
         line.contains(&format!("{web}:8080")),

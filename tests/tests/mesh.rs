@@ -279,15 +279,40 @@ fn the_fabric_carries_only_tls_on_15008_and_non_mesh_traffic_passes_through() ->
         .stderr(Stdio::piped())
         .spawn()
         .context("tcpdump (installed by ./x setup)")?;
-    // Wait until tcpdump is capturing.
-    let start = Instant::now();
-    while !pcap.exists() && start.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    std::thread::sleep(Duration::from_millis(300));
+    // Wait until tcpdump is capturing: it says so on stderr.
+    let listening = {
+        let stderr = dump.stderr.take().context("tcpdump's stderr")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in
+                std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok)
+            {
+                if line.contains("listening on") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        rx
+    };
+    listening
+        .recv_timeout(Duration::from_secs(10))
+        .context("tcpdump did not start capturing within 10 s")?;
     let mut s = serve(&m, "default/web", 8080, 1, 2_000_000)?;
     transfer(&m, "default/client", &web, &mut s, 2_000_000, 2_000_000)?;
-    std::thread::sleep(Duration::from_millis(300));
+    // Written as captured (-U); a loaded machine may drop packets from the
+    // capture, so wait for a good part of the transfer (4 MB both ways),
+    // not all of it, before tcpdump is stopped.
+    wait_until(
+        "tcpdump to write the transfer",
+        Duration::from_secs(10),
+        || Ok(std::fs::metadata(&pcap).map_or(0, |m| m.len()) >= 1_000_000),
+    )
+    .with_context(|| {
+        format!(
+            "capture size {:?}",
+            std::fs::metadata(&pcap).map(|m| m.len())
+        )
+    })?;
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(dump.id() as i32),
         nix::sys::signal::Signal::SIGINT,
@@ -443,7 +468,9 @@ fn sigterm_stops_new_connections_and_drains_open_ones() -> Result<()> {
     ensure!(pids.len() == 1, "proxies on node-a: {pids:?}");
     let pid = nix::unistd::Pid::from_raw(pids[0] as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
-    std::thread::sleep(Duration::from_millis(500));
+    wait_until("the drain to start", Duration::from_secs(5), || {
+        Ok(m.log("proxy-node-a").contains("draining"))
+    })?;
     let alive = |p: nix::unistd::Pid| {
         std::path::Path::new(&format!("/proc/{p}")).exists()
             && !std::fs::read_to_string(format!("/proc/{p}/stat"))

@@ -3,12 +3,12 @@
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use mesh_ebpf::{Datapath, FlowEntry, Mode};
 use serde_json::Value;
-use sockmesh_tests::{Probe, Sandbox, run};
+use sockmesh_tests::{Probe, Sandbox, poll, run};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -236,14 +236,7 @@ fn flow_counters_equal_the_bytes_moved_while_open_and_after_close() -> Result<()
     expect_event(&mut app, "transfer")?;
     app.wait(T)?;
     proxy.wait(T)?;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let closed = loop {
-        let f = flow_to(&dp, netns, "10.77.0.7:7000")?.context("flow entry vanished")?;
-        if f.is_closed() || Instant::now() > deadline {
-            break f;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let closed = wait_flow(&dp, netns, "10.77.0.7:7000", |f| f.is_closed())?;
     assert!(closed.is_closed(), "flow not closed: {closed:?}");
     assert!(closed.end_ns >= closed.start_ns);
     assert_eq!(
@@ -343,47 +336,48 @@ fn uninstall_leaves_no_attachment_pin_or_map_behind() -> Result<()> {
     );
 
     // The kernel frees objects once the last reference goes (RCU): poll.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let progs: Vec<u32> = aya::programs::loaded_programs()
-            .filter_map(|p| p.ok())
-            .map(|p| p.id())
-            .collect();
-        let maps: Vec<u32> = aya::maps::loaded_maps()
-            .filter_map(|m| m.ok())
-            .map(|m| m.id())
-            .collect();
-        let links: Vec<u32> = aya::programs::loaded_links()
-            .filter_map(|l| l.ok())
-            .map(|l| l.id())
-            .collect();
-        let left: Vec<String> = ids
-            .programs
-            .iter()
-            .filter(|i| progs.contains(i))
-            .map(|i| format!("prog {i}"))
-            .chain(
-                ids.maps
-                    .iter()
-                    .filter(|i| maps.contains(i))
-                    .map(|i| format!("map {i}")),
-            )
-            .chain(
-                ids.links
-                    .iter()
-                    .filter(|i| links.contains(i))
-                    .map(|i| format!("link {i}")),
-            )
-            .collect();
-        if left.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "still loaded after uninstall: {left:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut still = Vec::new();
+    poll(
+        "the uninstalled objects to be freed",
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        || {
+            let progs: Vec<u32> = aya::programs::loaded_programs()
+                .filter_map(|p| p.ok())
+                .map(|p| p.id())
+                .collect();
+            let maps: Vec<u32> = aya::maps::loaded_maps()
+                .filter_map(|m| m.ok())
+                .map(|m| m.id())
+                .collect();
+            let links: Vec<u32> = aya::programs::loaded_links()
+                .filter_map(|l| l.ok())
+                .map(|l| l.id())
+                .collect();
+            let left: Vec<String> = ids
+                .programs
+                .iter()
+                .filter(|i| progs.contains(i))
+                .map(|i| format!("prog {i}"))
+                .chain(
+                    ids.maps
+                        .iter()
+                        .filter(|i| maps.contains(i))
+                        .map(|i| format!("map {i}")),
+                )
+                .chain(
+                    ids.links
+                        .iter()
+                        .filter(|i| links.contains(i))
+                        .map(|i| format!("link {i}")),
+                )
+                .collect();
+            let freed = left.is_empty();
+            still = left;
+            Ok(freed.then_some(()))
+        },
+    )
+    .with_context(|| format!("still loaded after uninstall: {still:?}"))?;
     let attached = run(std::process::Command::new("bpftool")
         .args(["cgroup", "show"])
         .arg(&sb.cgroup))
@@ -591,14 +585,23 @@ fn wait_flow(
     orig: &str,
     done: impl Fn(&FlowEntry) -> bool,
 ) -> Result<FlowEntry> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let f = flow_to(dp, netns, orig)?.context("no flow entry")?;
-        if done(&f) || Instant::now() > deadline {
-            return Ok(f);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // At the deadline, the flow as it is: the caller's asserts say what
+    // is wrong with it.
+    let mut last = None;
+    let waited = poll(
+        "the flow",
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || {
+            let f = flow_to(dp, netns, orig)?.context("no flow entry")?;
+            if done(&f) {
+                return Ok(Some(f));
+            }
+            last = Some(f);
+            Ok(None)
+        },
+    );
+    waited.or_else(|e| last.ok_or(e))
 }
 
 #[test]

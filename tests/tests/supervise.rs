@@ -34,22 +34,8 @@ fn up(tag: &str, opts: ControlOptions) -> Result<TestMesh> {
 }
 
 /// Polls `ok` every 50 ms until it gives a value, failing after `timeout`.
-fn wait_for<T>(
-    what: &str,
-    timeout: Duration,
-    mut ok: impl FnMut() -> Result<Option<T>>,
-) -> Result<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = ok()? {
-            return Ok(v);
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "{what} did not happen within {timeout:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+fn wait_for<T>(what: &str, timeout: Duration, ok: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    sockmesh_tests::poll(what, timeout, Duration::from_millis(50), ok)
 }
 
 fn record(m: &Mesh) -> Result<Supervision> {
