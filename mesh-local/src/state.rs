@@ -195,21 +195,9 @@ pub fn netns_path(name: &str) -> PathBuf {
 impl State {
     /// Reads a state file; `Ok(None)` when there is none.
     pub fn load(path: &Path) -> Result<Option<State>, Error> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => {
-                return Err(Error::Io {
-                    what: "read state",
-                    path: path.to_owned(),
-                    source,
-                });
-            }
+        let Some(state) = read_json::<State>(path, "read state")? else {
+            return Ok(None);
         };
-        let state: State = serde_json::from_str(&text).map_err(|e| Error::State {
-            path: path.to_owned(),
-            reason: e.to_string(),
-        })?;
         if state.version != STATE_VERSION {
             return Err(Error::State {
                 path: path.to_owned(),
@@ -224,17 +212,7 @@ impl State {
 
     /// Writes the state atomically (temporary file, then rename).
     pub fn save(&self, path: &Path) -> Result<(), Error> {
-        let tmp = path.with_extension("json.tmp");
-        let text = serde_json::to_string_pretty(self).map_err(|e| Error::State {
-            path: path.to_owned(),
-            reason: e.to_string(),
-        })?;
-        write_file(&tmp, text.as_bytes())?;
-        std::fs::rename(&tmp, path).map_err(|source| Error::Io {
-            what: "rename state",
-            path: path.to_owned(),
-            source,
-        })
+        write_json(path, self, "rename state")
     }
 
     pub fn pod(&self, namespace: &str, name: &str) -> Option<&PodInfo> {
@@ -255,6 +233,51 @@ impl State {
             .filter(|p| p.alive())
             .collect()
     }
+}
+
+/// Reads the JSON file `path`; `Ok(None)` when there is none. `what`
+/// names the read in errors.
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    what: &'static str,
+) -> Result<Option<T>, Error> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(Error::Io {
+                what,
+                path: path.to_owned(),
+                source,
+            });
+        }
+    };
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| Error::State {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })
+}
+
+/// Writes `value` as JSON to `path` atomically (a temporary file, then a
+/// rename, which `what` names in errors).
+pub(crate) fn write_json<T: serde::Serialize>(
+    path: &Path,
+    value: &T,
+    what: &'static str,
+) -> Result<(), Error> {
+    let tmp = path.with_extension("json.tmp");
+    let text = serde_json::to_string_pretty(value).map_err(|e| Error::State {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
+    write_file(&tmp, text.as_bytes())?;
+    std::fs::rename(&tmp, path).map_err(|source| Error::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    })
 }
 
 pub fn write_file(path: &Path, data: &[u8]) -> Result<(), Error> {

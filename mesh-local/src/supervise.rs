@@ -24,7 +24,7 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
-use crate::state::{ProcessRecord, write_file};
+use crate::state::{ProcessRecord, read_json, write_json};
 
 /// How often the supervisor looks at its child, the hold and kick files
 /// and the mesh's state file.
@@ -202,38 +202,12 @@ pub struct Supervision {
 impl Supervision {
     /// Reads a record; `Ok(None)` when there is none.
     pub fn load(path: &Path) -> Result<Option<Supervision>, Error> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => {
-                return Err(Error::Io {
-                    what: "read supervision record",
-                    path: path.to_owned(),
-                    source,
-                });
-            }
-        };
-        serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|e| Error::State {
-                path: path.to_owned(),
-                reason: e.to_string(),
-            })
+        read_json(path, "read supervision record")
     }
 
     /// Writes the record atomically (temporary file, then rename).
     pub fn save(&self, path: &Path) -> Result<(), Error> {
-        let tmp = path.with_extension("json.tmp");
-        let text = serde_json::to_string_pretty(self).map_err(|e| Error::State {
-            path: path.to_owned(),
-            reason: e.to_string(),
-        })?;
-        write_file(&tmp, text.as_bytes())?;
-        std::fs::rename(&tmp, path).map_err(|source| Error::Io {
-            what: "rename supervision record",
-            path: path.to_owned(),
-            source,
-        })
+        write_json(path, self, "rename supervision record")
     }
 
     /// The supervisor still runs.
