@@ -117,6 +117,7 @@ fn add(env: &Env, conf: &NetConf) -> Result<Option<Value>, CniError> {
         ));
     }
     let namespace = pod.namespace.clone();
+    let attached = pod.clone();
     match agent::ask(&conf.socket, Op::Add { pod }, conf.timeout) {
         Ok(r) => match r.outcome {
             Outcome::Captured { netns_cookie } => {
@@ -138,14 +139,44 @@ fn add(env: &Env, conf: &NetConf) -> Result<Option<Value>, CniError> {
                 "",
             )),
         },
-        Err(e) => unreachable_or_fail(conf, &namespace, &key, e)
+        Err(e) => unreachable_or_fail(conf, Some(&attached), &namespace, &key, e)
             .map(|()| Some(spec::pass_through(conf, prev))),
+    }
+}
+
+/// Where fail-open records go: `fail-open/` beside the proxy's socket.
+pub fn fail_open_dir(socket: &std::path::Path) -> std::path::PathBuf {
+    socket
+        .parent()
+        .unwrap_or(std::path::Path::new("/"))
+        .join("fail-open")
+}
+
+/// The record a fail-open ADD leaves for the node proxy: which pod runs
+/// unmeshed, in which netns, and why. The proxy enrolls the pod from it
+/// once it is back, counts such pods in a metric, and removes the record.
+fn record_fail_open(conf: &NetConf, pod: &PodAttachment, reason: &str) {
+    let dir = fail_open_dir(&conf.socket);
+    let record = serde_json::json!({
+        "version": mesh_core::enroll::VERSION,
+        "pod": pod,
+        "reason": reason.chars().take(mesh_core::enroll::MAX_REASON / 2).collect::<String>(),
+    });
+    let name = format!("{}.{}", pod.namespace, pod.name);
+    let r = std::fs::create_dir_all(&dir).and_then(|()| {
+        let tmp = dir.join(format!(".{name}.{}", std::process::id()));
+        std::fs::write(&tmp, record.to_string())?;
+        std::fs::rename(&tmp, dir.join(format!("{name}.json")))
+    });
+    if let Err(e) = r {
+        warn!(pod = %pod.key(), dir = %dir.display(), error = %e, "fail-open record not written; the proxy finds the pod by its cgroup instead");
     }
 }
 
 /// Proxy not there: fail closed (code 11), or open where configured.
 fn unreachable_or_fail(
     conf: &NetConf,
+    pod: Option<&PodAttachment>,
     namespace: &str,
     key: &str,
     e: AgentError,
@@ -153,6 +184,9 @@ fn unreachable_or_fail(
     if conf.fails_open(namespace) {
         warn!(pod = %key, error = %e, status = "fail-open: started without the mesh",
               "FAIL-OPEN: node proxy unavailable and namespace {namespace} is in failOpenNamespaces; the pod runs unmeshed until the node proxy enrolls it");
+        if let Some(pod) = pod {
+            record_fail_open(conf, pod, &e.to_string());
+        }
         return Ok(());
     }
     Err(CniError::new(
@@ -178,7 +212,7 @@ fn check(env: &Env, conf: &NetConf) -> Result<(), CniError> {
                 reason,
             )),
         },
-        Err(e) => unreachable_or_fail(conf, &namespace, &key, e),
+        Err(e) => unreachable_or_fail(conf, None, &namespace, &key, e),
     }
 }
 

@@ -560,6 +560,16 @@ fn a_fail_open_namespace_starts_unmeshed_with_a_log_line() {
         log.contains("FAIL-OPEN") && log.contains("kube-system/dns-1"),
         "{log}"
     );
+    // The record the node proxy enrolls the pod from once it is back.
+    let record: Value = serde_json::from_slice(
+        &std::fs::read(w.dir.path().join("fail-open/kube-system.dns-1.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(record["pod"]["netns"], json!(netns));
+    assert!(
+        record["reason"].as_str().unwrap().contains("not reachable"),
+        "{record}"
+    );
     assert!(
         chain(
             &w,

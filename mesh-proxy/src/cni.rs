@@ -19,6 +19,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -76,11 +77,31 @@ pub trait Enroller: Send + Sync + 'static {
     fn unplaced(&self) -> Vec<(String, String, String)>;
 }
 
+/// What the CNI side did, for `/metrics` ([`Metrics`]).
+#[derive(Debug, Default)]
+pub struct CniStats {
+    pub add_captured: AtomicU64,
+    pub add_not_meshed: AtomicU64,
+    pub add_refused: AtomicU64,
+    pub released: AtomicU64,
+    pub adopted_running: AtomicU64,
+    pub adopted_fail_open: AtomicU64,
+    pub busy: AtomicU64,
+    /// Pods that started unmeshed (fail-open ADD) and are not enrolled yet.
+    pub fail_open_pending: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
 /// The pod attachments the runtime reported (and those found running).
 #[derive(Debug, Default)]
 pub struct Attachments {
     by_ref: RwLock<BTreeMap<AttachmentRef, (u64, PodAttachment)>>,
     seq: std::sync::atomic::AtomicU64,
+    /// Counters and gauges the metrics port exports ([`Metrics`]).
+    pub stats: CniStats,
     /// Held by the proxy's reconcile for its whole run: the run loop and
     /// the CNI server both reconcile, and two at once would enroll one pod
     /// twice (the second bind of 15001 fails: measured in the benchmark).
@@ -123,6 +144,15 @@ impl Attachments {
             .filter_map(|r| map.remove(r))
             .map(|(_, p)| p)
             .collect()
+    }
+
+    /// Whether an attachment of pod `key` from `netns` is held.
+    pub fn holds(&self, key: &str, netns: &Path) -> bool {
+        self.by_ref
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .any(|(_, a)| a.key() == key && a.netns == netns)
     }
 
     /// One reconcile at a time (see the field); the proxy's reconcile
@@ -176,6 +206,9 @@ pub struct Server<E: Enroller> {
     pub enroller: Arc<E>,
     pub limits: Limits,
     slots: Arc<Semaphore>,
+    /// `fail-open/` beside the socket, where mesh-cni records pods it let
+    /// start unmeshed (see [`Server::sweep`]).
+    pub fail_open_dir: Option<PathBuf>,
 }
 
 /// Binds `path` (replacing a stale socket file), mode 0600.
@@ -201,6 +234,23 @@ impl<E: Enroller> Server<E> {
             attachments,
             enroller,
             limits,
+            fail_open_dir: None,
+        })
+    }
+
+    /// The same, reading fail-open records from `dir`.
+    pub fn with_fail_open_dir(
+        attachments: Arc<Attachments>,
+        enroller: Arc<E>,
+        limits: Limits,
+        dir: PathBuf,
+    ) -> Arc<Self> {
+        Arc::new(Server {
+            slots: Arc::new(Semaphore::new(limits.max_connections)),
+            attachments,
+            enroller,
+            limits,
+            fail_open_dir: Some(dir),
         })
     }
 
@@ -221,6 +271,7 @@ impl<E: Enroller> Server<E> {
                 }
             };
             let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+                bump(&self.attachments.stats.busy);
                 let busy = Response::new(Outcome::Refused {
                     reason: format!(
                         "node proxy busy: {} enrollment requests at once; retry",
@@ -304,6 +355,7 @@ impl<E: Enroller> Server<E> {
             Op::Del { attachment } => {
                 if let Some(p) = self.attachments.remove(&attachment) {
                     info!(pod = %p.key(), container = %attachment.container_id, "CNI DEL: released");
+                    bump(&self.attachments.stats.released);
                     self.reconcile().await;
                 }
                 Outcome::Done {}
@@ -314,6 +366,10 @@ impl<E: Enroller> Server<E> {
                     valid.contains(&attachment_ref(p)) || p.container_id.starts_with(SCAN_PREFIX)
                 });
                 if !gone.is_empty() {
+                    self.attachments
+                        .stats
+                        .released
+                        .fetch_add(gone.len() as u64, Ordering::Relaxed);
                     info!(
                         released = gone.len(),
                         "CNI GC: released attachments the runtime no longer has"
@@ -326,6 +382,17 @@ impl<E: Enroller> Server<E> {
     }
 
     async fn add(&self, pod: PodAttachment) -> Outcome {
+        let o = self.add_inner(pod).await;
+        let st = &self.attachments.stats;
+        bump(match o {
+            Outcome::Captured { .. } => &st.add_captured,
+            Outcome::NotMeshed { .. } => &st.add_not_meshed,
+            _ => &st.add_refused,
+        });
+        o
+    }
+
+    async fn add_inner(&self, pod: PodAttachment) -> Outcome {
         let key = pod.key();
         match self.enroller.lookup(&pod.namespace, &pod.name) {
             Lookup::Unknown => {
@@ -378,12 +445,27 @@ impl<E: Enroller> Server<E> {
     }
 
     /// Drops attachments whose netns is gone (a pod that ended without
-    /// DEL, a scanned process that exited) and adopts running pods nobody
-    /// reported; reconciles if anything changed. Returns (dropped, adopted).
+    /// DEL, a scanned process that exited); enrolls pods mesh-cni let
+    /// start unmeshed (fail-open records) and running pods nobody reported
+    /// (by the UID in a process's cgroup path); reconciles if anything
+    /// changed. Returns (dropped, adopted).
     pub async fn sweep(&self, proc_root: &Path) -> (usize, usize) {
+        let st = &self.attachments.stats;
         let gone = self.attachments.retain(|p| p.netns.exists());
         for p in &gone {
             info!(pod = %p.key(), netns = %p.netns.display(), "netns gone: released");
+        }
+        st.released.fetch_add(gone.len() as u64, Ordering::Relaxed);
+        let mut adopted = 0;
+        if let Some(dir) = &self.fail_open_dir {
+            let (found, pending) = self.fail_open_records(dir);
+            st.fail_open_pending.store(pending, Ordering::Relaxed);
+            for a in found {
+                info!(pod = %a.key(), netns = %a.netns.display(), "pod started fail-open: enrolling it now");
+                bump(&st.adopted_fail_open);
+                self.attachments.insert(a);
+                adopted += 1;
+            }
         }
         let unplaced = self.enroller.unplaced();
         let found = if unplaced.is_empty() {
@@ -391,15 +473,73 @@ impl<E: Enroller> Server<E> {
         } else {
             running_pods(proc_root, &unplaced)
         };
-        let adopted = found.len();
         for a in found {
             info!(pod = %a.key(), netns = %a.netns.display(), "running pod found: enrolling");
+            bump(&st.adopted_running);
             self.attachments.insert(a);
+            adopted += 1;
         }
         if !gone.is_empty() || adopted > 0 {
             self.reconcile().await;
         }
         (gone.len(), adopted)
+    }
+
+    /// Reads `dir`'s fail-open records (bounded: 4096 files of 8 KiB):
+    /// returns the pods to enroll now and how many records stay (pods that
+    /// run unmeshed). A record goes once its pod is captured, its netns is
+    /// gone, or it cannot be read.
+    fn fail_open_records(&self, dir: &Path) -> (Vec<PodAttachment>, u64) {
+        #[derive(serde::Deserialize)]
+        struct Record {
+            version: u32,
+            pod: PodAttachment,
+        }
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return (Vec::new(), 0);
+        };
+        let (mut found, mut pending) = (Vec::new(), 0);
+        for e in entries.flatten().take(4096) {
+            let path = e.path();
+            if path.extension().is_none_or(|x| x != "json") {
+                continue;
+            }
+            let record = std::fs::File::open(&path).ok().and_then(|f| {
+                let mut text = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::Read::take(f, 8192), &mut text).ok()?;
+                serde_json::from_slice::<Record>(&text).ok()
+            });
+            let Some(r) = record.filter(|r| {
+                r.version == enroll::VERSION
+                    && enroll::Request::new(Op::Add { pod: r.pod.clone() })
+                        .validate()
+                        .is_ok()
+            }) else {
+                warn!(record = %path.display(), "unreadable fail-open record: removed");
+                let _ = std::fs::remove_file(&path);
+                continue;
+            };
+            let key = r.pod.key();
+            let done = !r.pod.netns.exists()
+                || self.enroller.captured(&key, &r.pod.netns).is_some()
+                || matches!(
+                    self.enroller.lookup(&r.pod.namespace, &r.pod.name),
+                    Lookup::NotMeshed(_)
+                );
+            if done {
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
+            pending += 1;
+            let known = matches!(
+                self.enroller.lookup(&r.pod.namespace, &r.pod.name),
+                Lookup::Meshed { ref uid } if uid.is_empty() || *uid == r.pod.uid
+            );
+            if known && !self.attachments.holds(&key, &r.pod.netns) {
+                found.push(r.pod);
+            }
+        }
+        (found, pending)
     }
 }
 
@@ -441,6 +581,80 @@ pub async fn run<E: Enroller>(
     let _ = sweeping.await;
     if let Some(p) = path {
         let _ = std::fs::remove_file(p);
+    }
+}
+
+/// The CNI side's metrics, for the proxy's Prometheus registry.
+#[derive(Debug)]
+pub struct Metrics(pub Arc<Attachments>);
+
+impl prometheus_client::collector::Collector for Metrics {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::MetricType;
+        use prometheus_client::metrics::counter::ConstCounter;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        let s = &self.0.stats;
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let mut e = encoder.encode_descriptor(
+            "sockmesh_cni_adds",
+            "CNI ADDs answered, by result (captured, not_meshed, refused).",
+            None,
+            MetricType::Counter,
+        )?;
+        for (result, c) in [
+            ("captured", &s.add_captured),
+            ("not_meshed", &s.add_not_meshed),
+            ("refused", &s.add_refused),
+        ] {
+            ConstCounter::new(load(c)).encode(e.encode_family(&[("result", result)])?)?;
+        }
+        let mut e = encoder.encode_descriptor(
+            "sockmesh_cni_adopted_pods",
+            "Pods enrolled without an ADD, by how they were found (fail_open record, running process).",
+            None,
+            MetricType::Counter,
+        )?;
+        for (how, c) in [
+            ("fail_open", &s.adopted_fail_open),
+            ("running", &s.adopted_running),
+        ] {
+            ConstCounter::new(load(c)).encode(e.encode_family(&[("found_by", how)])?)?;
+        }
+        for (name, help, c) in [
+            (
+                "sockmesh_cni_released",
+                "Attachments released (DEL, GC, netns gone).",
+                &s.released,
+            ),
+            (
+                "sockmesh_cni_busy_refusals",
+                "Enrollment connections refused at the connection cap.",
+                &s.busy,
+            ),
+        ] {
+            let e = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            ConstCounter::new(load(c)).encode(e)?;
+        }
+        for (name, help, v) in [
+            (
+                "sockmesh_cni_attachments",
+                "Pod attachments held (reported by the runtime or found running).",
+                self.0.len() as i64,
+            ),
+            (
+                "sockmesh_cni_fail_open_pods",
+                "Pods that started unmeshed (fail-open namespace, proxy down) and are not enrolled yet.",
+                load(&s.fail_open_pending) as i64,
+            ),
+        ] {
+            let e = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            ConstGauge::new(v).encode(e)?;
+        }
+        Ok(())
     }
 }
 
@@ -770,6 +984,51 @@ mod tests {
         let empty = tempfile::tempdir().unwrap();
         assert_eq!(s.sweep(empty.path()).await, (1, 0));
         assert!(s.attachments.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_pod_that_started_fail_open_is_enrolled_from_its_record_then_the_record_goes() {
+        let d = tempfile::tempdir().unwrap();
+        let ns = d.path().join("ns");
+        std::fs::write(&ns, "").unwrap();
+        let records = d.path().join("fail-open");
+        std::fs::create_dir_all(&records).unwrap();
+        let att_ = Arc::new(Attachments::default());
+        let fake = Arc::new(Fake {
+            att: att_.clone(),
+            enrolled: RwLock::new(BTreeMap::new()),
+            reconciles: AtomicUsize::new(0),
+            fail: false,
+        });
+        let s = Server::with_fail_open_dir(att_, fake, Limits::default(), records.clone());
+        let record =
+            serde_json::json!({"version": 1, "pod": att("web", &ns), "reason": "proxy down"});
+        std::fs::write(records.join("default.web.json"), record.to_string()).unwrap();
+        std::fs::write(records.join("junk.json"), "{").unwrap();
+        let empty = tempfile::tempdir().unwrap();
+        assert_eq!(s.sweep(empty.path()).await, (0, 1));
+        assert_eq!(s.enroller.captured("default/web", &ns), Some(42));
+        assert_eq!(
+            s.attachments
+                .stats
+                .adopted_fail_open
+                .load(Ordering::Relaxed),
+            1
+        );
+        assert!(
+            !records.join("junk.json").exists(),
+            "an unreadable record stays"
+        );
+        // Captured: the next sweep drops the record, nothing pending.
+        s.sweep(empty.path()).await;
+        assert!(!records.join("default.web.json").exists());
+        assert_eq!(
+            s.attachments
+                .stats
+                .fail_open_pending
+                .load(Ordering::Relaxed),
+            0
+        );
     }
 
     #[test]

@@ -137,6 +137,9 @@ pub fn run(cfg: Config, log: LogControl) -> Result<(), RunError> {
     let mut registry = prometheus_client::registry::Registry::default();
     registry.register_collector(Box::new(tcp_metrics.clone()));
     registry.register_collector(Box::new(Health(node.clone())));
+    if cfg.cni_socket.is_some() {
+        registry.register_collector(Box::new(crate::cni::Metrics(node.cni.clone())));
+    }
     let state: Arc<dyn AdminState> = Arc::new(Admin {
         node: node.clone(),
         registry,
@@ -160,7 +163,8 @@ pub fn run(cfg: Config, log: LogControl) -> Result<(), RunError> {
         info!(node = %cfg.node, pods = node.enrolled_pods().len(), problems = problems.len(), "node proxy up");
         if let Some(path) = &cfg.cni_socket {
             let l = crate::cni::bind(path).map_err(|e| fail(format!("--cni-socket {}", path.display()), e))?;
-            let server = crate::cni::Server::new(node.cni.clone(), node.clone(), crate::cni::Limits::default());
+            let fail_open = path.parent().unwrap_or(std::path::Path::new("/")).join("fail-open");
+            let server = crate::cni::Server::with_fail_open_dir(node.cni.clone(), node.clone(), crate::cni::Limits::default(), fail_open);
             let mut stop = watch.clone();
             tokio::spawn(crate::cni::run(server, l, "/proc".into(), cfg.registry_poll, async move { stop.signaled().await }));
             info!(socket = %path.display(), "CNI enrollment socket up");

@@ -429,8 +429,10 @@ fn a_pod_added_through_cni_is_captured_before_its_first_connect() -> Result<()> 
 fn with_pods(m: &TestMesh, pods: &[(&str, &str)]) -> Result<()> {
     let mut doc = m.mesh.registry_document(None);
     for (name, uid) in pods {
+        // `name`, or `namespace/name`.
+        let (namespace, name) = name.split_once('/').unwrap_or(("default", name));
         doc["pods"].as_array_mut().context("pods")?.push(json!({
-            "namespace": "default", "name": name, "uid": uid, "node": "node-a",
+            "namespace": namespace, "name": name, "uid": uid, "node": "node-a",
             "service_account": "client", "ips": [], "labels": {"app": name},
         }));
     }
@@ -466,7 +468,15 @@ fn with_the_proxy_down_add_fails_closed_and_succeeds_on_retry_and_running_pods_a
         },
     )?;
     let node = m.mesh.node("node-a")?.clone();
-    with_pods(&m, &[("cni-late", LATE), ("cni-early", EARLY)])?;
+    const OPEN: &str = "6c1d2e3f-0000-4000-8000-0000000000e0";
+    with_pods(
+        &m,
+        &[
+            ("cni-late", LATE),
+            ("cni-early", EARLY),
+            ("kube-system/cni-open", OPEN),
+        ],
+    )?;
     wait_until(
         "node-a's proxy to know the pods",
         Duration::from_secs(20),
@@ -524,6 +534,34 @@ fn with_the_proxy_down_add_fails_closed_and_succeeds_on_retry_and_running_pods_a
         "DEL of the failed ADD"
     );
 
+    // In a fail-open namespace the pod starts unmeshed, with a record the
+    // proxy picks up when it is back.
+    let open = RuntimePod::new("open", &node.pods_cgroup, OPEN)?;
+    lo_up(&node.netns_path(), &open)?;
+    let mut open_list = list.clone();
+    open_list["plugins"][1]["failOpenNamespaces"] = json!(["kube-system"]);
+    let mut open_add = pod_env_of("ADD", &open.path(), "cni-open", OPEN);
+    open_add.insert(
+        "CNI_ARGS",
+        format!(
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=cni-open;K8S_POD_UID={OPEN}"
+        ),
+    );
+    let open_result = match chain(&node.netns_path(), &open_list, &open_add, None)? {
+        Ok(r) => r,
+        Err(e) => bail!("fail-open ADD: {e}"),
+    };
+    let record = m
+        .mesh
+        .cni_socket("node-a")
+        .with_file_name("fail-open")
+        .join("kube-system.cni-open.json");
+    ensure!(
+        record.exists(),
+        "no fail-open record at {}",
+        record.display()
+    );
+
     // A pod that runs while the proxy is down (its ADD was fail-open, or it
     // predates the mesh): a process in a cgroup that carries its UID.
     let early = RuntimePod::new("early", &node.pods_cgroup, EARLY)?;
@@ -550,6 +588,33 @@ fn with_the_proxy_down_add_fails_closed_and_succeeds_on_retry_and_running_pods_a
         ensure!(
             enrolled(&m, "node-a", "default/cni-late")? == Some(true),
             "ADD returned but cni-late is not enrolled"
+        );
+        // The fail-open pod is enrolled from its record, which then goes;
+        // the metric counts it.
+        wait_until("cni-open to be enrolled", Duration::from_secs(20), || {
+            Ok(enrolled(&m, "node-a", "kube-system/cni-open")? == Some(true))
+        })
+        .with_context(|| format!("proxy log:\n{}", m.log("proxy-node-a")))?;
+        wait_until(
+            "the fail-open record to go",
+            Duration::from_secs(10),
+            || Ok(!record.exists()),
+        )?;
+        let metrics = m.mesh.metrics("node-a")?;
+        ensure!(
+            metrics.contains("sockmesh_cni_adopted_pods_total{found_by=\"fail_open\"} 1"),
+            "no fail-open adoption in the metrics:\n{metrics}"
+        );
+        let mut open_del = open_add.clone();
+        open_del.insert("CNI_COMMAND", "DEL".into());
+        ensure!(
+            chain(
+                &node.netns_path(),
+                &open_list,
+                &open_del,
+                Some(&open_result)
+            )?
+            .is_ok()
         );
         // The running pod is found by its cgroup and enrolled.
         wait_until("cni-early to be adopted", Duration::from_secs(20), || {
