@@ -29,7 +29,9 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 
 use base64::Engine;
-use mesh_core::display::{self, Shown};
+#[cfg(feature = "kubernetes")]
+use mesh_core::display;
+use mesh_core::display::Shown;
 use rand::RngCore;
 use subtle::ConstantTimeEq;
 
@@ -175,6 +177,7 @@ impl Authenticator for FileTokenAuthenticator {
 /// The audience node proxies mint their service-account token for.
 pub const CA_AUDIENCE: &str = "sockmesh-ca";
 
+#[cfg(feature = "kubernetes")]
 /// Kubernetes: node proxies authenticated by TokenReview of their projected
 /// service-account token (see the module documentation).
 pub struct TokenReviewAuthenticator {
@@ -184,6 +187,7 @@ pub struct TokenReviewAuthenticator {
     proxies: Vec<String>,
 }
 
+#[cfg(feature = "kubernetes")]
 impl fmt::Debug for TokenReviewAuthenticator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TokenReviewAuthenticator")
@@ -194,13 +198,19 @@ impl fmt::Debug for TokenReviewAuthenticator {
 }
 
 /// Bounds on what the API server's answers put in a log line.
+#[cfg(feature = "kubernetes")]
 const REASON_BYTES: usize = 512;
+#[cfg(feature = "kubernetes")]
 const NAME_CHARS: usize = 320;
 
+#[cfg(feature = "kubernetes")]
 const EXTRA_POD_NAME: &str = "authentication.kubernetes.io/pod-name";
+#[cfg(feature = "kubernetes")]
 const EXTRA_POD_UID: &str = "authentication.kubernetes.io/pod-uid";
+#[cfg(feature = "kubernetes")]
 const EXTRA_NODE_NAME: &str = "authentication.kubernetes.io/node-name";
 
+#[cfg(feature = "kubernetes")]
 impl TokenReviewAuthenticator {
     /// `proxies`: the node proxies' service accounts, `(namespace, name)`.
     pub fn new(client: kube::Client, audience: &str, proxies: &[(String, String)]) -> Self {
@@ -301,6 +311,7 @@ impl TokenReviewAuthenticator {
     }
 }
 
+#[cfg(feature = "kubernetes")]
 impl Authenticator for TokenReviewAuthenticator {
     fn authenticate<'a>(&'a self, credential: &'a Credential) -> AuthFuture<'a> {
         Box::pin(async move {

@@ -27,6 +27,7 @@
 
 pub mod auth;
 pub mod authority;
+#[cfg(feature = "kubernetes")]
 pub mod cluster;
 pub mod csr;
 pub mod metrics;
@@ -44,9 +45,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
-pub use auth::{
-    Authenticator, Caller, Credential, FileTokenAuthenticator, TokenReviewAuthenticator,
-};
+#[cfg(feature = "kubernetes")]
+pub use auth::TokenReviewAuthenticator;
+pub use auth::{Authenticator, Caller, Credential, FileTokenAuthenticator};
 pub use authority::{Authority, Issued, SignError};
 pub use metrics::Metrics;
 pub use roots::{RootError, RootSource, RootStore};

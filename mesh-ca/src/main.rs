@@ -9,11 +9,15 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+#[cfg(feature = "kubernetes")]
+use mesh_ca::TokenReviewAuthenticator;
+#[cfg(feature = "kubernetes")]
 use mesh_ca::cluster::{ClusterError, LeaderElection, RootSecret};
 use mesh_ca::roots::{RootSource, RootStore};
 use mesh_ca::server::ListenerLimits;
-use mesh_ca::{Ca, CaConfig, CaServer, FileTokenAuthenticator, TokenReviewAuthenticator, auth};
+use mesh_ca::{Ca, CaConfig, CaServer, FileTokenAuthenticator, auth};
 use mesh_core::registry::FileRegistry;
+#[cfg(feature = "kubernetes")]
 use mesh_kube::{KubeConfig, KubeRegistry};
 
 const EXAMPLES: &str = "\
@@ -127,6 +131,7 @@ enum Command {
         node: String,
     },
     /// Serve in a Kubernetes cluster: TokenReview, pods from the API, root in a Secret.
+    #[cfg(feature = "kubernetes")]
     Cluster(Box<ClusterArgs>),
     /// Rotate the generated root, one step at a time.
     Root {
@@ -139,6 +144,7 @@ enum Command {
     },
 }
 
+#[cfg(feature = "kubernetes")]
 #[derive(Debug, clap::Args)]
 struct ClusterArgs {
     /// Trust domain of the identities issued.
@@ -240,11 +246,13 @@ fn main() -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&store.status()?)?);
             Ok(())
         }
+        #[cfg(feature = "kubernetes")]
         Some(Command::Cluster(args)) => serve_cluster(*args),
         None => serve(config),
     }
 }
 
+#[cfg(feature = "kubernetes")]
 fn serve_cluster(args: ClusterArgs) -> Result<()> {
     let proxies: Vec<(String, String)> = args
         .proxy_service_accounts
