@@ -72,23 +72,23 @@ pub fn topology(nodes: usize) -> Topology {
     }
 }
 
-pub fn policies() -> serde_yaml::Value {
+pub fn policies() -> serde_norway::Value {
     // A constant that a unit test parses: cannot fail.
-    serde_yaml::from_str(DEMO_POLICY).unwrap_or(serde_yaml::Value::Null)
+    serde_norway::from_str(DEMO_POLICY).unwrap_or(serde_norway::Value::Null)
 }
 
 /// A topology file: the `mesh-local` format plus an optional `policies:`
 /// list (AuthorizationPolicy documents, as in the registry file).
-pub fn load_file(path: &Path) -> Result<(Topology, Option<serde_yaml::Value>)> {
+pub fn load_file(path: &Path) -> Result<(Topology, Option<serde_norway::Value>)> {
     let origin = path.display().to_string();
     let text = std::fs::read_to_string(path).with_context(|| format!("topology {origin}"))?;
-    let mut doc: serde_yaml::Value =
-        serde_yaml::from_str(&text).with_context(|| format!("topology {origin}: not YAML"))?;
+    let mut doc: serde_norway::Value =
+        serde_norway::from_str(&text).with_context(|| format!("topology {origin}: not YAML"))?;
     let policies = match doc.as_mapping_mut() {
         Some(m) => m.remove("policies"),
         None => None,
     };
-    let rest = serde_yaml::to_string(&doc).with_context(|| format!("topology {origin}"))?;
+    let rest = serde_norway::to_string(&doc).with_context(|| format!("topology {origin}"))?;
     let topology = Topology::from_yaml(&rest, &origin)?;
     if let Some(p) = &policies
         && !p.is_sequence()
@@ -179,7 +179,7 @@ mod tests {
 
     #[test]
     fn the_demo_policy_is_a_valid_deny() {
-        let text = serde_yaml::to_string(&policies()).unwrap();
+        let text = serde_norway::to_string(&policies()).unwrap();
         let parsed = mesh_core::policy::parse_policies(&text).unwrap();
         assert_eq!(parsed.len(), 1);
         assert_eq!(parsed[0].name, "deny-other-to-web");

@@ -47,7 +47,7 @@ pub fn registry_services(mesh: &Mesh) -> Result<Vec<RegistryService>> {
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("read the registry {}", path.display()))?;
     let file: RegistryFile =
-        serde_yaml::from_str(&text).with_context(|| format!("the registry {}", path.display()))?;
+        serde_norway::from_str(&text).with_context(|| format!("the registry {}", path.display()))?;
     Ok(file.services)
 }
 

@@ -275,7 +275,7 @@ fn mesh_first_pod(name: &str) -> String {
 }
 
 /// `namespace/name` of each policy document.
-pub fn policy_names(policies: Option<&serde_yaml::Value>) -> Vec<String> {
+pub fn policy_names(policies: Option<&serde_norway::Value>) -> Vec<String> {
     let Some(list) = policies.and_then(|p| p.as_sequence()) else {
         return Vec::new();
     };

@@ -254,7 +254,7 @@ pub fn policies(registry: &std::path::Path) -> Vec<PolicyStatus> {
     let Ok(text) = std::fs::read_to_string(registry) else {
         return Vec::new();
     };
-    let Ok(doc) = serde_yaml::from_str::<serde_yaml::Value>(&text) else {
+    let Ok(doc) = serde_norway::from_str::<serde_norway::Value>(&text) else {
         return Vec::new();
     };
     let Some(list) = doc["policies"].as_sequence() else {

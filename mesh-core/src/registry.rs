@@ -191,7 +191,7 @@ pub enum RegistryError {
     #[error("registry {path}: {source}")]
     Yaml {
         path: PathBuf,
-        source: serde_yaml::Error,
+        source: serde_norway::Error,
     },
     #[error("registry {path}: {what}: {reason}")]
     Invalid {
@@ -212,7 +212,7 @@ struct RawFile {
     services: Vec<RawService>,
     /// AuthorizationPolicy documents, as in Kubernetes (see `policy`).
     #[serde(default)]
-    policies: Option<serde_yaml::Value>,
+    policies: Option<serde_norway::Value>,
     /// Namespaces with labels (`sockmesh.io/mesh`); a namespace not listed
     /// counts as labelled `enabled`, so a file without this section meshes
     /// every pod that does not opt out.
@@ -307,7 +307,7 @@ impl Snapshot {
 impl Snapshot {
     /// Parses registry YAML; `path` only names the source in errors.
     pub fn parse(path: &Path, text: &str) -> Result<Self, RegistryError> {
-        let raw: RawFile = serde_yaml::from_str(text).map_err(|source| RegistryError::Yaml {
+        let raw: RawFile = serde_norway::from_str(text).map_err(|source| RegistryError::Yaml {
             path: path.to_owned(),
             source,
         })?;
@@ -451,7 +451,7 @@ impl Snapshot {
         let policies = match raw.policies {
             None => Vec::new(),
             Some(v) => {
-                let text = serde_yaml::to_string(&v)
+                let text = serde_norway::to_string(&v)
                     .map_err(|e| invalid("policies".into(), e.to_string()))?;
                 crate::policy::parse_policies(&text)
                     .map_err(|e| invalid("policies".into(), e.to_string()))?

@@ -38,7 +38,7 @@ pub struct ControlOptions {
     /// The proxies' and CA's log filter.
     pub log: String,
     /// AuthorizationPolicy documents (a YAML list), or none.
-    pub policies: Option<serde_yaml::Value>,
+    pub policies: Option<serde_norway::Value>,
     /// Bound on each readiness wait.
     pub ready_timeout: Duration,
     /// Data-plane worker threads of each proxy.
@@ -153,7 +153,7 @@ impl Mesh {
 
     /// The registry as the CA and proxies read it: nodes, pods with their
     /// addresses and netns, services with their VIPs, and `policies`.
-    pub fn registry_document(&self, policies: Option<&serde_yaml::Value>) -> serde_json::Value {
+    pub fn registry_document(&self, policies: Option<&serde_norway::Value>) -> serde_json::Value {
         let st = self.state();
         let pods: Vec<_> = st
             .pods
@@ -201,13 +201,13 @@ impl Mesh {
     /// a restart: a policy change applies to new connections).
     pub fn write_control_registry(
         &self,
-        policies: Option<&serde_yaml::Value>,
+        policies: Option<&serde_norway::Value>,
     ) -> Result<PathBuf, Error> {
         let dir = self.control_dir("control")?;
         let path = dir.join("registry.yaml");
         let tmp = dir.join("registry.yaml.tmp");
         let text =
-            serde_yaml::to_string(&self.registry_document(policies)).map_err(|e| Error::Io {
+            serde_norway::to_string(&self.registry_document(policies)).map_err(|e| Error::Io {
                 what: "encode registry",
                 path: path.clone(),
                 source: std::io::Error::other(e),

@@ -45,7 +45,7 @@ pub enum TopologyError {
     #[error("topology {origin}: {source}")]
     Yaml {
         origin: String,
-        source: serde_yaml::Error,
+        source: serde_norway::Error,
     },
     #[error("topology {origin}: {what}: {reason}")]
     Invalid {
@@ -177,7 +177,7 @@ impl Topology {
 
     /// Parses and checks topology YAML; `origin` names the source in errors.
     pub fn from_yaml(text: &str, origin: &str) -> Result<Self, TopologyError> {
-        let raw: RawFile = serde_yaml::from_str(text).map_err(|source| TopologyError::Yaml {
+        let raw: RawFile = serde_norway::from_str(text).map_err(|source| TopologyError::Yaml {
             origin: origin.to_owned(),
             source,
         })?;
@@ -249,7 +249,7 @@ impl Topology {
     /// their assigned uids, addresses and VIPs).
     pub fn to_yaml(&self) -> String {
         // Plain strings, maps and numbers: serialising cannot fail.
-        serde_yaml::to_string(self).unwrap_or_default()
+        serde_norway::to_string(self).unwrap_or_default()
     }
 
     /// The workload registry's view (`nodes:` and `pods:` only), in the

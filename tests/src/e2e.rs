@@ -382,7 +382,7 @@ pub fn plain_attempt(m: &TestMesh, to: &str) -> Result<Result<String, String>> {
 pub fn write_registry(m: &TestMesh, doc: &Value) -> Result<()> {
     let path = m.mesh.control_registry();
     let tmp = path.with_extension("yaml.test-tmp");
-    std::fs::write(&tmp, serde_yaml::to_string(doc)?)?;
+    std::fs::write(&tmp, serde_norway::to_string(doc)?)?;
     std::fs::rename(&tmp, &path)?;
     Ok(())
 }

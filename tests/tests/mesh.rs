@@ -197,11 +197,11 @@ fn pods_talk_over_mtls_across_and_within_nodes_by_ip_and_service() -> Result<()>
     Ok(())
 }
 
-fn deny_from(ns: &str) -> serde_yaml::Value {
-    serde_yaml::from_str(&format!(
+fn deny_from(ns: &str) -> serde_norway::Value {
+    serde_norway::from_str(&format!(
         "- apiVersion: security.sockmesh.io/v1\n  kind: AuthorizationPolicy\n  metadata: {{name: deny-{ns}, namespace: default}}\n  spec:\n    selector: {{matchLabels: {{app: web}}}}\n    action: DENY\n    rules: [{{from: [{{source: {{namespaces: [{ns}]}}}}]}}]\n"
     ))
-    .unwrap_or(serde_yaml::Value::Null)
+    .unwrap_or(serde_norway::Value::Null)
 }
 
 #[test]

@@ -1,6 +1,6 @@
 //! YAML → [`AuthorizationPolicy`], and back.
 //!
-//! The text is first loaded into a `serde_yaml::Value` under a node budget
+//! The text is first loaded into a `serde_norway::Value` under a node budget
 //! (aliases expand into counted nodes, so an alias bomb stops early), then
 //! walked by hand, so every error names the policy and the exact field path
 //! (`rules[0].to[0].operation.ports[1]`), tells L7-only fields apart from
@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
-use serde_yaml::{Mapping, Value};
+use serde_norway::{Mapping, Value};
 
 use super::model::{
     Action, ApiVersion, AuthorizationPolicy, IpBlock, Operation, Rule, SourceMatch,
@@ -135,7 +135,7 @@ pub fn parse_policies(yaml: &str) -> Result<Vec<AuthorizationPolicy>, PolicyErro
     let budget = Cell::new(MAX_YAML_NODES);
     let mut policies = Vec::new();
     let mut seen = HashSet::new();
-    for (index, document) in serde_yaml::Deserializer::from_str(yaml).enumerate() {
+    for (index, document) in serde_norway::Deserializer::from_str(yaml).enumerate() {
         let doc = index + 1;
         let value = Bounded { left: &budget }
             .deserialize(document)
@@ -985,7 +985,7 @@ pub fn to_yaml(policies: &[AuthorizationPolicy]) -> Result<String, PolicyError> 
             out.push_str("---\n");
         }
         let text =
-            serde_yaml::to_string(&policy_value(policy)).map_err(|err| PolicyError::Print {
+            serde_norway::to_string(&policy_value(policy)).map_err(|err| PolicyError::Print {
                 message: format!("policy {}/{}: {err}", policy.namespace, policy.name),
             })?;
         out.push_str(&text);
