@@ -505,12 +505,21 @@ fn fuzz_in_test(root: &Path) -> Result<()> {
 fn fuzz_targets(root: &Path, targets: &[&'static str], seconds: u64) -> Result<()> {
     ensure_cargo_fuzz()?;
     let nightly = nightly_channel()?;
-    // Build first, so each target's time is spent fuzzing.
+    // Build once, then run the binaries themselves: `cargo fuzz run`
+    // would rebuild whenever the shared tree changed between two targets,
+    // and every target fuzzes the same code.
     println!("fuzz: building the targets with {nightly} (cargo fuzz build)");
     sh(cargo_fuzz(&nightly).arg("build"))?;
+    let host = output(Command::new("rustup").args(["run", &nightly, "rustc", "-vV"]))
+        .and_then(|v| {
+            v.lines()
+                .find_map(|l| l.strip_prefix("host: ").map(str::to_owned))
+        })
+        .context("rustc -vV: no host line")?;
+    let bin_dir = root.join("fuzz/target").join(host).join("release");
     let mut runs = Vec::new();
     for target in targets {
-        runs.push(fuzz_one(root, &nightly, target, seconds)?);
+        runs.push(fuzz_one(root, &bin_dir, target, seconds)?);
     }
     print_fuzz_table(&runs);
     let mut bad = 0;
@@ -574,9 +583,16 @@ fn ensure_cargo_fuzz() -> Result<()> {
     Ok(())
 }
 
-/// Runs one target for `seconds` from its corpus and seeds; libFuzzer's
-/// output goes to target/fuzz-logs/<target>.log.
-fn fuzz_one(root: &Path, nightly: &str, target: &'static str, seconds: u64) -> Result<FuzzRun> {
+/// Runs one built target for `seconds` from its corpus and seeds, as
+/// `cargo fuzz run` would (same artifact directory, same ASan options);
+/// libFuzzer's output goes to target/fuzz-logs/<target>.log.
+fn fuzz_one(root: &Path, bin_dir: &Path, target: &'static str, seconds: u64) -> Result<FuzzRun> {
+    let binary = bin_dir.join(target);
+    ensure!(
+        binary.is_file(),
+        "{}: not built (cargo fuzz build)",
+        binary.display()
+    );
     let corpus = target_dir(root).join("fuzz-corpus").join(target);
     let seeds = root.join("fuzz/seeds").join(target);
     let artifacts = root.join("fuzz/artifacts").join(target);
@@ -602,18 +618,23 @@ fn fuzz_one(root: &Path, nightly: &str, target: &'static str, seconds: u64) -> R
     let start = Instant::now();
     // The first corpus directory is where libFuzzer adds new inputs; the
     // seeds are only read.
-    let status = cargo_fuzz(nightly)
-        .args(["run", target])
+    let mut asan = std::env::var("ASAN_OPTIONS").unwrap_or_default();
+    if !asan.is_empty() {
+        asan.push(':');
+    }
+    asan.push_str("detect_odr_violation=0");
+    let status = Command::new(&binary)
+        .env("ASAN_OPTIONS", asan)
         .arg(&corpus)
         .arg(&seeds)
-        .arg("--")
+        .arg(format!("-artifact_prefix={}/", artifacts.display()))
         .arg(format!("-max_total_time={seconds}"))
         .arg(format!("-timeout={FUZZ_INPUT_TIMEOUT_SECONDS}"))
         .arg("-print_final_stats=1")
         .stdout(log.try_clone()?)
         .stderr(log)
         .status()
-        .with_context(|| format!("spawn cargo fuzz run {target}"))?;
+        .with_context(|| format!("spawn {}", binary.display()))?;
     let elapsed = start.elapsed().as_secs_f64();
     let text = std::fs::read_to_string(&log_path).unwrap_or_default();
     let findings: Vec<PathBuf> = fuzz_artifacts(&artifacts)
@@ -624,7 +645,7 @@ fn fuzz_one(root: &Path, nightly: &str, target: &'static str, seconds: u64) -> R
         let tail: Vec<&str> = text.lines().rev().take(15).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
         format!(
-            "cargo fuzz run failed ({status}) without a crash file; last lines of {}:\n  {}",
+            "{target} failed ({status}) without a crash file; last lines of {}:\n  {}",
             log_path.display(),
             tail.join("\n  ")
         )
