@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 
+use ipnet::{IpNet, Ipv4Net};
+
 /// The API group and version a policy was written for. All three mean the
 /// same thing here; the version is kept so a policy prints back as written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -146,43 +148,21 @@ impl Operation {
 /// An IP network: a CIDR, or a single address (a full-length prefix). Host
 /// bits are cleared, as Envoy and ztunnel do (`10.1.2.3/8` is `10.0.0.0/8`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct IpBlock {
-    network: IpAddr,
-    prefix_len: u8,
-}
+pub struct IpBlock(IpNet);
 
 impl IpBlock {
     /// `None` if `prefix_len` is longer than the address.
     pub fn new(addr: IpAddr, prefix_len: u8) -> Option<Self> {
-        let network = match addr {
-            IpAddr::V4(a) => {
-                if prefix_len > 32 {
-                    return None;
-                }
-                IpAddr::V4((u32::from(a) & v4_mask(prefix_len)).into())
-            }
-            IpAddr::V6(a) => {
-                if prefix_len > 128 {
-                    return None;
-                }
-                let network = std::net::Ipv6Addr::from(u128::from(a) & v6_mask(prefix_len));
-                // An IPv4-mapped block (`::ffff:10.0.0.0/104`) is the IPv4
-                // block, as peers' mapped addresses count as IPv4.
-                match network.to_ipv4_mapped() {
-                    Some(v4) if prefix_len >= 96 => {
-                        return Some(IpBlock {
-                            network: IpAddr::V4(v4),
-                            prefix_len: prefix_len - 96,
-                        });
-                    }
-                    _ => IpAddr::V6(network),
-                }
-            }
-        };
-        Some(IpBlock {
-            network,
-            prefix_len,
-        })
+        let net = IpNet::new(addr, prefix_len).ok()?.trunc();
+        // An IPv4-mapped block (`::ffff:10.0.0.0/104`) is the IPv4 block,
+        // as peers' mapped addresses count as IPv4.
+        if let IpNet::V6(v6) = net
+            && let Some(v4) = v6.network().to_ipv4_mapped()
+            && prefix_len >= 96
+        {
+            return Some(IpBlock(IpNet::V4(Ipv4Net::new(v4, prefix_len - 96).ok()?)));
+        }
+        Some(IpBlock(net))
     }
 
     /// Parses `1.2.3.4`, `1.2.3.0/24`, `2001:db8::1` or `2001:db8::/32`.
@@ -208,49 +188,28 @@ impl IpBlock {
     }
 
     pub fn network(&self) -> IpAddr {
-        self.network
+        self.0.network()
     }
 
     pub fn prefix_len(&self) -> u8 {
-        self.prefix_len
+        self.0.prefix_len()
     }
 
     /// Whether `ip` lies in this network. An IPv4-mapped IPv6 address
     /// (`::ffff:10.0.0.1`, what a dual-stack socket reports) counts as the
     /// IPv4 address.
     pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.network, ip.to_canonical()) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                u32::from(ip) & v4_mask(self.prefix_len) == u32::from(net)
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                u128::from(ip) & v6_mask(self.prefix_len) == u128::from(net)
-            }
-            _ => false,
-        }
+        self.0.contains(&ip.to_canonical())
     }
 }
 
 impl fmt::Display for IpBlock {
     /// A full-length prefix prints as the bare address.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let full = if self.network.is_ipv4() { 32 } else { 128 };
-        if self.prefix_len == full {
-            write!(f, "{}", self.network)
+        if self.0.prefix_len() == self.0.max_prefix_len() {
+            write!(f, "{}", self.0.addr())
         } else {
-            write!(f, "{}/{}", self.network, self.prefix_len)
+            write!(f, "{}", self.0)
         }
     }
-}
-
-pub(crate) fn v4_mask(len: u8) -> u32 {
-    u32::MAX
-        .checked_shl(32 - u32::from(len.min(32)))
-        .unwrap_or(0)
-}
-
-pub(crate) fn v6_mask(len: u8) -> u128 {
-    u128::MAX
-        .checked_shl(128 - u32::from(len.min(128)))
-        .unwrap_or(0)
 }
