@@ -22,6 +22,26 @@ pub enum AgentError {
     },
 }
 
+/// A blocking Unix connect fails at once when nobody listens, but waits
+/// while a live listener's backlog is full (a stuck proxy): so it runs on
+/// a thread of its own, given up after `timeout` (the plugin exits soon
+/// after, taking the thread with it).
+fn connect(socket: &Path, timeout: Duration) -> std::io::Result<UnixStream> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let path = socket.to_owned();
+    std::thread::Builder::new()
+        .name("connect".into())
+        .spawn(move || {
+            let _ = tx.send(UnixStream::connect(path));
+        })?;
+    rx.recv_timeout(timeout).unwrap_or_else(|_| {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("connect: no room in the listener's backlog within {timeout:?}"),
+        ))
+    })
+}
+
 /// Sends `op` to the proxy at `socket` and returns its answer; the whole
 /// exchange (connect, write, read) takes at most `timeout`.
 pub fn ask(socket: &Path, op: Op, timeout: Duration) -> Result<Response, AgentError> {
@@ -32,9 +52,7 @@ pub fn ask(socket: &Path, op: Op, timeout: Duration) -> Result<Response, AgentEr
         source,
     })?;
     let deadline = Instant::now() + timeout;
-    // A Unix connect does not block on a live listener (it fails at once
-    // when nobody listens, or with EAGAIN when the backlog is full).
-    let mut s = UnixStream::connect(socket).map_err(|e| AgentError::Unreachable {
+    let mut s = connect(socket, timeout).map_err(|e| AgentError::Unreachable {
         socket: shown.clone(),
         reason: e.to_string(),
     })?;
@@ -104,6 +122,25 @@ mod tests {
         let e = ask(&path, Op::Status {}, Duration::from_millis(300)).unwrap_err();
         assert!(start.elapsed() < Duration::from_secs(3));
         assert!(e.to_string().contains("no answer within"), "{e}");
+    }
+
+    #[test]
+    fn a_proxy_that_stopped_accepting_is_given_up_within_the_bound() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("s.sock");
+        let _l = UnixListener::bind(&path).unwrap();
+        // Fill the backlog (never accepted); the next connect would block.
+        let mut held = Vec::new();
+        let start = Instant::now();
+        let e = loop {
+            match connect(&path, Duration::from_millis(200)) {
+                Ok(s) => held.push(s),
+                Err(e) => break e,
+            }
+            assert!(held.len() < 10_000, "the backlog never filled");
+        };
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+        assert!(start.elapsed() < Duration::from_secs(10));
     }
 
     #[test]

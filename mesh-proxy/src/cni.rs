@@ -63,6 +63,12 @@ pub enum Lookup {
 
 pub type Reconciled = Pin<Box<dyn Future<Output = Vec<String>> + Send>>;
 
+/// A pod as the /proc scan looks for it: `(namespace, name, uid)`.
+pub type PodId = (String, String, String);
+
+/// When /proc was last scanned, and for which pods.
+type LastScan = std::sync::Mutex<Option<(std::time::Instant, Vec<PodId>)>>;
+
 /// What this module needs from the node proxy. The proxy implements it
 /// with its registry and its own enrollment (reconcile).
 pub trait Enroller: Send + Sync + 'static {
@@ -74,7 +80,7 @@ pub trait Enroller: Send + Sync + 'static {
     fn captured(&self, key: &str, netns: &Path) -> Option<u64>;
     /// Pods this node must mesh whose netns nobody reported yet:
     /// `(namespace, name, uid)`.
-    fn unplaced(&self) -> Vec<(String, String, String)>;
+    fn unplaced(&self) -> Vec<PodId>;
 }
 
 /// What the CNI side did, for `/metrics` ([`Metrics`]).
@@ -209,7 +215,14 @@ pub struct Server<E: Enroller> {
     /// `fail-open/` beside the socket, where mesh-cni records pods it let
     /// start unmeshed (see [`Server::sweep`]).
     pub fail_open_dir: Option<PathBuf>,
+    /// The last /proc scan and the pods it looked for: a scan reads every
+    /// process's cgroup, so it runs again only for new pods or after
+    /// [`RESCAN`].
+    last_scan: LastScan,
 }
+
+/// How often /proc is scanned again for the same unplaced pods.
+pub const RESCAN: Duration = Duration::from_secs(5);
 
 /// Binds `path` (replacing a stale socket file), mode 0600.
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
@@ -235,6 +248,7 @@ impl<E: Enroller> Server<E> {
             enroller,
             limits,
             fail_open_dir: None,
+            last_scan: std::sync::Mutex::new(None),
         })
     }
 
@@ -251,6 +265,7 @@ impl<E: Enroller> Server<E> {
             enroller,
             limits,
             fail_open_dir: Some(dir),
+            last_scan: std::sync::Mutex::new(None),
         })
     }
 
@@ -468,10 +483,24 @@ impl<E: Enroller> Server<E> {
             }
         }
         let unplaced = self.enroller.unplaced();
-        let found = if unplaced.is_empty() {
-            Vec::new()
-        } else {
+        let due = {
+            let mut last = self
+                .last_scan
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let due = !unplaced.is_empty()
+                && last
+                    .as_ref()
+                    .is_none_or(|(at, seen)| at.elapsed() >= RESCAN || *seen != unplaced);
+            if due {
+                *last = Some((std::time::Instant::now(), unplaced.clone()));
+            }
+            due
+        };
+        let found = if due {
             running_pods(proc_root, &unplaced)
+        } else {
+            Vec::new()
         };
         for a in found {
             info!(pod = %a.key(), netns = %a.netns.display(), "running pod found: enrolling");
@@ -696,7 +725,7 @@ const MAX_SCANNED: usize = 65_536;
 /// process whose cgroup path carries the pod's UID (kubelet writes it as
 /// `pod<uid>` with the cgroupfs driver, `pod<uid with _>` with systemd's)
 /// and whose netns is not the proxy's own (host-network pods share that).
-pub fn running_pods(proc_root: &Path, wanted: &[(String, String, String)]) -> Vec<PodAttachment> {
+pub fn running_pods(proc_root: &Path, wanted: &[PodId]) -> Vec<PodAttachment> {
     let own = std::fs::metadata(proc_root.join("self/ns/net")).ok();
     let own_ino = own.map(|m| std::os::unix::fs::MetadataExt::ino(&m));
     let mut found: BTreeMap<String, PodAttachment> = BTreeMap::new();
@@ -773,7 +802,7 @@ impl Enroller for crate::proxy::NodeProxy {
             .map(|e| e.cookie)
     }
 
-    fn unplaced(&self) -> Vec<(String, String, String)> {
+    fn unplaced(&self) -> Vec<PodId> {
         let snap = self.registry.snapshot();
         snap.snapshot()
             .pods
@@ -844,7 +873,7 @@ mod tests {
             (self.enrolled.read().unwrap().get(key).map(|p| p.as_path()) == Some(netns))
                 .then_some(42)
         }
-        fn unplaced(&self) -> Vec<(String, String, String)> {
+        fn unplaced(&self) -> Vec<PodId> {
             if self.enrolled.read().unwrap().is_empty() {
                 vec![("default".into(), "web".into(), "u-1".into())]
             } else {
