@@ -497,8 +497,12 @@ impl<E: Enroller> Server<E> {
             }
             due
         };
+        // Off the control runtime: the scan reads every process's cgroup.
         let found = if due {
-            running_pods(proc_root, &unplaced)
+            let root = proc_root.to_owned();
+            tokio::task::spawn_blocking(move || running_pods(&root, &unplaced))
+                .await
+                .unwrap_or_default()
         } else {
             Vec::new()
         };
