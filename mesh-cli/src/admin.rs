@@ -2,7 +2,6 @@
 //! namespace), as the CLI reads it: the only way the CLI learns anything
 //! from a proxy.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -10,63 +9,8 @@ use anyhow::{Context, Result};
 use mesh_local::Mesh;
 use mesh_local::control::{self, READY_PORT};
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
 
-/// One flow of a kernel flow map, joined to workloads by the proxy
-/// (`GET /flows`).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct Flow {
-    pub cookie: u64,
-    pub source_workload: String,
-    pub source_principal: String,
-    pub app_socket: String,
-    pub original_dst: String,
-    pub destination_workload: String,
-    pub destination_principal: String,
-    pub destination_service: String,
-    pub security: String,
-    pub bytes_sent: u64,
-    pub bytes_received: u64,
-    pub age_ms: u64,
-    pub closed: bool,
-    pub srtt_us: u64,
-}
-
-/// `GET /workloads`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct Workloads {
-    pub node: String,
-    pub pods: Vec<Workload>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct Workload {
-    pub pod: String,
-    pub ips: Vec<String>,
-    pub identity: String,
-    pub enrolled: bool,
-    pub netns: Option<String>,
-    pub netns_cookie: Option<u64>,
-    pub listeners: Option<Vec<String>>,
-    pub labels: BTreeMap<String, String>,
-}
-
-/// One entry of `GET /certs`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct CertState {
-    pub identity: String,
-    pub serial: Option<String>,
-    pub not_before: Option<u64>,
-    pub not_after: Option<u64>,
-    pub next_refresh: u64,
-    pub last_error: Option<String>,
-    pub consecutive_failures: u32,
-    pub valid: bool,
-}
+pub use mesh_core::admin::{CertState, ExplainFlow, Flow, Workload, Workloads};
 
 /// A GET on `node`'s admin port; the body of a 200 answer.
 pub fn get(mesh: &Mesh, node: &str, path: &str) -> Result<String> {

@@ -11,7 +11,7 @@ use mesh_local::{Mesh, PodInfo};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::admin::{self, Flow};
+use crate::admin::{self, ExplainFlow, Flow};
 use crate::cli::ExplainArgs;
 use crate::failure::{Failure, code, name_flag, require_root};
 use crate::paint::{Paint, Style};
@@ -46,8 +46,8 @@ pub fn registry_services(mesh: &Mesh) -> Result<Vec<RegistryService>> {
     let path = mesh.control_registry();
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("read the registry {}", path.display()))?;
-    let file: RegistryFile =
-        serde_norway::from_str(&text).with_context(|| format!("the registry {}", path.display()))?;
+    let file: RegistryFile = serde_norway::from_str(&text)
+        .with_context(|| format!("the registry {}", path.display()))?;
     Ok(file.services)
 }
 
@@ -354,7 +354,7 @@ pub fn render(x: &Value, asked: Option<&str>, paint: &Paint) -> String {
     }
 
     // Flows of this pod to this destination.
-    let flows: Vec<Flow> = x["flows"]
+    let flows: Vec<ExplainFlow> = x["flows"]
         .as_array()
         .map(|a| {
             a.iter()

@@ -337,6 +337,8 @@ mod tests {
             age_ms,
             closed,
             srtt_us: 40,
+            direction: "outbound".into(),
+            destination_pod: Some("default/web-1".into()),
         }
     }
 

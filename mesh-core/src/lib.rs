@@ -1,6 +1,7 @@
 #![forbid(unsafe_code)]
 //! Types every part of sockmesh shares.
 
+pub mod admin;
 pub mod ca;
 pub mod display;
 pub mod enroll;

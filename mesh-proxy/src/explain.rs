@@ -3,7 +3,6 @@
 //! one answer a person can read. Read-only; never on the data path.
 
 use std::net::SocketAddr;
-use std::sync::PoisonError;
 
 use crate::hbone;
 use crate::proxy::NodeProxy;
@@ -65,7 +64,7 @@ impl NodeProxy {
             .map(|i| i.to_string())
             .unwrap_or_default();
         let (mode, kernel_enrolled, stats) = {
-            let dp = self.datapath.lock().unwrap_or_else(PoisonError::into_inner);
+            let dp = self.datapath.lock();
             let in_kernel = enrolled
                 .as_ref()
                 .is_some_and(|e| dp.enrolled().unwrap_or_default().contains(&e.cookie));
@@ -118,10 +117,13 @@ impl NodeProxy {
             .filter(|(f, _)| {
                 enrolled.as_ref().is_some_and(|e| e.cookie == f.netns) && f.original_dst == dst
             })
-            .map(|(f, _)| {
-                json!({"cookie": f.cookie, "app_socket": f.src, "bytes_sent": f.bytes_sent,
-                       "bytes_received": f.bytes_received, "closed": f.is_closed(),
-                       "age_ms": mesh_ebpf::age(f.start_ns).as_millis() as u64})
+            .map(|(f, _)| mesh_core::admin::ExplainFlow {
+                cookie: f.cookie,
+                app_socket: f.src.to_string(),
+                bytes_sent: f.bytes_sent,
+                bytes_received: f.bytes_received,
+                closed: f.is_closed(),
+                age_ms: mesh_ebpf::age(f.start_ns).as_millis() as u64,
             })
             .collect();
         let verdict = if enrolled.is_none() {

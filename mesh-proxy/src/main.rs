@@ -1,9 +1,9 @@
 //! `mesh-proxy`: the sockmesh node proxy. Thin: parse and check the
 //! configuration, set up logging, run the library.
 
+use parking_lot::Mutex;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use clap::Parser;

@@ -284,20 +284,24 @@ pub trait FlowResolver: Send + Sync {
     }
 }
 
+/// Why the kernel flow map could not be read or trimmed (boxed: the eBPF
+/// error is large and this path is not hot).
+pub type FlowMapError = Box<mesh_ebpf::Error>;
+
 /// Where the flows come from: the kernel map (a [`mesh_ebpf::Datapath`]) in
 /// the proxy, a fixed list in tests.
 pub trait FlowSource: Send {
-    fn flows(&mut self) -> Result<Vec<FlowEntry>, String>;
+    fn flows(&mut self) -> Result<Vec<FlowEntry>, FlowMapError>;
     /// Drops a closed flow once it has been folded into the totals.
-    fn forget(&mut self, cookie: u64) -> Result<(), String>;
+    fn forget(&mut self, cookie: u64) -> Result<(), FlowMapError>;
 }
 
 impl FlowSource for mesh_ebpf::Datapath {
-    fn flows(&mut self) -> Result<Vec<FlowEntry>, String> {
-        mesh_ebpf::Datapath::flows(self).map_err(|e| e.to_string())
+    fn flows(&mut self) -> Result<Vec<FlowEntry>, FlowMapError> {
+        Ok(mesh_ebpf::Datapath::flows(self)?)
     }
-    fn forget(&mut self, cookie: u64) -> Result<(), String> {
-        self.forget_flow(cookie).map_err(|e| e.to_string())
+    fn forget(&mut self, cookie: u64) -> Result<(), FlowMapError> {
+        Ok(self.forget_flow(cookie)?)
     }
 }
 
@@ -653,7 +657,7 @@ impl TcpMetrics {
     /// Each flow counts as opened exactly once and closed at most once; no
     /// value is ever lower than in an earlier snapshot, unless its series
     /// was pruned. Writes the state file when something changed.
-    pub fn snapshot(&self) -> Result<BTreeMap<SeriesLabels, Totals>, String> {
+    pub fn snapshot(&self) -> Result<BTreeMap<SeriesLabels, Totals>, FlowMapError> {
         let now = unix_secs(self.clock.now());
         let mut source = self.source.lock();
         let flows = source.flows()?;
@@ -1219,10 +1223,10 @@ mod tests {
 
     struct Fixed(Arc<Mutex<Vec<FlowEntry>>>);
     impl FlowSource for Fixed {
-        fn flows(&mut self) -> Result<Vec<FlowEntry>, String> {
+        fn flows(&mut self) -> Result<Vec<FlowEntry>, FlowMapError> {
             Ok(self.0.lock().clone())
         }
-        fn forget(&mut self, cookie: u64) -> Result<(), String> {
+        fn forget(&mut self, cookie: u64) -> Result<(), FlowMapError> {
             self.0.lock().retain(|f| f.cookie != cookie);
             Ok(())
         }

@@ -3,9 +3,12 @@
 //! runtime (registry watch, certificates, admin, metrics), and drains on
 //! SIGTERM/SIGINT.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, PoisonError};
 
+use parking_lot::Mutex;
+
+use mesh_core::admin as admin_api;
 use mesh_core::identity::SystemClock;
 use mesh_core::registry::FileRegistry;
 use prometheus_client::collector::Collector;
@@ -22,7 +25,7 @@ use crate::config::Config;
 use crate::identity::{
     CaClientConfig, CertManager, CertManagerConfig, HttpsCaClient, load_pem_certs,
 };
-use crate::metrics::{FlowSource, TcpMetrics};
+use crate::metrics::{self, FlowSource, TcpMetrics};
 use crate::proxy::NodeProxy;
 
 #[derive(Debug, thiserror::Error)]
@@ -120,7 +123,6 @@ pub fn run(cfg: Config, log: LogControl) -> Result<(), RunError> {
     let flow_table = node
         .datapath
         .lock()
-        .unwrap_or_else(PoisonError::into_inner)
         .flow_table()
         .map_err(|e| fail("open the flow map", e))?;
     let tcp_metrics = Arc::new(
@@ -222,13 +224,13 @@ struct NodeFlows {
 }
 
 impl FlowSource for NodeFlows {
-    fn flows(&mut self) -> Result<Vec<mesh_ebpf::FlowEntry>, String> {
-        let flows = self.table.flows().map_err(|e| e.to_string())?;
+    fn flows(&mut self) -> Result<Vec<mesh_ebpf::FlowEntry>, metrics::FlowMapError> {
+        let flows = self.table.flows()?;
         self.node.prune_chosen(&flows);
         Ok(flows)
     }
-    fn forget(&mut self, cookie: u64) -> Result<(), String> {
-        self.table.forget(cookie).map_err(|e| e.to_string())
+    fn forget(&mut self, cookie: u64) -> Result<(), metrics::FlowMapError> {
+        Ok(self.table.forget(cookie)?)
     }
 }
 
@@ -274,13 +276,7 @@ impl Collector for Health {
             let e = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
             ConstCounter::new(v.load(Ordering::Relaxed)).encode(e)?;
         }
-        let mode = self
-            .0
-            .datapath
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .mode()
-            .clone();
+        let mode = self.0.datapath.lock().mode().clone();
         let mut e = encoder.encode_descriptor(
             "sockmesh_redirection_mode",
             "1 for the redirection mode in force (sockmap, or degraded with the reason in logs).",
@@ -316,42 +312,44 @@ struct Admin {
 
 impl AdminState for Admin {
     fn config_dump(&self) -> serde_json::Value {
-        let dp = self
-            .node
-            .datapath
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let dp = self.node.datapath.lock();
         json!({
             "config": self.node.cfg,
             "redirection_mode": dp.mode().to_string(),
             "app_redirect": dp.redirect().unwrap_or(false),
             "pins": dp.pin_dir(),
-            "policies": self.node.policies.read().unwrap_or_else(PoisonError::into_inner).len(),
+            "policies": self.node.policies.read().len(),
         })
     }
 
     fn workloads(&self) -> serde_json::Value {
         let snap = self.node.registry.snapshot();
-        let pods: Vec<_> = snap
+        let pods = snap
             .pods
             .iter()
             .filter(|p| p.node == self.node.cfg.node)
             .map(|p| {
                 let key = format!("{}/{}", p.namespace, p.name);
                 let e = self.node.enrolled(&key);
-                json!({
-                    "pod": key,
-                    "ips": p.ips,
-                    "identity": p.identity(&self.node.cfg.trust_domain).map(|i| i.to_string()).unwrap_or_default(),
-                    "enrolled": e.is_some(),
-                    "netns": p.netns,
-                    "netns_cookie": e.as_ref().map(|e| e.cookie),
-                    "listeners": e.map(|e| e.listeners.iter().map(|a| a.to_string()).collect::<Vec<_>>()),
-                    "labels": p.labels,
-                })
+                admin_api::Workload {
+                    ips: p.ips.iter().map(ToString::to_string).collect(),
+                    identity: p
+                        .identity(&self.node.cfg.trust_domain)
+                        .map(|i| i.to_string())
+                        .unwrap_or_default(),
+                    enrolled: e.is_some(),
+                    netns: p.netns.as_ref().map(|n| n.display().to_string()),
+                    netns_cookie: e.as_ref().map(|e| e.cookie),
+                    listeners: e.map(|e| e.listeners.iter().map(ToString::to_string).collect()),
+                    labels: p.labels.clone(),
+                    pod: key,
+                }
             })
             .collect();
-        json!({"node": self.node.cfg.node, "pods": pods})
+        json!(admin_api::Workloads {
+            node: self.node.cfg.node.clone(),
+            pods,
+        })
     }
 
     fn certs(&self) -> serde_json::Value {
@@ -365,38 +363,41 @@ impl AdminState for Admin {
             .into_iter()
             .map(|(f, l)| {
                 let l = l.unwrap_or_default();
-                json!({
-                    "cookie": f.cookie,
-                    "direction": match f.direction {
+                admin_api::Flow {
+                    cookie: f.cookie,
+                    direction: match f.direction {
                         mesh_ebpf::Direction::Outbound => "outbound",
                         mesh_ebpf::Direction::Inbound => "inbound",
-                    },
-                    "source_workload": format!("{}/{}", l.source_workload_namespace, l.source_workload),
-                    "source_principal": l.source_principal,
-                    "app_socket": f.src,
-                    "original_dst": f.original_dst,
-                    "destination_workload": format!("{}/{}", l.destination_workload_namespace, l.destination_workload),
-                    "destination_principal": l.destination_principal,
-                    "destination_pod": self.node.destination_pod(&f),
-                    "destination_service": l.destination_service,
-                    "security": l.connection_security_policy,
-                    "bytes_sent": f.bytes_sent,
-                    "bytes_received": f.bytes_received,
-                    "age_ms": mesh_ebpf::age(f.start_ns).as_millis() as u64,
-                    "closed": f.is_closed(),
-                    "srtt_us": f.srtt_us,
-                })
+                    }
+                    .to_owned(),
+                    source_workload: format!(
+                        "{}/{}",
+                        l.source_workload_namespace, l.source_workload
+                    ),
+                    source_principal: l.source_principal,
+                    app_socket: f.src.to_string(),
+                    original_dst: f.original_dst.to_string(),
+                    destination_workload: format!(
+                        "{}/{}",
+                        l.destination_workload_namespace, l.destination_workload
+                    ),
+                    destination_principal: l.destination_principal,
+                    destination_pod: self.node.destination_pod(&f),
+                    destination_service: l.destination_service,
+                    security: l.connection_security_policy,
+                    bytes_sent: f.bytes_sent,
+                    bytes_received: f.bytes_received,
+                    age_ms: mesh_ebpf::age(f.start_ns).as_millis() as u64,
+                    closed: f.is_closed(),
+                    srtt_us: f.srtt_us.into(),
+                }
             })
             .collect();
         json!(flows)
     }
 
     fn stats(&self) -> serde_json::Value {
-        let dp = self
-            .node
-            .datapath
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let dp = self.node.datapath.lock();
         let kernel = dp
             .stats()
             .map(|s| json!(s))
@@ -417,21 +418,13 @@ impl AdminState for Admin {
 
     fn set_log_level(&self, filter: &str) -> Result<(), String> {
         (self.log.set)(filter)?;
-        *self
-            .log
-            .current
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = filter.to_owned();
+        *self.log.current.lock() = filter.to_owned();
         info!(filter, "log filter changed");
         Ok(())
     }
 
     fn log_level(&self) -> String {
-        self.log
-            .current
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.log.current.lock().clone()
     }
 
     fn ready(&self) -> Result<(), String> {

@@ -162,10 +162,7 @@ impl NodeProxy {
         // One at a time: the run loop and the CNI socket both call this.
         let _one = self.cni.reconciling().await;
         let snap = self.registry.snapshot();
-        *self
-            .policies
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(policy_set(&snap));
+        *self.policies.write() = Arc::new(policy_set(&snap));
         let wanted: BTreeMap<String, Pod> = self
             .wanted_pods(&snap)
             .map(|p| (format!("{}/{}", p.namespace, p.name), p))
@@ -238,10 +235,7 @@ impl NodeProxy {
             let fd = plaintext
                 .as_ref()
                 .ok_or_else(|| EnrollError::Closed { pod: e.key.clone() })?;
-            let mut dp = self
-                .datapath
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut dp = self.datapath.lock();
             for ip in pod.ips.iter().filter(|ip| e.dual_stack || ip.is_ipv4()) {
                 dp.set_inbound_listener(*ip, fd)?;
             }
@@ -294,11 +288,7 @@ impl NodeProxy {
         // connects go to 15001, which has no listener until enrollment
         // completes, so they are refused rather than sent in clear while
         // the certificate or a listener is missing.
-        let cookie = self
-            .datapath
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .enroll(&netns)?;
+        let cookie = self.datapath.lock().enroll(&netns)?;
         let server_tls = self.server_tls(&identity).await?;
         let sockets = Arc::new(PodSockets::open(&netns)?);
 
@@ -342,10 +332,7 @@ impl NodeProxy {
             }
         };
         {
-            let mut dp = self
-                .datapath
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut dp = self.datapath.lock();
             for ip in pod.ips.iter().filter(|ip| dual_stack || ip.is_ipv4()) {
                 dp.set_inbound_listener(*ip, &plain)?;
             }
@@ -407,10 +394,7 @@ impl NodeProxy {
     fn release(&self, p: &EnrolledPod, keep: &[IpAddr]) {
         p.stop();
         {
-            let mut dp = self
-                .datapath
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut dp = self.datapath.lock();
             if self.pods.by_cookie(p.cookie).is_none()
                 && let Err(e) = dp.unenroll(p.cookie)
             {

@@ -22,7 +22,6 @@ use rcgen::{CertificateParams, DistinguishedName, KeyPair, SanType};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::sign::CertifiedKey;
-use serde::Serialize;
 use tokio::sync::{Notify, watch};
 
 use super::client::CaClient;
@@ -128,19 +127,7 @@ impl WorkloadCert {
 }
 
 /// What an admin endpoint or `mesh certs` shows per identity.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct CertState {
-    pub identity: String,
-    pub serial: Option<String>,
-    /// Seconds since the Unix epoch.
-    pub not_before: Option<u64>,
-    pub not_after: Option<u64>,
-    pub next_refresh: u64,
-    pub last_error: Option<String>,
-    pub consecutive_failures: u32,
-    /// Whether a certificate valid now is held.
-    pub valid: bool,
-}
+pub use mesh_core::admin::CertState;
 
 #[derive(Debug)]
 struct EntryState {

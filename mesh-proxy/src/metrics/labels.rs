@@ -15,10 +15,7 @@ impl NodeProxy {
     /// Flows of this node's pods, joined to workloads.
     pub fn flows(&self) -> Vec<(FlowEntry, Option<FlowLabels>)> {
         let flows = {
-            let dp = self
-                .datapath
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let dp = self.datapath.lock();
             dp.flows().unwrap_or_default()
         };
         self.prune_chosen(&flows);

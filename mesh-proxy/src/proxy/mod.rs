@@ -18,14 +18,15 @@ pub mod inbound_passthrough;
 pub mod outbound;
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use mesh_core::identity::Identity;
 use mesh_core::policy::{self, PolicySet};
 use mesh_core::registry::{FileRegistry, Pod, Snapshot};
 use mesh_ebpf::netns::PodSockets;
 use mesh_ebpf::{Datapath, OrigDstReader, PROXY_MARK};
+use parking_lot::{Mutex, RwLock};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpSocket, TcpStream};
 use tracing::debug;
@@ -149,10 +150,7 @@ impl NodeProxy {
                 port,
             },
         };
-        self.policies
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .evaluate(&request)
+        self.policies.read().evaluate(&request)
     }
 
     /// Tells metrics who is behind the delivery socket `app` (its kernel
