@@ -294,6 +294,20 @@ pub fn wait_until(
     })
 }
 
+/// `process`'s log once `ok` accepts it: a connection's access-log line is
+/// written when the connection ends, which may be just after the client
+/// is done.
+pub fn wait_log(
+    m: &TestMesh,
+    process: &str,
+    what: &str,
+    ok: impl Fn(&str) -> bool,
+) -> Result<String> {
+    wait_until(what, Duration::from_secs(10), || Ok(ok(&m.log(process))))
+        .with_context(|| format!("{process}'s log:\n{}", m.log(process)))?;
+    Ok(m.log(process))
+}
+
 /// The sum of `name` over every series that has all of `labels`.
 pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
     text.lines()

@@ -90,14 +90,16 @@ fn pods_talk_over_mtls_across_and_within_nodes_by_ip_and_service() -> Result<()>
     );
 
     // The server side's access log names the client's SPIFFE ID.
-    let log_b = m.log("proxy-node-b");
-    assert!(
-        log_b
-            .lines()
-            .any(|l| l.contains("direction=\"inbound\"") || l.contains("direction=inbound"))
-            && log_b.contains("spiffe://cluster.local/ns/default/sa/client"),
-        "node-b access log lacks the client's SPIFFE ID:\n{log_b}"
-    );
+    wait_log(
+        &m,
+        "proxy-node-b",
+        "node-b's access log to name the client's SPIFFE ID",
+        |log| {
+            log.lines()
+                .any(|l| l.contains("direction=\"inbound\"") || l.contains("direction=inbound"))
+                && log.contains("spiffe://cluster.local/ns/default/sa/client")
+        },
+    )?;
 
     // Each VIP connection is labelled with the endpoint that served it
     // (read before the scrape below folds closed flows into totals).
@@ -239,11 +241,12 @@ fn deny_policy_resets_and_a_policy_change_applies_without_restart() -> Result<()
         v["verdict"].as_str().unwrap_or("").contains("DENIED"),
         "{v}"
     );
-    let log_b = m.log("proxy-node-b");
-    assert!(
-        log_b.contains("deny-other"),
-        "denial not logged with its rule:\n{log_b}"
-    );
+    wait_log(
+        &m,
+        "proxy-node-b",
+        "the denial logged with its rule",
+        |log| log.contains("deny-other"),
+    )?;
 
     // Swap the policy: now default is denied and other allowed; no restart.
     m.mesh.write_control_registry(Some(&deny_from("default")))?;
@@ -585,11 +588,12 @@ fn pods_talk_over_ipv6_through_the_mesh() -> Result<()> {
         2_000_000,
         1_000_000,
     )?;
-    let log_b = m.log("proxy-node-b");
-    assert!(
-        log_b.contains("spiffe://cluster.local/ns/default/sa/client"),
-        "{log_b}"
-    );
+    wait_log(
+        &m,
+        "proxy-node-b",
+        "the client's identity in the log",
+        |log| log.contains("spiffe://cluster.local/ns/default/sa/client"),
+    )?;
     Ok(())
 }
 
@@ -625,14 +629,31 @@ fn inbound_plaintext_is_refused_when_strict_and_forwarded_when_permissive() -> R
             // Reset at once: seen on the first read, or already on getpeername.
             let e = err.to_lowercase();
             assert!(e.contains("reset") || e.contains("not connected"), "{err}");
-            assert!(log.contains("STRICT: plaintext to a meshed pod"), "{log}");
+            // Each connection's record is logged when it ends.
+            wait_until(
+                "the STRICT refusal in the log",
+                Duration::from_secs(10),
+                || {
+                    Ok(m.log("proxy-node-b")
+                        .contains("STRICT: plaintext to a meshed pod"))
+                },
+            )
+            .with_context(|| m.log("proxy-node-b"))?;
         } else {
             assert_eq!(r.map_err(anyhow::Error::msg)?, "server 0.0.0.0:8080");
             srv.event("accepted")?;
-            assert!(
-                log.contains("security=\"plaintext\"") || log.contains("security=plaintext"),
-                "{log}"
-            );
+            wait_until(
+                "the plaintext record in the log",
+                Duration::from_secs(10),
+                || {
+                    let log = m.log("proxy-node-b");
+                    Ok(
+                        log.contains("security=\"plaintext\"")
+                            || log.contains("security=plaintext"),
+                    )
+                },
+            )
+            .with_context(|| m.log("proxy-node-b"))?;
         }
     }
     Ok(())
