@@ -221,7 +221,16 @@ fn del(env: &Env, conf: &NetConf) {
         container_id: env.container_id.clone(),
         ifname: env.ifname.clone(),
     };
-    match agent::ask(&conf.socket, Op::Del { attachment }, conf.timeout) {
+    let mut args = conf.conf_args.clone();
+    args.extend(env.args.clone());
+    let pod = spec::k8s_pod(&args)
+        .ok()
+        .flatten()
+        .map(|p| mesh_core::enroll::PodName {
+            namespace: p.namespace,
+            name: p.name,
+        });
+    match agent::ask(&conf.socket, Op::Del { attachment, pod }, conf.timeout) {
         Ok(_) => info!(container = %env.container_id, "released"),
         // DEL must succeed: a proxy that is down drops attachments whose
         // netns is gone when it starts.

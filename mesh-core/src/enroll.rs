@@ -75,6 +75,20 @@ pub struct AttachmentRef {
     pub ifname: String,
 }
 
+/// A pod by name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PodName {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl PodName {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
 /// What the plugin asks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
@@ -83,8 +97,14 @@ pub enum Op {
     Add { pod: PodAttachment },
     /// Is this pod still captured as attached?
     Check { pod: PodAttachment },
-    /// The runtime released this attachment (idempotent).
-    Del { attachment: AttachmentRef },
+    /// The runtime released this attachment (idempotent). `pod`, when the
+    /// runtime named it, also releases what the agent found of that pod by
+    /// itself (a restarted agent knows running pods only by their process).
+    Del {
+        attachment: AttachmentRef,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pod: Option<PodName>,
+    },
     /// Release every attachment not in `valid`.
     Gc { valid: Vec<AttachmentRef> },
     /// Is the agent there and ready?
@@ -252,7 +272,15 @@ impl Request {
         }
         match &self.op {
             Op::Add { pod } | Op::Check { pod } => check_pod(pod),
-            Op::Del { attachment } => check_attachment_ref(attachment),
+            Op::Del { attachment, pod } => {
+                if let Some(p) = pod {
+                    crate::identity::dns1123_label(&p.namespace)
+                        .map_err(|r| field("namespace", &p.namespace, r))?;
+                    crate::identity::dns1123_subdomain(&p.name)
+                        .map_err(|r| field("name", &p.name, r))?;
+                }
+                check_attachment_ref(attachment)
+            }
             Op::Gc { valid } => {
                 if valid.len() > MAX_VALID {
                     return Err(field(
@@ -590,7 +618,10 @@ mod tests {
             let op = match op {
                 0 => Op::Add { pod: p },
                 1 => Op::Check { pod: p },
-                2 => Op::Del { attachment: AttachmentRef { container_id: p.container_id, ifname: p.ifname } },
+                2 => Op::Del {
+                    pod: Some(PodName { namespace: p.namespace.clone(), name: p.name.clone() }),
+                    attachment: AttachmentRef { container_id: p.container_id, ifname: p.ifname },
+                },
                 3 => Op::Gc { valid: vec![AttachmentRef { container_id: p.container_id, ifname: p.ifname }] },
                 _ => Op::Status {},
             };

@@ -367,10 +367,27 @@ impl<E: Enroller> Server<E> {
                     },
                 },
             },
-            Op::Del { attachment } => {
+            Op::Del { attachment, pod } => {
+                let mut released = Vec::new();
                 if let Some(p) = self.attachments.remove(&attachment) {
                     info!(pod = %p.key(), container = %attachment.container_id, "CNI DEL: released");
-                    bump(&self.attachments.stats.released);
+                    released.push(p);
+                }
+                if let Some(name) = pod {
+                    // What a restarted proxy found of this pod by its
+                    // process (the runtime never told it the attachment).
+                    let key = name.key();
+                    released.extend(
+                        self.attachments.retain(|a| {
+                            !(a.key() == key && a.container_id.starts_with(SCAN_PREFIX))
+                        }),
+                    );
+                }
+                if !released.is_empty() {
+                    self.attachments
+                        .stats
+                        .released
+                        .fetch_add(released.len() as u64, Ordering::Relaxed);
                     self.reconcile().await;
                 }
                 Outcome::Done {}
@@ -691,6 +708,20 @@ impl prometheus_client::collector::Collector for Metrics {
     }
 }
 
+/// Whether two paths name one network namespace (the runtime's
+/// `/run/netns/cni-…` and a process's `/proc/<pid>/ns/net` do, after a
+/// restart found the pod by its process): same device and inode.
+pub fn same_netns(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    if a == b {
+        return true;
+    }
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}
+
 fn truncate(mut s: String, max: usize) -> String {
     if s.len() > max {
         let mut end = max.saturating_sub(3);
@@ -802,7 +833,7 @@ impl Enroller for crate::proxy::NodeProxy {
 
     fn captured(&self, key: &str, netns: &Path) -> Option<u64> {
         self.enrolled(key)
-            .filter(|e| e.netns.as_path() == netns)
+            .filter(|e| same_netns(&e.netns, netns))
             .map(|e| e.cookie)
     }
 
@@ -940,6 +971,7 @@ mod tests {
         };
         assert_eq!(
             s.handle(Op::Del {
+                pod: None,
                 attachment: r.clone()
             })
             .await,
@@ -948,7 +980,14 @@ mod tests {
         assert!(s.enroller.enrolled.read().unwrap().is_empty());
         // DEL again: nothing to do, still done, no reconcile.
         let before = s.enroller.reconciles.load(Ordering::Relaxed);
-        assert_eq!(s.handle(Op::Del { attachment: r }).await, Outcome::Done {});
+        assert_eq!(
+            s.handle(Op::Del {
+                attachment: r,
+                pod: None
+            })
+            .await,
+            Outcome::Done {}
+        );
         assert_eq!(s.enroller.reconciles.load(Ordering::Relaxed), before);
     }
 
@@ -1062,6 +1101,15 @@ mod tests {
                 .load(Ordering::Relaxed),
             0
         );
+    }
+
+    #[test]
+    fn a_netns_is_the_same_by_any_path() {
+        let own = Path::new("/proc/self/ns/net");
+        let by_pid = PathBuf::from(format!("/proc/{}/ns/net", std::process::id()));
+        assert!(same_netns(own, &by_pid));
+        assert!(!same_netns(own, Path::new("/proc/self/ns/mnt")));
+        assert!(!same_netns(own, Path::new("/nonexistent/ns")));
     }
 
     #[test]

@@ -395,6 +395,40 @@ fn a_pod_added_through_cni_is_captured_before_its_first_connect() -> Result<()> 
     let (ok, e) = mesh_cni_1_1("STATUS", &socket, json!({}))?;
     ensure!(ok, "STATUS with the proxy up: {e}");
 
+    // The proxy crashes and its supervisor restarts it: what CNI told the
+    // old one is gone, and the pod (a process in a cgroup that carries its
+    // UID) is found again and enrolled; the runtime's CHECK, with its own
+    // netns path, still passes.
+    let mut app = pod
+        .command(&["sleep".to_owned(), "600".to_owned()])
+        .spawn()?;
+    let r = (|| -> Result<()> {
+        let old = m.mesh.proxy_pid("node-a").context("node-a's proxy pid")?;
+        Command::new("kill")
+            .args(["-KILL", &old.to_string()])
+            .status()?;
+        wait_until(
+            "the restarted proxy to enroll cni-app again",
+            Duration::from_secs(30),
+            || {
+                Ok(m.mesh.proxy_pid("node-a").is_some_and(|p| p != old)
+                    && enrolled(&m, "node-a", "default/cni-app").ok().flatten() == Some(true))
+            },
+        )
+        .with_context(|| format!("proxy-node-a log:\n{}", m.log("proxy-node-a")))?;
+        let check = chain(
+            &node.netns_path(),
+            &list,
+            &pod_env("CHECK", &pod.path()),
+            Some(&result),
+        )?;
+        ensure!(check.is_ok(), "CHECK after the restart: {check:?}");
+        Ok(())
+    })();
+    let _ = app.kill();
+    let _ = app.wait();
+    r?;
+
     // DEL: unenrolled; DEL again: still fine.
     for _ in 0..2 {
         let del = chain(
