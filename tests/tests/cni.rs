@@ -1099,6 +1099,38 @@ fn a_container_run_by_containerd_is_meshed_before_its_first_connect() -> Result<
         }))?,
     )?;
 
+    // Everything on the fabric is recorded while the container runs.
+    let fabric = m.mesh.state().fabric.netns.clone();
+    let pcap = dir.join("fabric.pcap");
+    let mut dump = Daemon(
+        Command::new("ip")
+            .args([
+                "netns", "exec", &fabric, "tcpdump", "-i", "br0", "-U", "-s", "0", "-w",
+            ])
+            .arg(&pcap)
+            .arg("tcp")
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("tcpdump (installed by ./x setup)")?,
+    );
+    let listening = {
+        let stderr = dump.0.stderr.take().context("tcpdump's stderr")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in
+                std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok)
+            {
+                if line.contains("listening on") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        rx
+    };
+    listening
+        .recv_timeout(Duration::from_secs(10))
+        .context("tcpdump did not start capturing within 10 s")?;
+
     let web = m.ip("default/web")?;
     let s = serve(&m, "default/web", 8080, 1, 1000)?;
     // The container's cgroup under node-a's pods (the eBPF hooks sit on
@@ -1174,6 +1206,34 @@ fn a_container_run_by_containerd_is_meshed_before_its_first_connect() -> Result<
             m.log("proxy-node-a")
         )
     })?;
+    // On the fabric: the container's connection is HBONE (15008) from its
+    // own address, nothing reaches web:8080 in clear.
+    let _ = wait_until("tcpdump to write packets", Duration::from_secs(5), || {
+        Ok(std::fs::metadata(&pcap).map_or(0, |m| m.len()) > 24)
+    });
+    let _ = Command::new("kill")
+        .args(["-INT", &dump.0.id().to_string()])
+        .status();
+    let _ = dump.0.wait();
+    let listing = sockmesh_tests::run(Command::new("tcpdump").args(["-nn", "-r"]).arg(&pcap))?;
+    let lines: Vec<&str> = listing.lines().filter(|l| l.contains(" IP ")).collect();
+    for l in &lines {
+        ensure!(
+            l.contains(".15008") || l.contains(".15012"),
+            "non-mesh port on the fabric: {l}\n{listing}"
+        );
+    }
+    let from_container = (230..=250).any(|k| {
+        lines.iter().any(|l| {
+            l.contains(&format!("{}. ", addr(k)).replace(". ", ".")) && l.contains(".15008")
+        })
+    });
+    ensure!(
+        from_container,
+        "no HBONE from the container's address on the fabric ({:?} bytes captured):\n{listing}",
+        std::fs::metadata(&pcap).map(|m| m.len())
+    );
+
     // The container is gone (--rm): its pod is released.
     wait_until("ctr-app to be released", Duration::from_secs(20), || {
         Ok(enrolled(&m, "node-a", "default/ctr-app")? == Some(false))
