@@ -3,7 +3,6 @@
 //! the first node, one `mesh-proxy` per node; readiness waits; and plain
 //! HTTP to a node's admin ports from inside its netns.
 
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
@@ -83,8 +82,13 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
     }
 }
 
+/// Most bytes of an answer body [`http`] reads.
+const MAX_BODY: usize = 16 << 20;
+
 /// An HTTP/1.1 request from inside the network namespace at `netns` (the
-/// node's admin ports listen there). Returns status and body.
+/// node's admin ports listen there), made with hyper's client on a small
+/// runtime of its own in a thread that entered the namespace. Returns
+/// status and body; the whole exchange is bounded by `timeout`.
 pub fn http(
     netns: &Path,
     method: &str,
@@ -93,55 +97,60 @@ pub fn http(
     timeout: Duration,
 ) -> std::io::Result<(u16, String)> {
     let file = std::fs::File::open(netns)?;
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
-    );
+    let method = http::Method::from_bytes(method.as_bytes()).map_err(std::io::Error::other)?;
     std::thread::scope(|s| {
         s.spawn(|| -> std::io::Result<(u16, String)> {
             nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
-            let mut c = TcpStream::connect_timeout(&addr, timeout)?;
-            c.set_read_timeout(Some(timeout))?;
-            c.set_write_timeout(Some(timeout))?;
-            c.write_all(request.as_bytes())?;
-            let mut raw = Vec::new();
-            c.take(16 << 20).read_to_end(&mut raw)?;
-            let text = String::from_utf8_lossy(&raw).into_owned();
-            let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-            let status = head
-                .split_whitespace()
-                .nth(1)
-                .and_then(|s| s.parse().ok())
-                .ok_or_else(|| {
-                    std::io::Error::other(format!("bad HTTP answer from {addr}{path}: {head:?}"))
-                })?;
-            let body = if head
-                .to_ascii_lowercase()
-                .contains("transfer-encoding: chunked")
-            {
-                dechunk(body)
-            } else {
-                body.to_owned()
-            };
-            Ok((status, body))
+            // Connected here, in the namespace; the runtime only drives it.
+            let tcp = TcpStream::connect_timeout(&addr, timeout)?;
+            tcp.set_nonblocking(true)?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                tokio::time::timeout(timeout, exchange(tcp, method, addr, path))
+                    .await
+                    .map_err(|_| {
+                        std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("{addr}{path}: no answer within {timeout:?}"),
+                        )
+                    })?
+            })
         })
         .join()
         .unwrap_or_else(|p| std::panic::resume_unwind(p))
     })
 }
 
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = rest[n..].trim_start_matches("\r\n");
-    }
-    out
+/// One request on `tcp`, and its answer.
+async fn exchange(
+    tcp: TcpStream,
+    method: http::Method,
+    addr: SocketAddr,
+    path: &str,
+) -> std::io::Result<(u16, String)> {
+    use http_body_util::BodyExt;
+    let bad = |e: &dyn std::fmt::Display| std::io::Error::other(format!("{addr}{path}: {e}"));
+    let io = hyper_util::rt::TokioIo::new(tokio::net::TcpStream::from_std(tcp)?);
+    let (mut send, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|e| bad(&e))?;
+    tokio::spawn(conn);
+    let request = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(http::header::HOST, addr.to_string())
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(|e| bad(&e))?;
+    let answer = send.send_request(request).await.map_err(|e| bad(&e))?;
+    let status = answer.status().as_u16();
+    let body = http_body_util::Limited::new(answer.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| bad(&e))?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 impl Mesh {
@@ -660,15 +669,48 @@ fn wait_for(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
+    /// A server that answers one request with `answer`, verbatim.
+    fn answering(answer: &'static str) -> SocketAddr {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (mut c, _) = l.accept().unwrap();
+            let mut req = [0u8; 1024];
+            let _ = c.read(&mut req);
+            c.write_all(answer.as_bytes()).unwrap();
+        });
+        addr
+    }
+
+    fn ask(addr: SocketAddr) -> std::io::Result<(u16, String)> {
+        let tcp = TcpStream::connect(addr)?;
+        tcp.set_nonblocking(true)?;
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(exchange(tcp, http::Method::GET, addr, "/flows"))
+    }
+
     #[test]
-    fn chunked_bodies_are_joined() {
-        assert_eq!(
-            dechunk("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"),
-            "hello world"
+    fn chunked_and_sized_bodies_are_read_whole() {
+        let chunked = answering(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
         );
-        assert_eq!(dechunk(""), "");
+        assert_eq!(ask(chunked).unwrap(), (200, "hello world".into()));
+        let sized =
+            answering("HTTP/1.1 503 Service Unavailable\r\ncontent-length: 9\r\n\r\nnot ready");
+        assert_eq!(ask(sized).unwrap(), (503, "not ready".into()));
+    }
+
+    #[test]
+    fn a_garbled_answer_is_an_error_naming_the_address() {
+        let addr = answering("SSH-2.0-OpenSSH\r\n\r\n");
+        let e = ask(addr).unwrap_err().to_string();
+        assert!(e.contains(&format!("{addr}/flows")), "{e}");
     }
 }
