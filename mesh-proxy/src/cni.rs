@@ -293,10 +293,11 @@ impl<E: Enroller> Server<E> {
                         self.limits.max_connections
                     ),
                 });
-                tokio::spawn(async move {
-                    let _ =
-                        tokio::time::timeout(Duration::from_secs(1), write(&mut conn, &busy)).await;
-                });
+                // One non-blocking write into the fresh socket's buffer, no
+                // task: a flood over the cap costs nothing that lasts.
+                if let Ok(frame) = enroll::encode(&busy) {
+                    let _ = conn.try_write(&frame);
+                }
                 continue;
             };
             let me = self.clone();
@@ -1134,6 +1135,46 @@ mod tests {
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].netns, proc.join("77/ns/net"));
         assert_eq!(found[0].container_id, "running:77");
+    }
+
+    #[tokio::test]
+    async fn over_the_connection_cap_a_client_is_refused_at_once() {
+        let att_ = Arc::new(Attachments::default());
+        let fake = Arc::new(Fake {
+            att: att_.clone(),
+            enrolled: RwLock::new(BTreeMap::new()),
+            reconciles: AtomicUsize::new(0),
+            fail: false,
+        });
+        let limits = Limits {
+            max_connections: 1,
+            read_timeout: Duration::from_secs(10),
+            answer_timeout: Duration::from_secs(10),
+        };
+        let s = Server::new(att_, fake, limits);
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("cni.sock");
+        let l = bind(&path).unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(s.clone().serve(l, async {
+            let _ = rx.await;
+        }));
+        // Holds the only slot: connected, sends nothing.
+        let _idle = UnixStream::connect(&path).await.unwrap();
+        let mut c = UnixStream::connect(&path).await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut out))
+            .await
+            .expect("refused at once, not after the idle client's timeout")
+            .unwrap();
+        let r = enroll::parse_response(&out[4..]).unwrap();
+        assert!(
+            matches!(r.outcome, Outcome::Refused { ref reason } if reason.contains("busy")),
+            "{r:?}"
+        );
+        assert_eq!(s.attachments.stats.busy.load(Ordering::Relaxed), 1);
+        let _ = tx.send(());
+        task.await.unwrap();
     }
 
     #[tokio::test]
