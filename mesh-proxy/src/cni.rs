@@ -277,7 +277,7 @@ impl<E: Enroller> Server<E> {
                 _ = &mut stop => return,
                 a = listener.accept() => a,
             };
-            let mut conn = match accepted {
+            let conn = match accepted {
                 Ok((c, _)) => c,
                 Err(e) => {
                     warn!(error = %e, "CNI socket: accept failed");
