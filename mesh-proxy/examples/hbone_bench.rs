@@ -27,15 +27,8 @@ use anyhow::{Context as _, Result, bail};
 use mesh_proxy::hbone::{
     Connector, ConnectorError, H2Config, Pool, PoolKey, Refusal, Tunnel, accept, handler_fn, serve,
 };
-use rcgen::{
-    BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
-};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
-use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
-use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -44,136 +37,14 @@ const BUF: usize = 256 * 1024;
 const MSG: usize = 1024;
 
 async fn within<T>(what: &str, fut: impl Future<Output = T>) -> Result<T> {
-    tokio::time::timeout(WAIT, fut)
-        .await
-        .with_context(|| format!("{what}: timed out after {WAIT:?}"))
+    sockmesh_test_support::within(what, WAIT, fut).await
 }
 
 // ------------------------------------------------------------------ PKI
+// The shared test PKI (sockmesh-test-support): SVIDs for the two ends.
 
-struct Pki {
-    ca: CertificateDer<'static>,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-impl Pki {
-    fn new() -> Result<Pki> {
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
-        let key = KeyPair::generate()?;
-        let cert = params.self_signed(&key)?;
-        Ok(Pki {
-            ca: cert.der().clone(),
-            issuer: Issuer::new(params, key),
-        })
-    }
-
-    fn leaf(&self, spiffe: &str) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.subject_alt_names = vec![SanType::URI(spiffe.try_into()?)];
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let key = KeyPair::generate()?;
-        let cert = params.signed_by(&key, &self.issuer)?;
-        Ok((
-            vec![cert.der().clone()],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        ))
-    }
-
-    fn roots(&self) -> Result<Arc<RootCertStore>> {
-        let mut roots = RootCertStore::empty();
-        roots.add(self.ca.clone())?;
-        Ok(Arc::new(roots))
-    }
-
-    fn server(&self, p: &Arc<CryptoProvider>) -> Result<Arc<rustls::ServerConfig>> {
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(self.roots()?, p.clone()).build()?;
-        let (chain, key) = self.leaf("spiffe://cluster.local/ns/bench/sa/server")?;
-        let mut c = rustls::ServerConfig::builder_with_provider(p.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(chain, key)?;
-        c.alpn_protocols = vec![b"h2".to_vec()];
-        Ok(Arc::new(c))
-    }
-
-    fn client(&self, p: &Arc<CryptoProvider>) -> Result<Arc<rustls::ClientConfig>> {
-        let (chain, key) = self.leaf("spiffe://cluster.local/ns/bench/sa/client")?;
-        let mut c = rustls::ClientConfig::builder_with_provider(p.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(ChainOnly {
-                roots: self.roots()?,
-                provider: p.clone(),
-            }))
-            .with_client_auth_cert(chain, key)?;
-        c.alpn_protocols = vec![b"h2".to_vec()];
-        Ok(Arc::new(c))
-    }
-}
-
-/// SVIDs have no DNS name: verify the chain, not the name.
-#[derive(Debug)]
-struct ChainOnly {
-    roots: Arc<RootCertStore>,
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for ChainOnly {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _name: &ServerName<'_>,
-        _ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &ParsedCertificate::try_from(end_entity)?,
-            &self.roots,
-            intermediates,
-            now,
-            self.provider.signature_verification_algorithms.all,
-        )?;
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _m: &[u8],
-        _c: &CertificateDer<'_>,
-        _d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("TLS 1.2 is not used".into()))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            m,
-            c,
-            d,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
+const SERVER_ID: &str = "spiffe://cluster.local/ns/bench/sa/server";
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/bench/sa/client";
 
 // ------------------------------------------------------------------ apps
 
@@ -374,10 +245,10 @@ async fn hbone(
     rounds: usize,
 ) -> Result<Row> {
     let provider = Arc::new(provider);
-    let pki = Pki::new()?;
-    let server = hbone_server(pki.server(&provider)?, h2.clone()).await?;
+    let pki = sockmesh_test_support::Pki::new()?;
+    let server = hbone_server(pki.server_config(&provider, SERVER_ID)?, h2.clone()).await?;
     let chunk = h2.copy_buffer;
-    let pool = Pool::new(Dialer(pki.client(&provider)?), h2);
+    let pool = Pool::new(Dialer(pki.client_config(&provider, Some(CLIENT_ID))?), h2);
     let key = PoolKey::new("spiffe://cluster.local/ns/bench/sa/client", server);
     // Connection set-up is not what is measured: open it first.
     drop(within("warm-up", pool.connect(&key, echo)).await??);

@@ -17,16 +17,11 @@ use mesh_proxy::hbone::{
     CapExceeded, Connector, ConnectorError, H2Config, Handler, HboneError, Limiter, Pool, PoolKey,
     Refusal, ServeSummary, ServerLimits, Tunnel, TunnelClosed, serve, serve_tcp,
 };
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
-};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
-use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
-use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::pki_types::{CertificateDer, ServerName};
 use sha2::{Digest, Sha256};
+use sockmesh_test_support::ChainOnly;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -37,20 +32,16 @@ const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/web";
 const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/db";
 
 async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(WAIT, fut).await {
-        Ok(v) => v,
-        Err(_) => panic!("{what}: timed out after {WAIT:?}"),
-    }
+    sockmesh_test_support::within(what, WAIT, fut)
+        .await
+        .unwrap()
 }
 
 /// Polls `cond` until it holds, at most `WAIT`.
 async fn eventually(what: &str, cond: impl Fn() -> bool) {
-    within(what, async {
-        while !cond() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
+    sockmesh_test_support::eventually(what, WAIT, cond)
+        .await
+        .unwrap()
 }
 
 // ---------------------------------------------------------------- PKI
@@ -59,144 +50,26 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-struct Pki {
-    ca: CertificateDer<'static>,
-    issuer: Issuer<'static, KeyPair>,
-}
+/// The shared test PKI with this file's server identity and provider.
+struct Pki(sockmesh_test_support::Pki);
 
 impl Pki {
     fn new() -> Pki {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params
-            .distinguished_name
-            .push(DnType::OrganizationName, "sockmesh test CA");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let key = KeyPair::generate().unwrap();
-        let cert = params.self_signed(&key).unwrap();
-        Pki {
-            ca: cert.der().clone(),
-            issuer: Issuer::new(params, key),
-        }
-    }
-
-    /// An X.509-SVID: one URI SAN, not a CA, digitalSignature, server+client auth.
-    fn leaf(&self, spiffe: &str) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.subject_alt_names = vec![SanType::URI(spiffe.try_into().unwrap())];
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (
-            vec![cert.der().clone()],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        )
+        Pki(sockmesh_test_support::Pki::new().unwrap())
     }
 
     fn roots(&self) -> Arc<RootCertStore> {
-        let mut roots = RootCertStore::empty();
-        roots.add(self.ca.clone()).unwrap();
-        Arc::new(roots)
+        self.0.roots().unwrap()
     }
 
     /// mTLS required: clients must present a certificate chaining to the CA.
     fn server_config(&self) -> Arc<rustls::ServerConfig> {
-        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots(), provider())
-            .build()
-            .unwrap();
-        let (chain, key) = self.leaf(SERVER_ID);
-        let mut config = rustls::ServerConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(chain, key)
-            .unwrap();
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        Arc::new(config)
+        self.0.server_config(&provider(), SERVER_ID).unwrap()
     }
 
     /// `identity: None` presents no certificate.
     fn client_config(&self, identity: Option<&str>) -> Arc<rustls::ClientConfig> {
-        let builder = rustls::ClientConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(ChainOnly {
-                roots: self.roots(),
-                provider: provider(),
-            }));
-        let mut config = match identity {
-            Some(id) => {
-                let (chain, key) = self.leaf(id);
-                builder.with_client_auth_cert(chain, key).unwrap()
-            }
-            None => builder.with_no_client_auth(),
-        };
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        Arc::new(config)
-    }
-}
-
-/// SVIDs carry no DNS name: check the chain only; the SPIFFE ID is checked
-/// by `Connector::verify`.
-#[derive(Debug)]
-struct ChainOnly {
-    roots: Arc<RootCertStore>,
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for ChainOnly {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let cert = ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &self.roots,
-            intermediates,
-            now,
-            self.provider.signature_verification_algorithms.all,
-        )?;
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("TLS 1.2 is not used".into()))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.0.client_config(&provider(), identity).unwrap()
     }
 }
 
@@ -867,10 +740,8 @@ async fn mtls_is_required_and_the_peer_identity_checked() {
     connector.tls = {
         let mut c = (*other.client_config(Some(CLIENT_ID))).clone();
         // Trust our server, present the foreign certificate.
-        c.dangerous().set_certificate_verifier(Arc::new(ChainOnly {
-            roots: pki.roots(),
-            provider: provider(),
-        }));
+        c.dangerous()
+            .set_certificate_verifier(Arc::new(ChainOnly::new(pki.roots(), provider())));
         Arc::new(c)
     };
     let foreign = Pool::new(connector, H2Config::default());

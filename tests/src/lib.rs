@@ -28,27 +28,9 @@ pub const PREFIX: &str = "sockmesh-t";
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
-/// Polls `ok` every `every` until it gives a value, failing after
-/// `timeout` with what did not happen: the one way the tests wait for
-/// something observable (never a fixed sleep before an assert).
-pub fn poll<T>(
-    what: &str,
-    timeout: Duration,
-    every: Duration,
-    mut ok: impl FnMut() -> Result<Option<T>>,
-) -> Result<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = ok()? {
-            return Ok(v);
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "{what} did not happen within {timeout:?}"
-        );
-        std::thread::sleep(every);
-    }
-}
+/// The one way the tests wait for something observable (never a fixed
+/// sleep before an assert).
+pub use sockmesh_test_support::poll;
 
 /// Fails (never skips) when the privileged tier cannot run here.
 pub fn require_privileges() {
