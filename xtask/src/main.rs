@@ -30,6 +30,12 @@ const APT_PACKAGES: &[&str] = &[
     "python3",
     "prometheus", // promtool: the metrics tests check both exposition formats
     "containernetworking-plugins", // bridge, ptp, host-local: mesh-cni's chain tests
+    // A real container runtime for the CNI test (run inside a node netns
+    // the test makes; the test starts its own containerd, none is needed
+    // on the machine).
+    "containerd",
+    "runc",
+    "busybox-static",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
@@ -293,7 +299,8 @@ fn test(root: &Path) -> Result<()> {
     // The privileged tiers (namespaces, cgroups, eBPF, local meshes) are
     // behind a feature, so plain `cargo test` passes as a normal user;
     // here, as root, they are built, linted and run.
-    const PRIVILEGED: &str = "sockmesh-tests/privileged,mesh-local/privileged";
+    const PRIVILEGED: &str =
+        "sockmesh-tests/privileged,mesh-local/privileged,mesh-cni/privileged";
     println!("test: cargo clippy --all-targets --features {PRIVILEGED} -- -D warnings");
     sh(cargo().args([
         "clippy",
