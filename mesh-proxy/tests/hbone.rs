@@ -496,6 +496,22 @@ async fn raw_client(
     send
 }
 
+/// A tunnel to `app` opened by hand on a raw HTTP/2 connection (200, then
+/// the upgraded stream).
+async fn raw_tunnel(
+    send: &mut hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
+    app: SocketAddr,
+) -> hyper_util::rt::TokioIo<hyper::upgrade::Upgraded> {
+    let res = within(
+        "CONNECT",
+        send.send_request(request(http::Method::CONNECT, &app.to_string())),
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.status(), http::StatusCode::OK);
+    hyper_util::rt::TokioIo::new(within("upgrade", hyper::upgrade::on(res)).await.unwrap())
+}
+
 fn request(method: http::Method, uri: &str) -> http::Request<Empty<Bytes>> {
     http::Request::builder()
         .method(method)
@@ -635,15 +651,7 @@ async fn drain_finishes_open_tunnels_and_refuses_new_streams() {
 
     // Raw: an open tunnel survives the drain; a new stream is refused.
     let mut send = within("raw client", raw_client(&pki, server.addr)).await;
-    let res = within(
-        "CONNECT",
-        send.send_request(request(http::Method::CONNECT, &app.to_string())),
-    )
-    .await
-    .unwrap();
-    assert_eq!(res.status(), http::StatusCode::OK);
-    let mut open =
-        hyper_util::rt::TokioIo::new(within("upgrade", hyper::upgrade::on(res)).await.unwrap());
+    let mut open = raw_tunnel(&mut send, app).await;
 
     server.drain_current();
     // Streams opened before the GOAWAY reaches us are still served; once it
@@ -784,6 +792,15 @@ struct LimitedServer {
     limiter: Arc<Limiter>,
     errors: Arc<Mutex<Vec<HboneError>>>,
     accept_task: JoinHandle<()>,
+}
+
+/// A CA and a server whose limits `set` changes from the defaults.
+async fn limited(set: impl FnOnce(&mut ServerLimits)) -> (Pki, LimitedServer) {
+    let pki = Pki::new();
+    let mut limits = ServerLimits::default();
+    set(&mut limits);
+    let server = LimitedServer::start(&pki, limits).await;
+    (pki, server)
 }
 
 impl LimitedServer {
@@ -1029,13 +1046,8 @@ async fn streams_over_the_cap_on_one_connection_are_refused_with_refused_stream(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_tunnel_is_closed_after_its_idle_timeout_and_a_busy_one_is_not() {
-    let pki = Pki::new();
     let idle = Duration::from_millis(500);
-    let limits = ServerLimits {
-        tunnel_idle_timeout: idle,
-        ..ServerLimits::default()
-    };
-    let server = LimitedServer::start(&pki, limits).await;
+    let (pki, server) = limited(|l| l.tunnel_idle_timeout = idle).await;
     let app = echo_app().await;
     let pool = pool(&pki);
     let mut t = within(
@@ -1082,26 +1094,13 @@ async fn an_idle_tunnel_is_closed_after_its_idle_timeout_and_a_busy_one_is_not()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_with_no_open_stream_is_closed_after_its_idle_timeout() {
-    let pki = Pki::new();
     let idle = Duration::from_millis(500);
-    let limits = ServerLimits {
-        connection_idle_timeout: idle,
-        ..ServerLimits::default()
-    };
-    let server = LimitedServer::start(&pki, limits).await;
+    let (pki, server) = limited(|l| l.connection_idle_timeout = idle).await;
     let app = echo_app().await;
     let mut send = within("raw client", raw_client(&pki, server.addr)).await;
 
     // A silent tunnel keeps the connection: it has an open stream.
-    let res = within(
-        "CONNECT",
-        send.send_request(request(http::Method::CONNECT, &app.to_string())),
-    )
-    .await
-    .unwrap();
-    assert_eq!(res.status(), http::StatusCode::OK);
-    let mut open =
-        hyper_util::rt::TokioIo::new(within("upgrade", hyper::upgrade::on(res)).await.unwrap());
+    let mut open = raw_tunnel(&mut send, app).await;
     tokio::time::sleep(3 * idle).await;
     open.write_all(b"still").await.unwrap();
     let mut buf = [0; 5];
@@ -1123,13 +1122,8 @@ async fn a_connection_with_no_open_stream_is_closed_after_its_idle_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_pre_authentication_connection_is_closed_after_the_handshake_budget() {
-    let pki = Pki::new();
     let budget = Duration::from_millis(500);
-    let limits = ServerLimits {
-        handshake_timeout: budget,
-        ..ServerLimits::default()
-    };
-    let server = LimitedServer::start(&pki, limits).await;
+    let (_pki, server) = limited(|l| l.handshake_timeout = budget).await;
 
     // Sends nothing.
     let start = tokio::time::Instant::now();
