@@ -299,8 +299,7 @@ fn test(root: &Path) -> Result<()> {
     // The privileged tiers (namespaces, cgroups, eBPF, local meshes) are
     // behind a feature, so plain `cargo test` passes as a normal user;
     // here, as root, they are built, linted and run.
-    const PRIVILEGED: &str =
-        "sockmesh-tests/privileged,mesh-local/privileged,mesh-cni/privileged";
+    const PRIVILEGED: &str = "sockmesh-tests/privileged,mesh-local/privileged,mesh-cni/privileged";
     println!("test: cargo clippy --all-targets --features {PRIVILEGED} -- -D warnings");
     sh(cargo().args([
         "clippy",
@@ -612,7 +611,7 @@ fn ensure_cargo_fuzz() -> Result<()> {
 
 /// Runs one built target for `seconds` from its corpus and seeds, as
 /// `cargo fuzz run` would (same artifact directory, same ASan options);
-/// libFuzzer's output goes to target/fuzz-logs/<target>.log.
+/// libFuzzer's output goes to target/fuzz-logs/<target>.<pid>.log.
 fn fuzz_one(root: &Path, bin_dir: &Path, target: &'static str, seconds: u64) -> Result<FuzzRun> {
     let binary = bin_dir.join(target);
     ensure!(
@@ -633,7 +632,9 @@ fn fuzz_one(root: &Path, bin_dir: &Path, target: &'static str, seconds: u64) -> 
         seeds.display()
     );
     let before = fuzz_artifacts(&artifacts);
-    let log_path = logs.join(format!("{target}.log"));
+    // One log per run: another `./x fuzz` or `./x test` in the same tree
+    // must not truncate this one under a running fuzzer.
+    let log_path = logs.join(format!("{target}.{}.log", std::process::id()));
     let log = std::fs::File::create(&log_path)
         .with_context(|| format!("create {}", log_path.display()))?;
     println!(
@@ -721,11 +722,11 @@ fn fuzz_artifacts(dir: &Path) -> Vec<PathBuf> {
     found
 }
 
-/// The number of inputs run, from libFuzzer's output:
+/// The number of inputs run, from libFuzzer's output: the last
 /// `stat::number_of_executed_units: N` (`-print_final_stats=1`), else the
-/// last `#N` status line (`#N DONE`, `#N pulse`, ...).
+/// largest `#N` status line (`#N DONE`, `#N pulse`, ...).
 fn libfuzzer_executions(log: &str) -> Option<u64> {
-    let stat = log.lines().find_map(|l| {
+    let stat = log.lines().rev().find_map(|l| {
         l.trim()
             .strip_prefix("stat::number_of_executed_units:")
             .and_then(|n| n.trim().parse().ok())
