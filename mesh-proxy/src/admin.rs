@@ -25,10 +25,10 @@ pub trait AdminState: Send + Sync + 'static {
     fn flows(&self) -> serde_json::Value;
     fn stats(&self) -> serde_json::Value;
     /// Replaces the log filter (`RUST_LOG` syntax).
-    fn set_log_level(&self, filter: &str) -> Result<(), String>;
+    fn set_log_level(&self, filter: &str) -> Result<(), BadFilter>;
     fn log_level(&self) -> String;
     /// `Err(reason)` while not ready.
-    fn ready(&self) -> Result<(), String>;
+    fn ready(&self) -> Result<(), NotReady>;
     /// The metrics in `format` (negotiated from the scraper's `Accept`),
     /// and the Content-Type of the body returned: normally
     /// `metrics::exposition::encode(registry, format)` and
@@ -39,6 +39,15 @@ pub trait AdminState: Send + Sync + 'static {
     /// or `flow=COOKIE`). `Err((status, message))` for bad requests.
     fn explain(&self, query: &str) -> Result<serde_json::Value, (StatusCode, String)>;
 }
+
+/// Why a log filter was refused (the filter parser's or the reload's
+/// error).
+pub type BadFilter = Box<dyn std::error::Error + Send + Sync>;
+
+/// What readiness still waits for, one entry per pod.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", .0.join("; "))]
+pub struct NotReady(pub Vec<String>);
 
 /// Which door a listener is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -249,7 +258,7 @@ mod tests {
         fn stats(&self) -> serde_json::Value {
             serde_json::json!({})
         }
-        fn set_log_level(&self, f: &str) -> Result<(), String> {
+        fn set_log_level(&self, f: &str) -> Result<(), BadFilter> {
             if f.contains(' ') {
                 return Err("spaces".into());
             }
@@ -259,11 +268,11 @@ mod tests {
         fn log_level(&self) -> String {
             self.level.lock().unwrap().clone()
         }
-        fn ready(&self) -> Result<(), String> {
+        fn ready(&self) -> Result<(), NotReady> {
             if self.ready {
                 Ok(())
             } else {
-                Err("pod default/web: no certificate yet".into())
+                Err(NotReady(vec!["pod default/web: no certificate yet".into()]))
             }
         }
         fn metrics(&self, format: Format) -> (String, &'static str) {

@@ -16,13 +16,18 @@ pub enum InboundMode {
     Permissive,
 }
 
+/// An inbound mode that is neither STRICT nor PERMISSIVE.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("inbound mode {0:?}: expected STRICT or PERMISSIVE")]
+pub struct BadInboundMode(pub String);
+
 impl std::str::FromStr for InboundMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = BadInboundMode;
+    fn from_str(s: &str) -> Result<Self, BadInboundMode> {
         match s.to_ascii_uppercase().as_str() {
             "STRICT" => Ok(InboundMode::Strict),
             "PERMISSIVE" => Ok(InboundMode::Permissive),
-            _ => Err(format!("inbound mode {s:?}: expected STRICT or PERMISSIVE")),
+            _ => Err(BadInboundMode(s.to_owned())),
         }
     }
 }
@@ -231,6 +236,7 @@ mod tests {
             "loose"
                 .parse::<InboundMode>()
                 .unwrap_err()
+                .to_string()
                 .contains("\"loose\"")
         );
     }

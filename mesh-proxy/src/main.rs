@@ -126,8 +126,8 @@ fn main() -> std::process::ExitCode {
         .init();
     let log = LogControl {
         set: Box::new(move |f: &str| {
-            let new = EnvFilter::try_new(f).map_err(|e| e.to_string())?;
-            handle.modify(|cur| *cur = new).map_err(|e| e.to_string())
+            let new = EnvFilter::try_new(f)?;
+            Ok(handle.modify(|cur| *cur = new)?)
         }),
         current: Mutex::new(args.log.clone()),
     };

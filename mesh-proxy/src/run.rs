@@ -43,7 +43,7 @@ fn fail(what: impl Into<String>, reason: impl std::fmt::Display) -> RunError {
 }
 
 /// Replaces the log filter; `Err` names why the filter is bad.
-pub type SetFilter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+pub type SetFilter = Box<dyn Fn(&str) -> Result<(), admin::BadFilter> + Send + Sync>;
 
 /// Switches the log filter at run time (the admin port's `/logging`).
 pub struct LogControl {
@@ -416,7 +416,7 @@ impl AdminState for Admin {
         })
     }
 
-    fn set_log_level(&self, filter: &str) -> Result<(), String> {
+    fn set_log_level(&self, filter: &str) -> Result<(), admin::BadFilter> {
         (self.log.set)(filter)?;
         *self.log.current.lock() = filter.to_owned();
         info!(filter, "log filter changed");
@@ -427,7 +427,7 @@ impl AdminState for Admin {
         self.log.current.lock().clone()
     }
 
-    fn ready(&self) -> Result<(), String> {
+    fn ready(&self) -> Result<(), admin::NotReady> {
         let snap = self.node.registry.snapshot();
         let mut missing = Vec::new();
         for p in self.node.wanted_pods(&snap) {
@@ -449,7 +449,7 @@ impl AdminState for Admin {
         if missing.is_empty() {
             Ok(())
         } else {
-            Err(missing.join("; "))
+            Err(admin::NotReady(missing))
         }
     }
 
