@@ -404,26 +404,7 @@ impl Builder<'_> {
         }
         self.sysctl_in(&n.netns, &forwarding)?;
 
-        self.ip(&[
-            "-n",
-            &fabric.netns,
-            "link",
-            "add",
-            &n.fabric_veth,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &n.fabric_if,
-            "netns",
-            &n.netns,
-        ])?;
-        self.state.created.veths.push(Veth {
-            netns: fabric.netns.clone(),
-            name: n.fabric_veth.clone(),
-            peer: format!("{}/{}", n.netns, n.fabric_if),
-        });
-        self.save()?;
+        self.add_veth(&fabric.netns, &n.fabric_veth, &n.netns, &n.fabric_if)?;
         self.ip(&[
             "-n",
             &fabric.netns,
@@ -465,6 +446,28 @@ impl Builder<'_> {
         Ok(())
     }
 
+    /// A veth pair: `name` in `netns`, its peer `peer` in `peer_netns`;
+    /// recorded (and the state saved) before anything else is done to it,
+    /// so `down` removes it whatever fails next.
+    fn add_veth(
+        &mut self,
+        netns: &str,
+        name: &str,
+        peer_netns: &str,
+        peer: &str,
+    ) -> Result<(), Error> {
+        self.ip(&[
+            "-n", netns, "link", "add", name, "type", "veth", "peer", "name", peer, "netns",
+            peer_netns,
+        ])?;
+        self.state.created.veths.push(Veth {
+            netns: netns.to_owned(),
+            name: name.to_owned(),
+            peer: format!("{peer_netns}/{peer}"),
+        });
+        self.save()
+    }
+
     fn pod(&mut self, i: usize) -> Result<(), Error> {
         let p = self.state.pods[i].clone();
         let n = self
@@ -473,26 +476,7 @@ impl Builder<'_> {
             .cloned()
             .ok_or_else(|| Error::Names(format!("pod {}: node {} unknown", p.key(), p.node)))?;
         self.add_netns(&p.netns)?;
-        self.ip(&[
-            "-n",
-            &n.netns,
-            "link",
-            "add",
-            &p.veth,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &p.interface,
-            "netns",
-            &p.netns,
-        ])?;
-        self.state.created.veths.push(Veth {
-            netns: n.netns.clone(),
-            name: p.veth.clone(),
-            peer: format!("{}/{}", p.netns, p.interface),
-        });
-        self.save()?;
+        self.add_veth(&n.netns, &p.veth, &p.netns, &p.interface)?;
 
         // Node end: the gateway address, a host route to the pod.
         let gw = format!("{}/32", n.gateway);
