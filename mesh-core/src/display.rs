@@ -138,6 +138,31 @@ pub fn check_message(message: &str, max_len: usize, input_run: usize) -> Result<
     Ok(())
 }
 
+/// The seed files of fuzz target `target`, `fuzz/seeds/<target>/` (`./x
+/// fuzz` starts the target's corpus from them), for the unit test of each
+/// crate that runs the target's body over them. Panics when the directory
+/// cannot be read or holds fewer than 5 seeds: test support only.
+#[doc(hidden)]
+pub fn fuzz_seeds(target: &str) -> Vec<Vec<u8>> {
+    let dir =
+        std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../fuzz/seeds/")).join(target);
+    let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let mut paths: Vec<std::path::PathBuf> = entries
+        .map(|entry| {
+            entry
+                .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+                .path()
+        })
+        .collect();
+    paths.sort();
+    let seeds: Vec<Vec<u8>> = paths
+        .iter()
+        .map(|path| std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+        .collect();
+    assert!(seeds.len() >= 5, "{}: {} seeds", dir.display(), seeds.len());
+    seeds
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

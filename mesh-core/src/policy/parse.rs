@@ -1165,30 +1165,11 @@ mod tests {
         }
     }
 
-    /// The fuzz target's seeds, `fuzz/seeds/{target}`: `./x fuzz` starts the
-    /// target's corpus from the same files.
-    fn seed_files(target: &str) -> Vec<Vec<u8>> {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../fuzz/seeds")
-            .join(target);
-        let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-        let seeds: Vec<Vec<u8>> = entries
-            .map(|entry| {
-                let path = entry
-                    .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-                    .path();
-                std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-            })
-            .collect();
-        assert!(seeds.len() >= 5, "{}: {} seeds", dir.display(), seeds.len());
-        seeds
-    }
-
     /// The policy fuzz target's body (`fuzz/fuzz_targets/policy_yaml.rs`)
     /// over its seeds.
     #[test]
     fn fuzz_seed_files() {
-        for seed in seed_files("policy_yaml") {
+        for seed in crate::display::fuzz_seeds("policy_yaml") {
             let Ok(text) = std::str::from_utf8(&seed) else {
                 continue;
             };
