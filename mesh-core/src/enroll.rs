@@ -591,6 +591,21 @@ mod tests {
         assert!(matches!(e, EnrollError::Io(_)), "{e}");
     }
 
+    /// The fuzz target's body (`fuzz/fuzz_targets/enroll.rs`) over its
+    /// seeds, valid requests and responses among them.
+    #[test]
+    fn the_fuzz_body_holds_over_its_seeds() {
+        let seeds = crate::display::fuzz_seeds("enroll");
+        let accepted = seeds
+            .iter()
+            .filter(|s| parse_request(s).is_ok() || parse_response(s).is_ok())
+            .count();
+        assert!(accepted >= 5, "{accepted} valid seeds");
+        for seed in &seeds {
+            fuzz_parse(seed);
+        }
+    }
+
     fn arb_pod() -> impl Strategy<Value = PodAttachment> {
         (
             "[a-f0-9]{1,64}",
