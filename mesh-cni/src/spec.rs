@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use mesh_core::display::bounded;
+use mesh_core::display::{bounded, bounded_len, text_len};
 use serde_json::{Map, Value};
 
 /// CNI versions whose configuration and results mesh-cni accepts (the
@@ -28,6 +28,12 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 pub const MAX_TIMEOUT_SECONDS: u64 = 300;
 /// Longest value of one `CNI_ARGS` entry or environment variable shown.
 const SHOWN: usize = 64;
+/// Bytes of a library message (serde_json's) an error shows.
+const SHOWN_TEXT: usize = 200;
+/// Longest message ([`CniError`]'s `Display`: code, `msg`, `details`) that
+/// parsing the network configuration can give: the longest fixed text, one
+/// value shown and one library message (the fuzz target asserts it).
+pub const MAX_ERROR_LEN: usize = 192 + bounded_len(SHOWN) + text_len(SHOWN_TEXT);
 
 /// The spec's well-known error codes (and mesh-cni's own, 100+).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -312,7 +318,7 @@ impl NetConf {
             CniError::new(
                 Code::Decode,
                 "network configuration is not JSON",
-                mesh_core::display::text(&e.to_string(), 200),
+                mesh_core::display::text(&e.to_string(), SHOWN_TEXT),
             )
         })?;
         let Value::Object(obj) = v else {
@@ -540,6 +546,65 @@ pub fn version_info() -> Value {
     })
 }
 
+/// Fuzz entry (for `fuzz/` and the unit tests): `data` as the network
+/// configuration of every command, and its `prevResult` through
+/// [`result_ips`]. Panics only on a broken invariant: a refusal's message
+/// must pass [`mesh_core::display::check_message`] (at most
+/// [`MAX_ERROR_LEN`] bytes, no control character, values escaped once);
+/// an accepted configuration holds only values [`NetConf::parse`] allows.
+pub fn fuzz_parse(data: &[u8]) {
+    // Values shown are decoded JSON strings: every escape that makes a
+    // backslash starts with one.
+    let input_run = data.iter().filter(|b| **b == b'\\').count();
+    let check = |what: &str, e: CniError| {
+        if let Err(why) =
+            mesh_core::display::check_message(&e.to_string(), MAX_ERROR_LEN, input_run)
+        {
+            panic!("{what} {:?}: {why}", String::from_utf8_lossy(data));
+        }
+    };
+    let _ = declared_version(data);
+    for command in [
+        Command::Add,
+        Command::Del,
+        Command::Check,
+        Command::Status,
+        Command::Gc,
+        Command::Version,
+    ] {
+        match NetConf::parse(data, command) {
+            Err(e) => check("network configuration", e),
+            Ok(conf) => {
+                assert!(
+                    SUPPORTED_VERSIONS.contains(&conf.cni_version.as_str()),
+                    "accepted cniVersion {:?}",
+                    conf.cni_version
+                );
+                assert!(
+                    conf.socket.is_absolute(),
+                    "accepted socket {:?}",
+                    conf.socket
+                );
+                assert!(
+                    conf.log_file.as_ref().is_none_or(|l| l.is_absolute()),
+                    "accepted logFile {:?}",
+                    conf.log_file
+                );
+                assert!(
+                    (1..=MAX_TIMEOUT_SECONDS).contains(&conf.timeout.as_secs()),
+                    "accepted timeout {:?}",
+                    conf.timeout
+                );
+                if let Some(prev) = &conf.prev_result
+                    && let Err(e) = result_ips(prev)
+                {
+                    check("prevResult", e);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -676,6 +741,21 @@ mod tests {
             e.to_json("1.1.0"),
             serde_json::json!({"cniVersion":"1.1.0","code":11,"msg":"proxy down","details":"socket /x"})
         );
+    }
+
+    /// The fuzz target's body (`fuzz/fuzz_targets/cni_config.rs`) over
+    /// its seeds, which hold configurations every command accepts.
+    #[test]
+    fn the_fuzz_body_holds_over_its_seeds() {
+        let seeds = mesh_core::display::fuzz_seeds("cni_config");
+        let accepted = seeds
+            .iter()
+            .filter(|s| NetConf::parse(s, Command::Add).is_ok())
+            .count();
+        assert!(accepted >= 3, "{accepted} valid seeds");
+        for seed in &seeds {
+            fuzz_parse(seed);
+        }
     }
 
     proptest::proptest! {
