@@ -11,8 +11,9 @@ use k8s_openapi::api::core::v1::{Namespace, Pod as K8sPod, Service as K8sService
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use mesh_core::display::{MAX_SHOWN_CHARS, Shown, bounded_len};
 use mesh_core::opt_in::{self, MESH_KEY, OptInFacts};
-use mesh_core::policy::AuthorizationPolicy;
+use mesh_core::policy::{AuthorizationPolicy, PolicyError};
 use mesh_core::registry::{Pod, Service, ServicePort, WorkloadRef};
 
 /// Why an object was skipped. Names the object.
@@ -22,6 +23,36 @@ pub struct ObjectProblem {
     /// `pod default/web-1`, `service shop/cart`, `authorizationpolicy ns/name`.
     pub object: String,
     pub reason: String,
+}
+
+/// Longest message an [`ObjectProblem`] prints: the kind and two names
+/// shown, and the longest reason (a policy parser's message).
+pub const MAX_ERROR_LEN: usize =
+    64 + 2 * bounded_len(MAX_SHOWN_CHARS) + PolicyError::MAX_MESSAGE_LEN;
+
+/// Longest name shown as it is (a DNS subdomain, as the API server checks).
+const MAX_NAME: usize = 253;
+
+/// An object's name as a problem shows it: as it is when it is a name the
+/// API server would accept (lowercase letters, digits, `-` and `.`), so
+/// real objects read `pod default/web-1`; quoted, escaped and bounded
+/// ([`Shown`]) otherwise, so a value from a broken or hostile source cannot
+/// forge a log line or grow the message.
+fn name_shown(name: &str) -> String {
+    let plain = name.len() <= MAX_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+    if plain {
+        name.to_owned()
+    } else {
+        Shown::new(name).to_string()
+    }
+}
+
+/// `pod default/web-1`: the kind, then namespace and name by [`name_shown`].
+fn object_name(kind: &str, ns: &str, name: &str) -> String {
+    format!("{kind} {}/{}", name_shown(ns), name_shown(name))
 }
 
 fn problem(object: &str, reason: impl Into<String>) -> ObjectProblem {
@@ -101,7 +132,7 @@ pub fn pod(
     let meta = &k.metadata;
     let ns = meta.namespace.clone().unwrap_or_default();
     let name = meta.name.clone().unwrap_or_default();
-    let what = format!("pod {ns}/{name}");
+    let what = object_name("pod", &ns, &name);
     if ns.is_empty() || name.is_empty() {
         return Err(problem(&what, "no name or namespace"));
     }
@@ -141,7 +172,7 @@ pub fn pod(
         .iter()
         .map(|ip| {
             ip.parse::<IpAddr>()
-                .map_err(|e| problem(&what, format!("status.podIPs {ip:?}: {e}")))
+                .map_err(|e| problem(&what, format!("status.podIPs {}: {e}", Shown::new(ip))))
         })
         .collect::<Result<Vec<_>, _>>()?;
     let labels = meta.labels.clone().unwrap_or_default();
@@ -186,7 +217,7 @@ pub fn service(k: &K8sService) -> Result<Option<Service>, ObjectProblem> {
     let meta = &k.metadata;
     let ns = meta.namespace.clone().unwrap_or_default();
     let name = meta.name.clone().unwrap_or_default();
-    let what = format!("service {ns}/{name}");
+    let what = object_name("service", &ns, &name);
     let spec = k.spec.as_ref().ok_or_else(|| problem(&what, "no spec"))?;
     let Some(vip_text) = spec
         .cluster_ip
@@ -195,9 +226,12 @@ pub fn service(k: &K8sService) -> Result<Option<Service>, ObjectProblem> {
     else {
         return Ok(None);
     };
-    let vip = vip_text
-        .parse::<IpAddr>()
-        .map_err(|e| problem(&what, format!("spec.clusterIP {vip_text:?}: {e}")))?;
+    let vip = vip_text.parse::<IpAddr>().map_err(|e| {
+        problem(
+            &what,
+            format!("spec.clusterIP {}: {e}", Shown::new(vip_text)),
+        )
+    })?;
     let mut ports = Vec::new();
     for p in spec.ports.iter().flatten() {
         if p.protocol.as_deref().is_some_and(|proto| proto != "TCP") {
@@ -217,7 +251,7 @@ pub fn service(k: &K8sService) -> Result<Option<Service>, ObjectProblem> {
             Some(IntOrString::String(s)) => match s.parse::<u16>() {
                 Ok(t) if t != 0 => t,
                 _ => {
-                    tracing::debug!(service = %what, port, target = %s, "named targetPort: using the service port");
+                    tracing::debug!(service = %what, port, target = %Shown::new(s), "named targetPort: using the service port");
                     port
                 }
             },
@@ -250,7 +284,7 @@ pub struct Endpoint {
 pub fn endpoints(k: &EndpointSlice) -> Result<((String, String), Vec<Endpoint>), ObjectProblem> {
     let ns = k.metadata.namespace.clone().unwrap_or_default();
     let name = k.metadata.name.clone().unwrap_or_default();
-    let what = format!("endpointslice {ns}/{name}");
+    let what = object_name("endpointslice", &ns, &name);
     let service = k
         .metadata
         .labels
@@ -266,7 +300,7 @@ pub fn endpoints(k: &EndpointSlice) -> Result<((String, String), Vec<Endpoint>),
         for a in &e.addresses {
             let ip = a
                 .parse::<IpAddr>()
-                .map_err(|err| problem(&what, format!("address {a:?}: {err}")))?;
+                .map_err(|err| problem(&what, format!("address {}: {err}", Shown::new(a))))?;
             out.push(Endpoint {
                 ip,
                 node: e.node_name.clone(),
@@ -298,7 +332,7 @@ pub fn policy(object: &serde_json::Value) -> Result<AuthorizationPolicy, ObjectP
         .pointer("/metadata/name")
         .and_then(|v| v.as_str())
         .unwrap_or("");
-    let what = format!("authorizationpolicy {ns}/{name}");
+    let what = object_name("authorizationpolicy", ns, name);
     let mut doc = serde_json::Map::new();
     for key in ["apiVersion", "kind", "spec"] {
         if let Some(v) = object.get(key) {
@@ -319,30 +353,117 @@ pub fn policy(object: &serde_json::Value) -> Result<AuthorizationPolicy, ObjectP
 }
 
 /// Fuzz entry: any bytes, as a JSON Pod, Service, EndpointSlice or policy,
-/// mapped to mesh-core types. Never panics; errors are bounded (they
-/// name the object and quote values through mesh-core's display rules).
+/// mapped to mesh-core types. Never panics; a problem's message must pass
+/// [`mesh_core::display::check_message`]: at most [`MAX_ERROR_LEN`] bytes,
+/// no control character, values escaped once.
 pub fn fuzz_parse(data: &[u8]) {
     let Ok(value) = serde_json::from_slice::<serde_json::Value>(data) else {
         return;
     };
-    match value.get("kind").and_then(|k| k.as_str()) {
-        Some("Pod") => {
-            if let Ok(p) = serde_json::from_value::<K8sPod>(value) {
-                let _ = pod(&p, None, &Components::default());
-            }
+    // Values shown are decoded JSON strings: every escape that makes a
+    // backslash starts with one.
+    let input_run = data.iter().filter(|b| **b == b'\\').count();
+    let check = |e: ObjectProblem| {
+        if let Err(why) =
+            mesh_core::display::check_message(&e.to_string(), MAX_ERROR_LEN, input_run)
+        {
+            panic!("{:?}: {why}", String::from_utf8_lossy(data));
         }
-        Some("Service") => {
-            if let Ok(s) = serde_json::from_value::<K8sService>(value) {
-                let _ = service(&s);
-            }
+    };
+    let result = match value.get("kind").and_then(|k| k.as_str()) {
+        Some("Pod") => match serde_json::from_value::<K8sPod>(value) {
+            Ok(p) => pod(&p, None, &Components::default()).err(),
+            Err(_) => None,
+        },
+        Some("Service") => match serde_json::from_value::<K8sService>(value) {
+            Ok(s) => service(&s).err(),
+            Err(_) => None,
+        },
+        Some("EndpointSlice") => match serde_json::from_value::<EndpointSlice>(value) {
+            Ok(s) => endpoints(&s).err(),
+            Err(_) => None,
+        },
+        _ => policy(&value).err(),
+    };
+    if let Some(e) = result {
+        check(e);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fuzz target's body (`fuzz/fuzz_targets/kube_objects.rs`) over
+    /// its seeds: one valid object of each kind among them.
+    #[test]
+    fn the_fuzz_body_holds_over_its_seeds() {
+        let seeds = mesh_core::display::fuzz_seeds("kube_objects");
+        for seed in &seeds {
+            fuzz_parse(seed);
         }
-        Some("EndpointSlice") => {
-            if let Ok(s) = serde_json::from_value::<EndpointSlice>(value) {
-                let _ = endpoints(&s);
-            }
+    }
+
+    /// A finding of the fuzz target: names and addresses were shown raw,
+    /// so a control character forged a log line and a long value had no
+    /// bound.
+    #[test]
+    fn ten_kib_of_control_characters_give_a_bounded_problem() {
+        let junk = "\u{1}\n\u{9f}".repeat(10 * 1024 / 3);
+        let objects = [
+            serde_json::json!({"kind": "Pod", "metadata": {"namespace": junk, "name": junk}}),
+            serde_json::json!({"kind": "Pod",
+                "metadata": {"namespace": "default", "name": "web-1", "uid": "u"},
+                "spec": {"nodeName": "n1", "containers": []},
+                "status": {"podIPs": [{"ip": junk}]}}),
+            serde_json::json!({"kind": "Service", "metadata": {"namespace": "shop", "name": junk},
+                "spec": {"clusterIP": junk}}),
+            serde_json::json!({"kind": "EndpointSlice", "addressType": "IPv4",
+                "metadata": {"namespace": junk, "name": "cart-x",
+                    "labels": {"kubernetes.io/service-name": "cart"}},
+                "endpoints": [{"addresses": [junk]}]}),
+            serde_json::json!({"kind": "AuthorizationPolicy",
+                "apiVersion": "security.sockmesh.io/v1",
+                "metadata": {"namespace": junk, "name": junk}, "spec": {"rulez": []}}),
+        ];
+        for o in objects {
+            let bytes = serde_json::to_vec(&o).unwrap_or_default();
+            fuzz_parse(&bytes);
+            let e = match o["kind"].as_str() {
+                Some("Pod") => pod(
+                    &serde_json::from_value(o.clone()).unwrap_or_default(),
+                    None,
+                    &Components::default(),
+                )
+                .err(),
+                Some("Service") => {
+                    service(&serde_json::from_value(o.clone()).unwrap_or_default()).err()
+                }
+                Some("EndpointSlice") => serde_json::from_value(o.clone())
+                    .ok()
+                    .and_then(|s| endpoints(&s).err()),
+                _ => policy(&o).err(),
+            };
+            let msg = e.map(|e| e.to_string()).unwrap_or_default();
+            assert!(!msg.is_empty(), "{o} is refused");
+            assert!(msg.len() <= MAX_ERROR_LEN, "{} bytes: {msg}", msg.len());
+            assert!(
+                msg.contains("… ("),
+                "the value is cut, with its size: {msg}"
+            );
+            assert_eq!(
+                mesh_core::display::check_message(&msg, MAX_ERROR_LEN, 0),
+                Ok(())
+            );
         }
-        _ => {
-            let _ = policy(&value);
-        }
+    }
+
+    #[test]
+    fn real_names_are_shown_as_they_are() {
+        assert_eq!(
+            object_name("pod", "default", "web-1.v2"),
+            "pod default/web-1.v2"
+        );
+        assert_eq!(object_name("pod", "", "Web 1"), r#"pod /"Web 1""#);
     }
 }
