@@ -471,28 +471,40 @@ mod tests {
         fuzz_decode(&decode_pem(&pem).unwrap());
     }
 
-    /// The fuzz target's seeds, `fuzz/seeds/{target}`: `./x fuzz` starts the
-    /// target's corpus from the same files.
-    fn seed_files(target: &str) -> Vec<Vec<u8>> {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../fuzz/seeds")
-            .join(target);
-        let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-        let seeds: Vec<Vec<u8>> = entries
-            .map(|entry| {
-                let path = entry
-                    .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-                    .path();
-                std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-            })
-            .collect();
-        assert!(seeds.len() >= 5, "{}: {} seeds", dir.display(), seeds.len());
-        seeds
+    /// What the server logs for an envelope it cannot decode: serde_json
+    /// quotes an unknown field raw, control characters included; through
+    /// [`DecodeRequestError`] it is escaped and bounded. 10 KiB of them
+    /// (a body over the size limit, so its serde error is made directly),
+    /// and as many as a body within the limit holds.
+    #[test]
+    fn ten_kib_of_control_characters_in_an_unknown_field_give_a_bounded_message() {
+        let body = |field: String| {
+            let mut map = serde_json::Map::new();
+            map.insert("identity".into(), "spiffe://td/ns/default/sa/web".into());
+            map.insert("csr".into(), "x".into());
+            map.insert(field, 1.into());
+            serde_json::Value::Object(map).to_string()
+        };
+        let big = body("\u{1}\n\u{9f}\u{1b}".repeat(10 * 1024 / 4));
+        let big = serde_json::from_str::<SignRequest>(&big).map_err(ca::DecodeError::from);
+        let fits = body("\n\t".repeat(3 * 1024));
+        assert!(fits.len() <= ca::MAX_REQUEST_BYTES, "{} bytes", fits.len());
+        let fits = ca::decode_sign_request(fits.as_bytes());
+        for e in [big.err(), fits.err()] {
+            let raw = e.as_ref().map(|e| e.to_string()).unwrap_or_default();
+            assert!(raw.contains('\n'), "serde_json quotes it raw: {raw:?}");
+            let msg = e
+                .map(|e| DecodeRequestError::from(e).to_string())
+                .unwrap_or_default();
+            assert!(msg.contains("unknown field"), "{msg}");
+            assert!(msg.len() <= MAX_ERROR_LEN, "{} bytes: {msg}", msg.len());
+            assert_eq!(display::check_message(&msg, MAX_ERROR_LEN, 0), Ok(()));
+        }
     }
 
     #[test]
     fn fuzz_seed_files() {
-        for seed in seed_files("sign_request") {
+        for seed in mesh_core::display::fuzz_seeds("sign_request") {
             fuzz_decode(&seed);
         }
     }

@@ -454,6 +454,9 @@ async fn sign(
         }
     };
     let request = mesh_core::ca::decode_sign_request(&body).map_err(|e| {
+        // serde_json quotes input raw (``unknown field `…` ``): the
+        // envelope error the CSR decoder gives is bounded and escaped.
+        let e = crate::csr::DecodeRequestError::from(e);
         let r = Refusal::new(400, "malformed_request", e.to_string());
         log_refusal(peer, &caller.node, None, &r);
         r
