@@ -239,28 +239,9 @@ mod tests {
         }
     }
 
-    /// The fuzz target's seeds, `fuzz/seeds/{target}`: `./x fuzz` starts the
-    /// target's corpus from the same files.
-    fn seed_files(target: &str) -> Vec<Vec<u8>> {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../fuzz/seeds")
-            .join(target);
-        let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-        let seeds: Vec<Vec<u8>> = entries
-            .map(|entry| {
-                let path = entry
-                    .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-                    .path();
-                std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-            })
-            .collect();
-        assert!(seeds.len() >= 5, "{}: {} seeds", dir.display(), seeds.len());
-        seeds
-    }
-
     #[test]
     fn fuzz_seeds() {
-        for seed in seed_files("hbone_authority") {
+        for seed in mesh_core::display::fuzz_seeds("hbone_authority") {
             fuzz_authority(&seed);
         }
     }

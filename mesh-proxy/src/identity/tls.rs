@@ -13,6 +13,7 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 use std::time::UNIX_EPOCH;
 
+use mesh_core::display::Shown;
 use mesh_core::identity::{Clock, Identity};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -29,8 +30,11 @@ pub enum PeerIdentityError {
     Parse(String),
     #[error("peer certificate has {0} URI SANs; an SVID has exactly one")]
     UriSanCount(usize),
-    #[error("peer URI SAN {uri:?} is not a SPIFFE ID: {reason}")]
-    NotSpiffe { uri: String, reason: String },
+    /// `uri` as the certificate holds it, quoted, escaped once and
+    /// bounded: a peer chooses it. `reason` is the SPIFFE parser's message
+    /// (bounded by `mesh_core::identity::MAX_ERROR_LEN`).
+    #[error("peer URI SAN {uri} is not a SPIFFE ID: {reason}")]
+    NotSpiffe { uri: Shown, reason: String },
     #[error("peer is {actual}, expected {expected}")]
     Mismatch {
         expected: Box<Identity>,
@@ -62,7 +66,7 @@ pub fn peer_identity(cert: &CertificateDer<'_>) -> Result<Identity, PeerIdentity
         return Err(PeerIdentityError::UriSanCount(uris.len()));
     };
     Identity::parse(uri).map_err(|e| PeerIdentityError::NotSpiffe {
-        uri: (*uri).to_owned(),
+        uri: Shown::new(uri),
         reason: e.to_string(),
     })
 }
@@ -314,6 +318,26 @@ mod tests {
     }
 
     const WEB: &str = "spiffe://td/ns/default/sa/web";
+
+    /// The URI SAN is the peer's choice: a long one of control characters
+    /// is shown quoted, escaped once and cut, not as it came.
+    #[test]
+    fn ten_kib_of_control_characters_in_a_uri_san_give_a_bounded_message() {
+        let value = "\u{1}\n\u{7f}\\".repeat(10 * 1024 / 4);
+        let err = peer_identity(&cert(vec![uri(&value)])).unwrap_err();
+        assert!(matches!(err, PeerIdentityError::NotSpiffe { .. }), "{err}");
+        let msg = err.to_string();
+        let max = 64
+            + mesh_core::display::bounded_len(mesh_core::display::MAX_SHOWN_CHARS)
+            + mesh_core::identity::MAX_ERROR_LEN;
+        assert!(msg.len() <= max, "{} bytes: {msg}", msg.len());
+        assert!(msg.starts_with(r#"peer URI SAN "\u{1}\n\u{7f}\\"#), "{msg}");
+        assert!(
+            msg.contains(&format!("… ({} bytes)\"", value.len())),
+            "{msg}"
+        );
+        assert_eq!(mesh_core::display::check_message(&msg, max, 1), Ok(()));
+    }
 
     #[test]
     fn verify_peer_identity_accepts_exactly_the_expected_id() {
