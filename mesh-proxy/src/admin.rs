@@ -316,99 +316,46 @@ mod tests {
         assert_eq!(query_param("level=a+b", "level").as_deref(), Some("a b"));
     }
 
+    /// The status `door` answers a GET of `path` with.
+    fn get(door: Door, s: &Fake, path: &str) -> u16 {
+        route(door, s, &Method::GET, path, "", &NO_HEADERS)
+            .status()
+            .as_u16()
+    }
+
     #[test]
     fn doors_route_only_their_own_endpoints() {
         let s = Fake::default();
-        assert_eq!(
-            route(
-                Door::Admin,
-                &s,
-                &Method::GET,
-                "/config_dump",
-                "",
-                &NO_HEADERS
-            )
-            .status(),
-            200
-        );
-        assert_eq!(
-            route(
-                Door::Metrics,
-                &s,
-                &Method::GET,
-                "/config_dump",
-                "",
-                &NO_HEADERS
-            )
-            .status(),
-            404
-        );
-        assert_eq!(
-            route(Door::Metrics, &s, &Method::GET, "/metrics", "", &NO_HEADERS).status(),
-            200
-        );
-        assert_eq!(
-            route(
-                Door::Readiness,
-                &s,
-                &Method::GET,
-                "/healthz/ready",
-                "",
-                &NO_HEADERS
-            )
-            .status(),
-            503
-        );
+        assert_eq!(get(Door::Admin, &s, "/config_dump"), 200);
+        assert_eq!(get(Door::Metrics, &s, "/config_dump"), 404);
+        assert_eq!(get(Door::Metrics, &s, "/metrics"), 200);
+        assert_eq!(get(Door::Readiness, &s, "/healthz/ready"), 503);
         let ready = Fake {
             ready: true,
             ..Fake::default()
         };
-        assert_eq!(
-            route(
-                Door::Readiness,
-                &ready,
-                &Method::GET,
-                "/healthz/ready",
-                "",
-                &NO_HEADERS
-            )
-            .status(),
-            200
-        );
+        assert_eq!(get(Door::Readiness, &ready, "/healthz/ready"), 200);
     }
 
     #[test]
     fn log_level_is_switchable_and_bad_filters_name_the_value() {
         let s = Fake::default();
-        assert_eq!(
+        let set = |query: &str| {
             route(
                 Door::Admin,
                 &s,
                 &Method::POST,
                 "/logging",
-                "level=debug",
-                &NO_HEADERS
+                query,
+                &NO_HEADERS,
             )
-            .status(),
-            200
-        );
+            .status()
+            .as_u16()
+        };
+        assert_eq!(set("level=debug"), 200);
         assert_eq!(s.log_level(), "debug");
-        assert_eq!(
-            route(Door::Admin, &s, &Method::POST, "/logging", "", &NO_HEADERS).status(),
-            400
-        );
-        assert_eq!(
-            route(
-                Door::Admin,
-                &s,
-                &Method::POST,
-                "/logging",
-                "level=a b",
-                &NO_HEADERS
-            )
-            .status(),
-            400
-        );
+        assert_eq!(set(""), 400);
+        assert_eq!(set("level=a b"), 400);
     }
 
     #[test]

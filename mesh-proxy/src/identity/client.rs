@@ -146,20 +146,21 @@ impl HttpsCaClient {
         })
     }
 
+    /// One request to the CA, bounded by the configured timeout.
     async fn call(
         &self,
         method: Method,
         path: &'static str,
         body: Option<Vec<u8>>,
     ) -> Result<Bytes, CaClientError> {
-        let addr = self.config.address;
-        let after = self.config.timeout;
-        tokio::time::timeout(after, self.call_inner(method, path, body))
+        let (addr, after) = (self.config.address, self.config.timeout);
+        tokio::time::timeout(after, self.exchange(method, path, body))
             .await
             .map_err(|_| CaClientError::Timeout { addr, after })?
     }
 
-    async fn call_inner(
+    /// Connect, TLS, one HTTP/1 exchange (unbounded: see [`Self::call`]).
+    async fn exchange(
         &self,
         method: Method,
         path: &'static str,
