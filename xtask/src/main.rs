@@ -481,6 +481,9 @@ const FUZZ_TARGETS: &[&str] = &[
     "sign_request",
     "policy_yaml",
     "hbone_authority",
+    "enroll",
+    "kube_objects",
+    "cni_config",
 ];
 /// cargo-fuzz, installed from crates.io when missing.
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
