@@ -813,8 +813,8 @@ impl<H: Handler> Conn<H> {
         // When a byte last moved either way, in ms since `start`.
         let last_active = Arc::new(AtomicU64::new(0));
         let outcome = match tokio::time::timeout(self.open_timeout, upgrade).await {
-            Err(_) => Err(format!("upgrade timed out after {:?}", self.open_timeout)),
-            Ok(Err(e)) => Err(format!("upgrade: {e}")),
+            Err(_) => Err(TunnelEnd::UpgradeTimeout(self.open_timeout)),
+            Ok(Err(e)) => Err(TunnelEnd::Upgrade(e)),
             Ok(Ok(upgraded)) => {
                 let io = down.insert(Counted::new(TokioIo::new(upgraded)));
                 io.activity = Some((start, last_active.clone()));
@@ -826,7 +826,7 @@ impl<H: Handler> Conn<H> {
                 );
                 let idle = self.tunnel_idle_timeout;
                 let outcome = until_idle(copy, start, &last_active, idle).await;
-                if outcome.as_ref().is_err_and(|e| e.starts_with(IDLE))
+                if matches!(outcome, Err(TunnelEnd::Idle(_)))
                     && let Some(c) = &self.counters
                 {
                     c.idle_tunnels_closed.fetch_add(1, Ordering::Relaxed);
@@ -847,7 +847,7 @@ impl<H: Handler> Conn<H> {
             bytes_from_peer: from_peer,
             bytes_to_peer: to_peer,
             duration: start.elapsed(),
-            error: outcome.err(),
+            error: outcome.err().map(|e| e.to_string()),
         };
         info!(
             dst = %target,
@@ -861,7 +861,18 @@ impl<H: Handler> Conn<H> {
     }
 }
 
-const IDLE: &str = "idle:";
+/// Why a tunnel's copy ended early.
+#[derive(Debug, thiserror::Error)]
+enum TunnelEnd {
+    #[error("upgrade timed out after {0:?}")]
+    UpgradeTimeout(Duration),
+    #[error("upgrade: {0}")]
+    Upgrade(#[source] hyper::Error),
+    #[error("{0}")]
+    Copy(#[source] io::Error),
+    #[error("idle: no byte either way for {0:?}; closed")]
+    Idle(Duration),
+}
 
 /// Runs `copy` until it ends, or until no byte has moved (`last_active`,
 /// ms since `start`) for `idle`: then the copy is dropped, which closes
@@ -871,7 +882,7 @@ async fn until_idle<F, T>(
     start: Instant,
     last_active: &AtomicU64,
     idle: Duration,
-) -> Result<(), String>
+) -> Result<(), TunnelEnd>
 where
     F: Future<Output = io::Result<T>>,
 {
@@ -879,11 +890,11 @@ where
     loop {
         let last = start + Duration::from_millis(last_active.load(Ordering::Relaxed));
         tokio::select! {
-            res = copy.as_mut() => return res.map(drop).map_err(|e| e.to_string()),
+            res = copy.as_mut() => return res.map(drop).map_err(TunnelEnd::Copy),
             () = tokio::time::sleep_until(last + idle) => {
                 let last = start + Duration::from_millis(last_active.load(Ordering::Relaxed));
                 if last + idle <= Instant::now() {
-                    return Err(format!("{IDLE} no byte either way for {idle:?}; closed"));
+                    return Err(TunnelEnd::Idle(idle));
                 }
             }
         }
