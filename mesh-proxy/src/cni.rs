@@ -650,30 +650,34 @@ impl prometheus_client::collector::Collector for Metrics {
         use prometheus_client::metrics::gauge::ConstGauge;
         let s = &self.0.stats;
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let mut e = encoder.encode_descriptor(
-            "sockmesh_cni_adds",
-            "CNI ADDs answered, by result (captured, not_meshed, refused).",
-            None,
-            MetricType::Counter,
-        )?;
-        for (result, c) in [
-            ("captured", &s.add_captured),
-            ("not_meshed", &s.add_not_meshed),
-            ("refused", &s.add_refused),
-        ] {
-            ConstCounter::new(load(c)).encode(e.encode_family(&[("result", result)])?)?;
-        }
-        let mut e = encoder.encode_descriptor(
-            "sockmesh_cni_adopted_pods",
-            "Pods enrolled without an ADD, by how they were found (fail_open record, running process).",
-            None,
-            MetricType::Counter,
-        )?;
-        for (how, c) in [
-            ("fail_open", &s.adopted_fail_open),
-            ("running", &s.adopted_running),
-        ] {
-            ConstCounter::new(load(c)).encode(e.encode_family(&[("found_by", how)])?)?;
+        // (name, help, label, label value -> counter)
+        type Family<'a> = (&'a str, &'a str, &'a str, &'a [(&'a str, &'a AtomicU64)]);
+        let families: [Family; 2] = [
+            (
+                "sockmesh_cni_adds",
+                "CNI ADDs answered, by result (captured, not_meshed, refused).",
+                "result",
+                &[
+                    ("captured", &s.add_captured),
+                    ("not_meshed", &s.add_not_meshed),
+                    ("refused", &s.add_refused),
+                ],
+            ),
+            (
+                "sockmesh_cni_adopted_pods",
+                "Pods enrolled without an ADD, by how they were found (fail_open record, running process).",
+                "found_by",
+                &[
+                    ("fail_open", &s.adopted_fail_open),
+                    ("running", &s.adopted_running),
+                ],
+            ),
+        ];
+        for (name, help, label, values) in families {
+            let mut e = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (value, c) in values {
+                ConstCounter::new(load(c)).encode(e.encode_family(&[(label, *value)])?)?;
+            }
         }
         for (name, help, c) in [
             (
@@ -918,15 +922,47 @@ mod tests {
         }
     }
 
-    fn server(fail: bool) -> Arc<Server<Fake>> {
-        let att = Arc::new(Attachments::default());
-        let fake = Arc::new(Fake {
+    fn fake(att: &Arc<Attachments>, fail: bool) -> Arc<Fake> {
+        Arc::new(Fake {
             att: att.clone(),
             enrolled: RwLock::new(BTreeMap::new()),
             reconciles: AtomicUsize::new(0),
             fail,
-        });
+        })
+    }
+
+    fn server(fail: bool) -> Arc<Server<Fake>> {
+        let att = Arc::new(Attachments::default());
+        let fake = fake(&att, fail);
         Server::new(att, fake, Limits::default())
+    }
+
+    /// A file standing for a pod's netns (the directory lives as long as
+    /// the returned guard).
+    fn fake_netns() -> (tempfile::TempDir, PathBuf) {
+        let d = tempfile::tempdir().unwrap();
+        let ns = d.path().join("ns");
+        std::fs::write(&ns, "").unwrap();
+        (d, ns)
+    }
+
+    /// `s` serving a socket in a fresh directory, until `tx` is sent.
+    fn serving(
+        s: &Arc<Server<Fake>>,
+    ) -> (
+        tempfile::TempDir,
+        PathBuf,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("cni.sock");
+        let l = bind(&path).unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(s.clone().serve(l, async {
+            let _ = rx.await;
+        }));
+        (d, path, tx, task)
     }
 
     fn att(name: &str, netns: &Path) -> PodAttachment {
@@ -944,9 +980,7 @@ mod tests {
     #[tokio::test]
     async fn add_answers_captured_only_once_enrolled_and_del_releases() {
         let s = server(false);
-        let d = tempfile::tempdir().unwrap();
-        let ns = d.path().join("ns");
-        std::fs::write(&ns, "").unwrap();
+        let (_d, ns) = fake_netns();
         let o = s
             .handle(Op::Add {
                 pod: att("web", &ns),
@@ -992,19 +1026,20 @@ mod tests {
         assert_eq!(s.enroller.reconciles.load(Ordering::Relaxed), before);
     }
 
+    /// The reason of an ADD that must be refused.
+    async fn refused(s: &Server<Fake>, pod: PodAttachment) -> String {
+        match s.handle(Op::Add { pod }).await {
+            Outcome::Refused { reason } => reason,
+            o => panic!("expected a refusal, got {o:?}"),
+        }
+    }
+
     #[tokio::test]
     async fn unknown_opted_out_and_failing_pods_get_their_reason() {
         let s = server(false);
         let ns = PathBuf::from("/proc/self/ns/net");
-        match s
-            .handle(Op::Add {
-                pod: att("ghost", &ns),
-            })
-            .await
-        {
-            Outcome::Refused { reason } => assert!(reason.contains("default/ghost"), "{reason}"),
-            o => panic!("{o:?}"),
-        }
+        let reason = refused(&s, att("ghost", &ns)).await;
+        assert!(reason.contains("default/ghost"), "{reason}");
         assert!(matches!(
             s.handle(Op::Add {
                 pod: att("plain", &ns)
@@ -1014,28 +1049,16 @@ mod tests {
         ));
         let mut other = att("web", &ns);
         other.uid = "u-2".into();
-        match s.handle(Op::Add { pod: other }).await {
-            Outcome::Refused { reason } => assert!(reason.contains("u-2"), "{reason}"),
-            o => panic!("{o:?}"),
-        }
-        let s = server(true);
-        match s
-            .handle(Op::Add {
-                pod: att("web", &ns),
-            })
-            .await
-        {
-            Outcome::Refused { reason } => assert!(reason.contains("CA unreachable"), "{reason}"),
-            o => panic!("{o:?}"),
-        }
+        let reason = refused(&s, other).await;
+        assert!(reason.contains("u-2"), "{reason}");
+        let reason = refused(&server(true), att("web", &ns)).await;
+        assert!(reason.contains("CA unreachable"), "{reason}");
     }
 
     #[tokio::test]
     async fn gc_keeps_what_the_runtime_lists_and_sweep_drops_gone_netns() {
         let s = server(false);
-        let d = tempfile::tempdir().unwrap();
-        let ns = d.path().join("ns");
-        std::fs::write(&ns, "").unwrap();
+        let (_d, ns) = fake_netns();
         s.handle(Op::Add {
             pod: att("web", &ns),
         })
@@ -1061,18 +1084,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_pod_that_started_fail_open_is_enrolled_from_its_record_then_the_record_goes() {
-        let d = tempfile::tempdir().unwrap();
-        let ns = d.path().join("ns");
-        std::fs::write(&ns, "").unwrap();
+        let (d, ns) = fake_netns();
         let records = d.path().join("fail-open");
         std::fs::create_dir_all(&records).unwrap();
         let att_ = Arc::new(Attachments::default());
-        let fake = Arc::new(Fake {
-            att: att_.clone(),
-            enrolled: RwLock::new(BTreeMap::new()),
-            reconciles: AtomicUsize::new(0),
-            fail: false,
-        });
+        let fake = fake(&att_, false);
         let s = Server::with_fail_open_dir(att_, fake, Limits::default(), records.clone());
         let record =
             serde_json::json!({"version": 1, "pod": att("web", &ns), "reason": "proxy down"});
@@ -1140,25 +1156,14 @@ mod tests {
     #[tokio::test]
     async fn over_the_connection_cap_a_client_is_refused_at_once() {
         let att_ = Arc::new(Attachments::default());
-        let fake = Arc::new(Fake {
-            att: att_.clone(),
-            enrolled: RwLock::new(BTreeMap::new()),
-            reconciles: AtomicUsize::new(0),
-            fail: false,
-        });
+        let fake = fake(&att_, false);
         let limits = Limits {
             max_connections: 1,
             read_timeout: Duration::from_secs(10),
             answer_timeout: Duration::from_secs(10),
         };
         let s = Server::new(att_, fake, limits);
-        let d = tempfile::tempdir().unwrap();
-        let path = d.path().join("cni.sock");
-        let l = bind(&path).unwrap();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(s.clone().serve(l, async {
-            let _ = rx.await;
-        }));
+        let (_d, path, tx, task) = serving(&s);
         // Holds the only slot: connected, sends nothing.
         let _idle = UnixStream::connect(&path).await.unwrap();
         let mut c = UnixStream::connect(&path).await.unwrap();
@@ -1180,13 +1185,7 @@ mod tests {
     #[tokio::test]
     async fn the_socket_refuses_oversized_frames_and_serves_status() {
         let s = server(false);
-        let d = tempfile::tempdir().unwrap();
-        let path = d.path().join("cni.sock");
-        let l = bind(&path).unwrap();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(s.clone().serve(l, async {
-            let _ = rx.await;
-        }));
+        let (_d, path, tx, task) = serving(&s);
         let mut c = UnixStream::connect(&path).await.unwrap();
         c.write_all(&((enroll::MAX_MESSAGE + 1) as u32).to_be_bytes())
             .await
