@@ -25,7 +25,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 use mesh_proxy::hbone::{
-    Connector, ConnectorError, H2Config, Pool, PoolKey, Refusal, Tunnel, accept, handler_fn, serve,
+    Connector, ConnectorError, H2Config, Pool, PoolKey, Refusal, ServerLimits, Tunnel, accept,
+    handler_fn, serve,
 };
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::ServerName;
@@ -110,7 +111,14 @@ async fn hbone_server(tls: Arc<rustls::ServerConfig>, h2: H2Config) -> Result<So
                 let Ok(tls) = accept(&acceptor, tcp, WAIT).await else {
                     return;
                 };
-                let _ = serve(tls, handler, std::future::pending(), &h2).await;
+                let _ = serve(
+                    tls,
+                    handler,
+                    std::future::pending(),
+                    &h2,
+                    &ServerLimits::default(),
+                )
+                .await;
             });
         }
     });

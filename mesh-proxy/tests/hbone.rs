@@ -179,7 +179,14 @@ impl Server {
                         let drain = async move {
                             let _ = drain_rx.wait_for(|d| *d).await;
                         };
-                        serve(tls, handler, drain, &H2Config::default()).await
+                        serve(
+                            tls,
+                            handler,
+                            drain,
+                            &H2Config::default(),
+                            &ServerLimits::default(),
+                        )
+                        .await
                     });
                     conns.lock().unwrap().push((drain_tx, task));
                 }

@@ -53,7 +53,6 @@ pub use pool::{Connector, ConnectorError, Pool, PoolKey, TunnelStream};
 pub use server::{
     CapExceeded, Handler, Limiter, LimiterStats, ReadBuffer, Refusal, ServeSummary,
     TLS_READ_BUFFER, Tunnel, TunnelClosed, accept, buffer_reads, handler_fn, serve, serve_tcp,
-    serve_with_limits,
 };
 
 /// The HBONE port in every meshed pod's netns (declared by the eBPF ABI,

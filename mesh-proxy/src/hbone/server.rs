@@ -364,7 +364,7 @@ impl Drop for Permit {
 /// over a connection cap it is reset at once (before TLS), counted and
 /// logged at debug; otherwise the mTLS handshake with `tls` (client
 /// certificates required, ALPN h2) gets `handshake_timeout`, then
-/// [`serve_with_limits`] runs until the peer closes, the connection idles
+/// [`serve`] runs until the peer closes, the connection idles
 /// out, or `drain` completes and its tunnels have finished. The caps'
 /// place is held until this returns.
 ///
@@ -590,31 +590,16 @@ fn status(code: StatusCode) -> Response<Body> {
 /// Runs HBONE on one accepted mTLS connection until the peer closes it, or
 /// until `drain` completes and every tunnel open by then has finished
 /// (HTTP/2 GOAWAY: no new streams). Returns once every tunnel's copy has
-/// ended. Bound the whole call with a timeout to cap a drain. The idle
-/// timeouts are [`ServerLimits::default`]'s; [`serve_tcp`] (which calls
-/// this after its caps and handshake) and [`serve_with_limits`] take others.
+/// ended. Bound the whole call with a timeout to cap a drain. `limits`'
+/// idle timeouts apply: the connection is closed (GOAWAY) after
+/// `connection_idle_timeout` with no open stream, each tunnel after
+/// `tunnel_idle_timeout` with no byte either way. [`serve_tcp`] calls this
+/// after its caps and handshake.
 ///
 /// The TLS session must have negotiated ALPN `h2`. Accept with [`accept`]
 /// (or do what it does: `TCP_NODELAY`, a read buffer under TLS after the
 /// handshake). Run it inside a span naming the peer.
 pub async fn serve<S, H, D>(
-    tls: tokio_rustls::server::TlsStream<S>,
-    handler: H,
-    drain: D,
-    config: &H2Config,
-) -> Result<ServeSummary, HboneError>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    H: Handler,
-    D: Future<Output = ()>,
-{
-    serve_inner(tls, handler, drain, config, &ServerLimits::default(), None).await
-}
-
-/// [`serve`] with `limits`' idle timeouts: the connection is closed
-/// (GOAWAY) after `connection_idle_timeout` with no open stream, and each
-/// tunnel after `tunnel_idle_timeout` with no byte in either direction.
-pub async fn serve_with_limits<S, H, D>(
     tls: tokio_rustls::server::TlsStream<S>,
     handler: H,
     drain: D,
