@@ -2,17 +2,23 @@
 //!
 //! The text is first loaded into a `serde_norway::Value` under a node budget
 //! (aliases expand into counted nodes, so an alias bomb stops early), then
-//! walked by hand, so every error names the policy and the exact field path
-//! (`rules[0].to[0].operation.ports[1]`), tells L7-only fields apart from
-//! typos, and quotes the value that was refused. Paths under `spec` are
+//! read into serde models (`serde_path_to_error` names the field a wrong
+//! kind of value was found in) and mapped onto the policy model with the
+//! checks serde cannot make. Every error names the policy and the exact field
+//! path (`rules[0].to[0].operation.ports[1]`), tells L7-only fields apart
+//! from typos, and quotes the value that was refused. Paths under `spec` are
 //! written without the `spec.` prefix, as in Istio's documentation.
 
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 
-use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+use serde::de::{
+    self, DeserializeOwned, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor,
+};
 use serde_norway::{Mapping, Value};
+use serde_path_to_error::Segment;
 
 use super::model::{
     Action, ApiVersion, AuthorizationPolicy, IpBlock, Operation, Rule, SourceMatch,
@@ -155,9 +161,9 @@ pub fn parse_policies(yaml: &str) -> Result<Vec<AuthorizationPolicy>, PolicyErro
             Value::Mapping(map) if is_list(map) => {
                 let location = format!("document {doc}");
                 let ctx = Ctx::new(location.clone());
-                let fields =
-                    ctx.fields(&value, "", &["apiVersion", "kind", "items", "metadata"])?;
-                for (i, item) in fields.list("items", MAX_POLICIES)?.iter().enumerate() {
+                let list: ListDoc = read(&ctx, &value, LIST_FIELDS)?;
+                check_extra(&ctx, &list.extra, "", "", LIST_FIELDS)?;
+                for (i, item) in items(&ctx, list.items, "items")?.iter().enumerate() {
                     let location = format!("{location}, items[{i}]");
                     push(&mut policies, &mut seen, parse_document(item, location)?)?;
                 }
@@ -254,7 +260,633 @@ const OPERATION_L7: &[&str] = &[
 ];
 
 // ---------------------------------------------------------------------------
-// The walk.
+// The models: what serde reads from the loaded YAML. Every mapping keeps the
+// keys it does not know (`extra`), so they are told apart afterwards: an L7
+// field, a field not supported, or a typo. Leaves refuse a wrong kind of
+// value with our own text, and `serde_path_to_error` says where.
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PolicyDoc {
+    api_version: Option<Text>,
+    kind: Option<Text>,
+    metadata: Option<Map<MetadataDoc>>,
+    spec: Option<Map<SpecDoc>>,
+    #[expect(dead_code, reason = "accepted as Kubernetes writes it, never read")]
+    status: Option<IgnoredAny>,
+    #[serde(flatten)]
+    extra: Extra,
+}
+
+/// Standard Kubernetes object metadata: only `name` and `namespace` are
+/// read.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[expect(dead_code, reason = "the other fields are accepted, never read")]
+struct MetadataDoc {
+    name: Option<Text>,
+    namespace: Option<Text>,
+    labels: Option<IgnoredAny>,
+    annotations: Option<IgnoredAny>,
+    uid: Option<IgnoredAny>,
+    resource_version: Option<IgnoredAny>,
+    generation: Option<IgnoredAny>,
+    creation_timestamp: Option<IgnoredAny>,
+    managed_fields: Option<IgnoredAny>,
+    finalizers: Option<IgnoredAny>,
+    owner_references: Option<IgnoredAny>,
+    #[serde(flatten)]
+    extra: Extra,
+}
+
+#[derive(Deserialize)]
+struct SpecDoc {
+    selector: Option<Map<SelectorDoc>>,
+    action: Option<Text>,
+    rules: Option<Seq<Option<Map<RuleDoc>>, MAX_RULES>>,
+    #[serde(flatten)]
+    extra: Extra,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SelectorDoc {
+    match_labels: Option<Labels>,
+    #[serde(flatten)]
+    extra: Extra,
+}
+
+#[derive(Deserialize)]
+struct RuleDoc {
+    from: Option<Seq<Map<FromDoc>, MAX_RULE_ENTRIES>>,
+    to: Option<Seq<Map<ToDoc>, MAX_RULE_ENTRIES>>,
+    #[serde(flatten)]
+    extra: Extra,
+}
+
+#[derive(Deserialize)]
+struct FromDoc {
+    source: Option<Map<SourceDoc>>,
+    #[serde(flatten)]
+    extra: Extra,
+}
+
+#[derive(Deserialize)]
+struct ToDoc {
+    operation: Option<Map<OperationDoc>>,
+    #[serde(flatten)]
+    extra: Extra,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SourceDoc {
+    principals: Option<Seq<Text, MAX_VALUES>>,
+    not_principals: Option<Seq<Text, MAX_VALUES>>,
+    namespaces: Option<Seq<Text, MAX_VALUES>>,
+    not_namespaces: Option<Seq<Text, MAX_VALUES>>,
+    ip_blocks: Option<Seq<Text, MAX_VALUES>>,
+    not_ip_blocks: Option<Seq<Text, MAX_VALUES>>,
+    #[serde(flatten)]
+    extra: Extra,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct OperationDoc {
+    ports: Option<Seq<Scalar, MAX_VALUES>>,
+    not_ports: Option<Seq<Scalar, MAX_VALUES>>,
+    #[serde(flatten)]
+    extra: Extra,
+}
+
+/// A Kubernetes `kind: List`.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[expect(dead_code, reason = "only items is read")]
+struct ListDoc {
+    api_version: Option<IgnoredAny>,
+    kind: Option<IgnoredAny>,
+    items: Option<Seq<Value, MAX_POLICIES>>,
+    metadata: Option<IgnoredAny>,
+    #[serde(flatten)]
+    extra: Extra,
+}
+
+/// The kind of value a visitor was given, as an error names it.
+const NULL: &str = "null";
+const BOOLEAN: &str = "a boolean";
+const NUMBER: &str = "a number";
+const STRING: &str = "a string";
+const LIST: &str = "a list";
+const MAPPING: &str = "a mapping";
+/// How every leaf's refusal of a wrong kind of value starts.
+const EXPECTED: &str = "expected a ";
+
+/// The `visit_*` methods of a leaf's visitor that refuse a kind of value
+/// with `Self::refuse(kind)`: the kind as an error names it.
+macro_rules! refuse {
+    ($($visit:ident),*) => { $(refuse!(@ $visit);)* };
+    (@ bool) => { fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> { Self::refuse(BOOLEAN) } };
+    (@ i64) => { fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> { Self::refuse(NUMBER) } };
+    (@ u64) => { fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> { Self::refuse(NUMBER) } };
+    (@ f64) => { fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> { Self::refuse(NUMBER) } };
+    (@ str) => { fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> { Self::refuse(STRING) } };
+    (@ unit) => { fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> { Self::refuse(NULL) } };
+    (@ none) => { fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> { Self::refuse(NULL) } };
+    (@ seq) => { fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> { Self::refuse(LIST) } };
+    (@ map) => { fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> { Self::refuse(MAPPING) } };
+}
+
+fn drain_seq<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<(), A::Error> {
+    while seq.next_element::<IgnoredAny>()?.is_some() {}
+    Ok(())
+}
+
+fn drain_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<(), A::Error> {
+    while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+    Ok(())
+}
+
+/// A string; any other kind of value is refused.
+struct Text(String);
+
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl V {
+            fn refuse<E: de::Error>(found: &str) -> Result<Text, E> {
+                Err(E::custom(format_args!("expected a string, found {found}")))
+            }
+        }
+        impl<'de> Visitor<'de> for V {
+            type Value = Text;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Text, E> {
+                Ok(Text(v.to_owned()))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Text, E> {
+                Ok(Text(v))
+            }
+            refuse!(bool, i64, u64, f64, unit, none, seq, map);
+        }
+        deserializer.deserialize_any(V)
+    }
+}
+
+/// Any scalar, kept with its text for a message that quotes it: a port, a
+/// label key or value, a key of a mapping. A list or a mapping is kept as
+/// its kind.
+enum Scalar {
+    Str(String),
+    Other {
+        kind: &'static str,
+        text: String,
+        number: Option<u64>,
+    },
+}
+
+impl Scalar {
+    fn other(kind: &'static str, text: impl Into<String>) -> Self {
+        Scalar::Other {
+            kind,
+            text: text.into(),
+            number: None,
+        }
+    }
+
+    /// As an error quotes it.
+    fn text(&self) -> &str {
+        match self {
+            Scalar::Str(s) => s,
+            Scalar::Other { text, .. } => text,
+        }
+    }
+
+    fn as_str(&self) -> Result<&str, &'static str> {
+        match self {
+            Scalar::Str(s) => Ok(s),
+            Scalar::Other { kind, .. } => Err(kind),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Scalar {
+    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Scalar;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any YAML value")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Scalar, E> {
+                Ok(Scalar::Str(v.to_owned()))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Scalar, E> {
+                Ok(Scalar::Str(v))
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Scalar, E> {
+                Ok(Scalar::other(BOOLEAN, v.to_string()))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Scalar, E> {
+                Ok(Scalar::Other {
+                    kind: NUMBER,
+                    text: v.to_string(),
+                    number: u64::try_from(v).ok(),
+                })
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Scalar, E> {
+                Ok(Scalar::Other {
+                    kind: NUMBER,
+                    text: v.to_string(),
+                    number: Some(v),
+                })
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Scalar, E> {
+                Ok(Scalar::other(
+                    NUMBER,
+                    serde_norway::Number::from(v).to_string(),
+                ))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Scalar, E> {
+                Ok(Scalar::other(NULL, NULL))
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Scalar, E> {
+                self.visit_unit()
+            }
+            fn visit_some<D: de::Deserializer<'de>>(self, d: D) -> Result<Scalar, D::Error> {
+                d.deserialize_any(self)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Scalar, A::Error> {
+                drain_seq(seq)?;
+                Ok(Scalar::other(LIST, LIST))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Scalar, A::Error> {
+                drain_map(map)?;
+                Ok(Scalar::other(MAPPING, MAPPING))
+            }
+        }
+        deserializer.deserialize_any(V)
+    }
+}
+
+/// A list of at most `MAX` items. A longer one is kept as its length only,
+/// its items not read.
+enum Seq<T, const MAX: usize> {
+    Items(Vec<T>),
+    TooMany(usize),
+}
+
+impl<'de, T: Deserialize<'de>, const MAX: usize> Deserialize<'de> for Seq<T, MAX> {
+    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V<T, const MAX: usize>(std::marker::PhantomData<T>);
+        impl<T, const MAX: usize> V<T, MAX> {
+            fn refuse<E: de::Error>(found: &str) -> Result<Seq<T, MAX>, E> {
+                Err(E::custom(format_args!("expected a list, found {found}")))
+            }
+        }
+        impl<'de, T: Deserialize<'de>, const MAX: usize> Visitor<'de> for V<T, MAX> {
+            type Value = Seq<T, MAX>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a list")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                if let Some(len) = seq.size_hint().filter(|len| *len > MAX) {
+                    drain_seq(seq)?;
+                    return Ok(Seq::TooMany(len));
+                }
+                let mut items = Vec::new();
+                while let Some(item) = seq.next_element()? {
+                    if items.len() == MAX {
+                        return Ok(Seq::TooMany(MAX + 1));
+                    }
+                    items.push(item);
+                }
+                Ok(Seq::Items(items))
+            }
+            refuse!(bool, i64, u64, f64, str, unit, map);
+        }
+        deserializer.deserialize_any(V(std::marker::PhantomData))
+    }
+}
+
+/// A mapping read as `T`; any other kind of value (a list too, which serde
+/// would read as a struct's fields in order) is refused.
+struct Map<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Map<T> {
+    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<T> V<T> {
+            fn refuse<E: de::Error>(found: &str) -> Result<Map<T>, E> {
+                Err(E::custom(format_args!("expected a mapping, found {found}")))
+            }
+        }
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+            type Value = Map<T>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a mapping")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                T::deserialize(de::value::MapAccessDeserializer::new(map)).map(Map)
+            }
+            refuse!(bool, i64, u64, f64, str, unit, seq);
+        }
+        deserializer.deserialize_any(V(std::marker::PhantomData))
+    }
+}
+
+/// `selector.matchLabels`: keys and values as written, checked afterwards
+/// (a label value that is not a string is quoted in the refusal).
+enum Labels {
+    Entries(Vec<(Scalar, Scalar)>),
+    TooMany(usize),
+}
+
+impl<'de> Deserialize<'de> for Labels {
+    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl V {
+            fn refuse<E: de::Error>(found: &str) -> Result<Labels, E> {
+                Err(E::custom(format_args!("expected a mapping, found {found}")))
+            }
+        }
+        impl<'de> Visitor<'de> for V {
+            type Value = Labels;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a mapping")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Labels, A::Error> {
+                if let Some(len) = map.size_hint().filter(|len| *len > MAX_SELECTOR_LABELS) {
+                    drain_map(map)?;
+                    return Ok(Labels::TooMany(len));
+                }
+                let mut entries = Vec::new();
+                while let Some(entry) = map.next_entry()? {
+                    if entries.len() == MAX_SELECTOR_LABELS {
+                        return Ok(Labels::TooMany(MAX_SELECTOR_LABELS + 1));
+                    }
+                    entries.push(entry);
+                }
+                Ok(Labels::Entries(entries))
+            }
+            refuse!(bool, i64, u64, f64, str, unit, seq);
+        }
+        deserializer.deserialize_any(V)
+    }
+}
+
+/// The keys of a mapping its model does not name, in order.
+#[derive(Default)]
+struct Extra(Vec<Scalar>);
+
+impl<'de> Deserialize<'de> for Extra {
+    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Extra;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a mapping")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Extra, A::Error> {
+                let mut keys = Vec::new();
+                while let Some(key) = map.next_key()? {
+                    map.next_value::<IgnoredAny>()?;
+                    keys.push(key);
+                }
+                Ok(Extra(keys))
+            }
+        }
+        deserializer.deserialize_map(V)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// From the models to the policy, with the checks serde cannot make.
+
+/// Reads `T` from `value`; a refusal names the field path (without the
+/// `spec.` prefix) and, for a mapping with a key that is not a string, the
+/// key.
+fn read<T: DeserializeOwned>(ctx: &Ctx, value: &Value, root: Fields) -> Result<T, PolicyError> {
+    serde_path_to_error::deserialize(value).or_else(|err| {
+        let segments: Vec<&Segment> = err.path().iter().collect();
+        let path = path_text(&segments);
+        let message = err.inner().to_string();
+        // As the keys of a mapping are checked before its values, a key no
+        // model names, on the way to the error or where it is, is the first refusal.
+        for end in 0..=segments.len() {
+            if let Some(Value::Mapping(map)) = lookup(value, &segments[..end])
+                && let Some(fields) = fields_at(root, &segments[..end])
+            {
+                check_keys(ctx, map, &segments[..end], fields)?;
+            }
+        }
+        // Our leaves' messages hold no input: as they are.
+        if message.starts_with(EXPECTED) {
+            return Err(ctx.invalid(&path, message));
+        }
+        // serde reads a mapping's keys as names: a key that is not a string
+        // fails there, so say which.
+        if let Some(Value::Mapping(map)) = lookup(value, &segments)
+            && let Some(key) = map.keys().find(|k| !k.is_string())
+        {
+            return Err(non_string_key(ctx, &path, key));
+        }
+        // serde's may quote input: escaped, cut.
+        Err(ctx.invalid(&path, display::text(&message, YAML_MESSAGE_BYTES)))
+    })
+}
+
+fn non_string_key(ctx: &Ctx, display: &str, key: &Value) -> PolicyError {
+    ctx.invalid(
+        display,
+        format!(
+            "keys must be strings, found {} {}",
+            kind_of(key),
+            Shown::new(&scalar_text(key))
+        ),
+    )
+}
+
+/// The fields a model names, and those it refuses with their own message.
+#[derive(Clone, Copy)]
+struct Fields {
+    known: &'static [&'static str],
+    l7: &'static [&'static str],
+    unsupported: &'static [(&'static str, &'static str)],
+}
+
+impl Fields {
+    const fn plain(known: &'static [&'static str]) -> Self {
+        Fields {
+            known,
+            l7: &[],
+            unsupported: &[],
+        }
+    }
+}
+
+const TOP: Fields = Fields::plain(TOP_FIELDS);
+const LIST_FIELDS: Fields = Fields::plain(&["apiVersion", "kind", "items", "metadata"]);
+const METADATA: Fields = Fields::plain(METADATA_FIELDS);
+const SPEC: Fields = Fields {
+    known: SPEC_FIELDS,
+    l7: SPEC_L7,
+    unsupported: SPEC_UNSUPPORTED,
+};
+const SELECTOR: Fields = Fields::plain(SELECTOR_FIELDS);
+const RULE: Fields = Fields {
+    known: RULE_FIELDS,
+    l7: RULE_L7,
+    unsupported: &[],
+};
+const FROM: Fields = Fields::plain(FROM_FIELDS);
+const TO: Fields = Fields::plain(TO_FIELDS);
+const SOURCE: Fields = Fields {
+    known: SOURCE_FIELDS,
+    l7: SOURCE_L7,
+    unsupported: SOURCE_UNSUPPORTED,
+};
+const OPERATION: Fields = Fields {
+    known: OPERATION_FIELDS,
+    l7: OPERATION_L7,
+    unsupported: &[],
+};
+
+/// The model of the mapping at `segments` in a document read as `root`.
+fn fields_at(root: Fields, segments: &[&Segment]) -> Option<Fields> {
+    let names: Vec<Option<&str>> = segments
+        .iter()
+        .map(|s| match s {
+            Segment::Map { key } => Some(key.as_str()),
+            _ => None,
+        })
+        .collect();
+    Some(match names.as_slice() {
+        [] => root,
+        [Some("metadata")] => METADATA,
+        [Some("spec")] => SPEC,
+        [Some("spec"), Some("selector")] => SELECTOR,
+        [Some("spec"), Some("rules"), None] => RULE,
+        [Some("spec"), Some("rules"), None, Some("from"), None] => FROM,
+        [Some("spec"), Some("rules"), None, Some("to"), None] => TO,
+        [.., Some("from"), None, Some("source")] => SOURCE,
+        [.., Some("to"), None, Some("operation")] => OPERATION,
+        _ => return None,
+    })
+}
+
+/// The keys of `map` checked against its model, in order, as
+/// [`check_extra`] checks the ones serde kept.
+fn check_keys(
+    ctx: &Ctx,
+    map: &Mapping,
+    segments: &[&Segment],
+    fields: Fields,
+) -> Result<(), PolicyError> {
+    let display = path_text(segments);
+    // Fields under `spec` are written without the prefix.
+    let path = if matches!(segments, [Segment::Map { key }] if key == "spec") {
+        String::new()
+    } else {
+        display.clone()
+    };
+    for key in map.keys() {
+        let Value::String(name) = key else {
+            return Err(non_string_key(ctx, &display, key));
+        };
+        if !fields.known.contains(&name.as_str()) {
+            let extra = Extra(vec![Scalar::Str(name.clone())]);
+            return check_extra(ctx, &extra, &path, &display, fields);
+        }
+    }
+    Ok(())
+}
+
+/// A path as errors write it: `rules[0].from[1]`; `spec` itself keeps its
+/// name, fields under it drop the prefix.
+fn path_text(segments: &[&Segment]) -> String {
+    let skip = match segments {
+        [Segment::Map { key }, _, ..] if key == "spec" => 1,
+        _ => 0,
+    };
+    let mut out = String::new();
+    for segment in &segments[skip..] {
+        match segment {
+            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            Segment::Map { key } => out = join(&out, key),
+            Segment::Enum { .. } | Segment::Unknown => {}
+        }
+    }
+    out
+}
+
+fn lookup<'v>(value: &'v Value, segments: &[&Segment]) -> Option<&'v Value> {
+    segments.iter().try_fold(value, |v, segment| match segment {
+        Segment::Seq { index } => v.get(index),
+        Segment::Map { key } => v.get(key.as_str()),
+        Segment::Enum { .. } | Segment::Unknown => Some(v),
+    })
+}
+
+/// Refuses the first key of `extra`: as an L7 field, as a field not
+/// supported (with the reason), or as unknown (with the known ones).
+fn check_extra(
+    ctx: &Ctx,
+    extra: &Extra,
+    path: &str,
+    display: &str,
+    fields: Fields,
+) -> Result<(), PolicyError> {
+    let Some(key) = extra.0.first() else {
+        return Ok(());
+    };
+    let Scalar::Str(key) = key else {
+        return Err(ctx.invalid(
+            display,
+            format!(
+                "keys must be strings, found {} {}",
+                key.as_str().err().unwrap_or(STRING),
+                Shown::new(key.text())
+            ),
+        ));
+    };
+    let key_path = join(path, key);
+    if fields.l7.contains(&key.as_str()) {
+        return Err(PolicyError::L7Field {
+            location: ctx.location.clone(),
+            path: key_path,
+        });
+    }
+    if let Some((_, reason)) = fields.unsupported.iter().find(|(k, _)| k == key) {
+        return Err(ctx.unsupported(&key_path, *reason));
+    }
+    Err(PolicyError::UnknownField {
+        location: ctx.location.clone(),
+        path: key_path,
+        expected: fields.known.join(", "),
+    })
+}
+
+fn required(ctx: &Ctx, text: Option<Text>, path: &str) -> Result<String, PolicyError> {
+    text.map(|t| t.0)
+        .ok_or_else(|| ctx.invalid(path, "required"))
+}
+
+/// The items of a list field, refused if there are too many.
+fn items<T, const MAX: usize>(
+    ctx: &Ctx,
+    seq: Option<Seq<T, MAX>>,
+    path: &str,
+) -> Result<Vec<T>, PolicyError> {
+    match seq {
+        None => Ok(Vec::new()),
+        Some(Seq::Items(items)) => Ok(items),
+        Some(Seq::TooMany(count)) => Err(ctx.too_many(path, count, MAX)),
+    }
+}
 
 fn parse_document(value: &Value, fallback: String) -> Result<AuthorizationPolicy, PolicyError> {
     let ctx = Ctx::new(policy_location(value).unwrap_or(fallback));
@@ -267,46 +899,46 @@ fn parse_document(value: &Value, fallback: String) -> Result<AuthorizationPolicy
             ),
         ));
     }
-    let top = ctx.fields(value, "", TOP_FIELDS)?;
+    let doc: PolicyDoc = read(&ctx, value, TOP)?;
+    check_extra(&ctx, &doc.extra, "", "", TOP)?;
 
-    let kind = top.required_str("kind")?;
+    let kind = required(&ctx, doc.kind, "kind")?;
     if kind != KIND {
-        return Err(ctx.invalid_value("kind", kind, format!("expected {KIND}")));
+        return Err(ctx.invalid_value("kind", &kind, format!("expected {KIND}")));
     }
-    let api = top.required_str("apiVersion")?;
-    let api_version = ApiVersion::parse(api).ok_or_else(|| {
+    let api = required(&ctx, doc.api_version, "apiVersion")?;
+    let api_version = ApiVersion::parse(&api).ok_or_else(|| {
         let all: Vec<&str> = ApiVersion::ALL.iter().map(|v| v.as_str()).collect();
         ctx.invalid_value(
             "apiVersion",
-            api,
+            &api,
             format!("expected one of {}", all.join(", ")),
         )
     })?;
 
-    let Some(metadata) = top.get("metadata") else {
+    let Some(Map(metadata)) = doc.metadata else {
         return Err(ctx.invalid("metadata", "required (with name and namespace)"));
     };
-    let metadata = ctx.fields(metadata, "metadata", METADATA_FIELDS)?;
-    let name = metadata.required_str("name")?;
-    if let Err(reason) = dns1123_subdomain(name) {
-        return Err(ctx.invalid_value("metadata.name", name, reason));
+    check_extra(&ctx, &metadata.extra, "metadata", "metadata", METADATA)?;
+    let name = required(&ctx, metadata.name, "metadata.name")?;
+    if let Err(reason) = dns1123_subdomain(&name) {
+        return Err(ctx.invalid_value("metadata.name", &name, reason));
     }
-    let namespace = metadata.required_str("namespace")?;
-    if let Err(reason) = dns1123_label(namespace) {
-        return Err(ctx.invalid_value("metadata.namespace", namespace, reason));
+    let namespace = required(&ctx, metadata.namespace, "metadata.namespace")?;
+    if let Err(reason) = dns1123_label(&namespace) {
+        return Err(ctx.invalid_value("metadata.namespace", &namespace, reason));
     }
 
     let mut policy = AuthorizationPolicy::new(namespace, name, Action::Allow);
     policy.api_version = api_version;
     // A missing or null spec is an empty one, as in Kubernetes.
-    let Some(spec) = top.get("spec") else {
+    let Some(Map(spec)) = doc.spec else {
         return Ok(policy);
     };
-    let spec = ctx.fields_with(spec, "", "spec", SPEC_FIELDS, SPEC_L7, SPEC_UNSUPPORTED)?;
+    check_extra(&ctx, &spec.extra, "", "spec", SPEC)?;
 
-    if let Some(action) = spec.get("action") {
-        let action = ctx.str(action, "action")?;
-        policy.action = match action {
+    if let Some(Text(action)) = spec.action {
+        policy.action = match action.as_str() {
             "ALLOW" => Action::Allow,
             "DENY" => Action::Deny,
             "CUSTOM" | "AUDIT" => {
@@ -319,42 +951,15 @@ fn parse_document(value: &Value, fallback: String) -> Result<AuthorizationPolicy
         };
     }
 
-    if let Some(selector) = spec.get("selector") {
-        let selector = ctx.fields(selector, "selector", SELECTOR_FIELDS)?;
-        let mut labels = BTreeMap::new();
-        if let Some(match_labels) = selector.get("matchLabels") {
-            let map = ctx.mapping(match_labels, "selector.matchLabels")?;
-            if map.len() > MAX_SELECTOR_LABELS {
-                return Err(ctx.too_many("selector.matchLabels", map.len(), MAX_SELECTOR_LABELS));
-            }
-            for (key, value) in map {
-                let key = ctx.str(key, "selector.matchLabels")?;
-                // The key is the value refused: shown once, as the value.
-                check_label(&ctx, "selector.matchLabels", key, "label key")?;
-                let path = join("selector.matchLabels", key);
-                let value = ctx.str(value, &path).map_err(|_| {
-                    ctx.invalid_value(
-                        &path,
-                        &scalar_text(value),
-                        "label values must be strings; quote it",
-                    )
-                })?;
-                if !value.is_empty() {
-                    check_label(&ctx, &path, value, "label value")?;
-                }
-                labels.insert(key.to_owned(), value.to_owned());
-            }
-        }
-        policy.selector = Some(labels);
+    if let Some(Map(selector)) = spec.selector {
+        check_extra(&ctx, &selector.extra, "selector", "selector", SELECTOR)?;
+        policy.selector = Some(parse_labels(&ctx, selector.match_labels)?);
     }
 
-    if let Some(rules) = spec.get("rules") {
-        let rules = ctx.list(rules, "rules", MAX_RULES)?;
-        for (i, rule) in rules.iter().enumerate() {
-            policy
-                .rules
-                .push(parse_rule(&ctx, rule, &format!("rules[{i}]"))?);
-        }
+    for (i, rule) in items(&ctx, spec.rules, "rules")?.into_iter().enumerate() {
+        policy
+            .rules
+            .push(parse_rule(&ctx, rule, &format!("rules[{i}]"))?);
     }
     if policy.action == Action::Deny && policy.rules.is_empty() {
         return Err(ctx.invalid(
@@ -365,42 +970,77 @@ fn parse_document(value: &Value, fallback: String) -> Result<AuthorizationPolicy
     Ok(policy)
 }
 
-fn parse_rule(ctx: &Ctx, value: &Value, path: &str) -> Result<Rule, PolicyError> {
-    if value.is_null() {
+fn parse_labels(
+    ctx: &Ctx,
+    labels: Option<Labels>,
+) -> Result<BTreeMap<String, String>, PolicyError> {
+    const PATH: &str = "selector.matchLabels";
+    let entries = match labels {
+        None => return Ok(BTreeMap::new()),
+        Some(Labels::TooMany(count)) => {
+            return Err(ctx.too_many(PATH, count, MAX_SELECTOR_LABELS));
+        }
+        Some(Labels::Entries(entries)) => entries,
+    };
+    let mut out = BTreeMap::new();
+    for (key, value) in entries {
+        let key = key
+            .as_str()
+            .map_err(|found| ctx.invalid(PATH, format!("expected a string, found {found}")))?;
+        // The key is the value refused: shown once, as the value.
+        check_label(ctx, PATH, key, "label key")?;
+        let path = join(PATH, key);
+        let value = value.as_str().map_err(|_| {
+            ctx.invalid_value(
+                &path,
+                value.text(),
+                "label values must be strings; quote it",
+            )
+        })?;
+        if !value.is_empty() {
+            check_label(ctx, &path, value, "label value")?;
+        }
+        out.insert(key.to_owned(), value.to_owned());
+    }
+    Ok(out)
+}
+
+fn parse_rule(ctx: &Ctx, rule: Option<Map<RuleDoc>>, path: &str) -> Result<Rule, PolicyError> {
+    let Some(Map(doc)) = rule else {
         return Err(ctx.invalid(
             path,
             "empty rule; write `{}` for a rule that matches every connection",
         ));
-    }
-    let fields = ctx.fields_with(value, path, path, RULE_FIELDS, RULE_L7, &[])?;
+    };
+    check_extra(ctx, &doc.extra, path, path, RULE)?;
     let mut rule = Rule::default();
-    if let Some(from) = fields.get("from") {
+    if let Some(from) = doc.from {
         let path = format!("{path}.from");
-        let entries = ctx.list(from, &path, MAX_RULE_ENTRIES)?;
+        let entries = items(ctx, Some(from), &path)?;
         if entries.is_empty() {
             return Err(ctx.invalid(&path, "must not be empty; omit `from` to match any source"));
         }
-        for (i, entry) in entries.iter().enumerate() {
+        for (i, Map(entry)) in entries.into_iter().enumerate() {
             let path = format!("{path}[{i}]");
-            let entry = ctx.fields(entry, &path, FROM_FIELDS)?;
+            check_extra(ctx, &entry.extra, &path, &path, FROM)?;
             let path = format!("{path}.source");
-            let Some(source) = entry.get("source") else {
+            let Some(Map(source)) = entry.source else {
                 return Err(ctx.invalid(&path, "required"));
             };
             rule.from.push(parse_source(ctx, source, &path)?);
         }
     }
-    if let Some(to) = fields.get("to") {
+    if let Some(to) = doc.to {
         let path = format!("{path}.to");
-        let entries = ctx.list(to, &path, MAX_RULE_ENTRIES)?;
+        let entries = items(ctx, Some(to), &path)?;
         if entries.is_empty() {
             return Err(ctx.invalid(&path, "must not be empty; omit `to` to match any port"));
         }
-        for (i, entry) in entries.iter().enumerate() {
+        for (i, Map(entry)) in entries.into_iter().enumerate() {
             let path = format!("{path}[{i}]");
-            let entry = ctx.fields(entry, &path, TO_FIELDS)?;
+            check_extra(ctx, &entry.extra, &path, &path, TO)?;
             let path = format!("{path}.operation");
-            let Some(operation) = entry.get("operation") else {
+            let Some(Map(operation)) = entry.operation else {
                 return Err(ctx.invalid(&path, "required"));
             };
             rule.to.push(parse_operation(ctx, operation, &path)?);
@@ -409,40 +1049,66 @@ fn parse_rule(ctx: &Ctx, value: &Value, path: &str) -> Result<Rule, PolicyError>
     Ok(rule)
 }
 
-fn parse_source(ctx: &Ctx, value: &Value, path: &str) -> Result<SourceMatch, PolicyError> {
-    let fields = ctx.fields_with(
-        value,
-        path,
-        path,
-        SOURCE_FIELDS,
-        SOURCE_L7,
-        SOURCE_UNSUPPORTED,
-    )?;
-    let principals = |key: &str| fields.patterns(key, true);
-    let namespaces = |key: &str| fields.patterns(key, false);
-    let ips = |key: &str| -> Result<Vec<IpBlock>, PolicyError> {
+/// The values of a list field of strings with their paths (`path.key[i]`),
+/// each a string not empty and not too long.
+fn values<const MAX: usize>(
+    ctx: &Ctx,
+    seq: Option<Seq<Text, MAX>>,
+    path: &str,
+    key: &str,
+) -> Result<Vec<(String, String)>, PolicyError> {
+    let field_path = join(path, key);
+    let mut out = Vec::new();
+    for (i, Text(text)) in items(ctx, seq, &field_path)?.into_iter().enumerate() {
+        let value_path = format!("{field_path}[{i}]");
+        if text.len() > MAX_VALUE_LEN {
+            return Err(ctx.invalid_value(
+                &value_path,
+                &text,
+                format!("longer than the limit of {MAX_VALUE_LEN} bytes"),
+            ));
+        }
+        if text.is_empty() {
+            return Err(ctx.invalid_value(&value_path, &text, "empty value"));
+        }
+        out.push((value_path, text));
+    }
+    Ok(out)
+}
+
+fn parse_source(ctx: &Ctx, doc: SourceDoc, path: &str) -> Result<SourceMatch, PolicyError> {
+    check_extra(ctx, &doc.extra, path, path, SOURCE)?;
+    let patterns = |seq, key: &str, principal: bool| -> Result<Vec<String>, PolicyError> {
         let mut out = Vec::new();
-        for (value_path, value) in fields.values(key)? {
-            let text = ctx.value_str(value, &value_path)?;
-            let block = IpBlock::parse(text).ok_or_else(|| {
+        for (value_path, text) in values(ctx, seq, path, key)? {
+            check_pattern(&text, principal)
+                .map_err(|reason| ctx.invalid_value(&value_path, &text, reason))?;
+            out.push(text);
+        }
+        Ok(out)
+    };
+    let ips = |seq, key: &str| -> Result<Vec<IpBlock>, PolicyError> {
+        let mut out = Vec::new();
+        for (value_path, text) in values(ctx, seq, path, key)? {
+            let block = IpBlock::parse(&text).ok_or_else(|| {
                 let reason = if text.contains('/') {
                     "malformed CIDR; expected an address and a prefix length such as 10.0.0.0/8 or 2001:db8::/32"
                 } else {
                     "malformed IP address; expected an IPv4 or IPv6 address or a CIDR"
                 };
-                ctx.invalid_value(&value_path, text, reason)
+                ctx.invalid_value(&value_path, &text, reason)
             })?;
             out.push(block);
         }
         Ok(out)
     };
     let source = SourceMatch {
-        principals: principals("principals")?,
-        not_principals: principals("notPrincipals")?,
-        namespaces: namespaces("namespaces")?,
-        not_namespaces: namespaces("notNamespaces")?,
-        ip_blocks: ips("ipBlocks")?,
-        not_ip_blocks: ips("notIpBlocks")?,
+        principals: patterns(doc.principals, "principals", true)?,
+        not_principals: patterns(doc.not_principals, "notPrincipals", true)?,
+        namespaces: patterns(doc.namespaces, "namespaces", false)?,
+        not_namespaces: patterns(doc.not_namespaces, "notNamespaces", false)?,
+        ip_blocks: ips(doc.ip_blocks, "ipBlocks")?,
+        not_ip_blocks: ips(doc.not_ip_blocks, "notIpBlocks")?,
     };
     if source.is_empty() {
         return Err(ctx.invalid(
@@ -456,18 +1122,19 @@ fn parse_source(ctx: &Ctx, value: &Value, path: &str) -> Result<SourceMatch, Pol
     Ok(source)
 }
 
-fn parse_operation(ctx: &Ctx, value: &Value, path: &str) -> Result<Operation, PolicyError> {
-    let fields = ctx.fields_with(value, path, path, OPERATION_FIELDS, OPERATION_L7, &[])?;
-    let ports = |key: &str| -> Result<Vec<u16>, PolicyError> {
+fn parse_operation(ctx: &Ctx, doc: OperationDoc, path: &str) -> Result<Operation, PolicyError> {
+    check_extra(ctx, &doc.extra, path, path, OPERATION)?;
+    let ports = |seq, key: &str| -> Result<Vec<u16>, PolicyError> {
+        let field_path = join(path, key);
         let mut out = Vec::new();
-        for (value_path, value) in fields.values(key)? {
-            out.push(parse_port(ctx, value, &value_path)?);
+        for (i, value) in items(ctx, seq, &field_path)?.iter().enumerate() {
+            out.push(parse_port(ctx, value, &format!("{field_path}[{i}]"))?);
         }
         Ok(out)
     };
     let operation = Operation {
-        ports: ports("ports")?,
-        not_ports: ports("notPorts")?,
+        ports: ports(doc.ports, "ports")?,
+        not_ports: ports(doc.not_ports, "notPorts")?,
     };
     if operation.is_empty() {
         return Err(ctx.invalid(path, "must not be empty; set ports or notPorts"));
@@ -475,20 +1142,20 @@ fn parse_operation(ctx: &Ctx, value: &Value, path: &str) -> Result<Operation, Po
     Ok(operation)
 }
 
-fn parse_port(ctx: &Ctx, value: &Value, path: &str) -> Result<u16, PolicyError> {
+fn parse_port(ctx: &Ctx, value: &Scalar, path: &str) -> Result<u16, PolicyError> {
     const RANGE: &str = "expected a port number from 1 to 65535";
-    let (text, number) = match value {
-        Value::String(s) => {
+    let number = match value {
+        Scalar::Str(s) => {
             let digits = !s.is_empty() && s.len() <= 10 && s.bytes().all(|b| b.is_ascii_digit());
-            (s.clone(), if digits { s.parse::<u64>().ok() } else { None })
+            if digits { s.parse::<u64>().ok() } else { None }
         }
-        Value::Number(n) => (n.to_string(), n.as_u64()),
-        other => (scalar_text(other), None),
+        Scalar::Other { number, .. } => *number,
     };
+    let text = value.text();
     match number {
-        Some(n @ 1..=65535) => u16::try_from(n).map_err(|_| ctx.invalid_value(path, &text, RANGE)),
-        Some(_) => Err(ctx.invalid_value(path, &text, format!("out of range; {RANGE}"))),
-        None => Err(ctx.invalid_value(path, &text, format!("not a port number; {RANGE}"))),
+        Some(n @ 1..=65535) => u16::try_from(n).map_err(|_| ctx.invalid_value(path, text, RANGE)),
+        Some(_) => Err(ctx.invalid_value(path, text, format!("out of range; {RANGE}"))),
+        None => Err(ctx.invalid_value(path, text, format!("not a port number; {RANGE}"))),
     }
 }
 
@@ -636,7 +1303,7 @@ fn join(path: &str, key: &str) -> String {
 }
 
 // ---------------------------------------------------------------------------
-// Error-building context and checked field access.
+// Error building.
 
 struct Ctx {
     location: String,
@@ -683,169 +1350,6 @@ impl Ctx {
             count,
             limit,
         }
-    }
-
-    fn mapping<'v>(&self, value: &'v Value, path: &str) -> Result<&'v Mapping, PolicyError> {
-        match value {
-            Value::Mapping(map) => Ok(map),
-            other => Err(self.invalid(
-                path,
-                format!("expected a mapping, found {}", kind_of(other)),
-            )),
-        }
-    }
-
-    fn list<'v>(
-        &self,
-        value: &'v Value,
-        path: &str,
-        limit: usize,
-    ) -> Result<&'v [Value], PolicyError> {
-        match value {
-            Value::Sequence(items) if items.len() > limit => {
-                Err(self.too_many(path, items.len(), limit))
-            }
-            Value::Sequence(items) => Ok(items),
-            other => Err(self.invalid(path, format!("expected a list, found {}", kind_of(other)))),
-        }
-    }
-
-    fn str<'v>(&self, value: &'v Value, path: &str) -> Result<&'v str, PolicyError> {
-        match value {
-            Value::String(s) => Ok(s),
-            other => {
-                Err(self.invalid(path, format!("expected a string, found {}", kind_of(other))))
-            }
-        }
-    }
-
-    /// A string value of a list field: a string, not too long.
-    fn value_str<'v>(&self, value: &'v Value, path: &str) -> Result<&'v str, PolicyError> {
-        let text = self.str(value, path)?;
-        if text.len() > MAX_VALUE_LEN {
-            return Err(self.invalid_value(
-                path,
-                text,
-                format!("longer than the limit of {MAX_VALUE_LEN} bytes"),
-            ));
-        }
-        if text.is_empty() {
-            return Err(self.invalid_value(path, text, "empty value"));
-        }
-        Ok(text)
-    }
-
-    fn fields<'c, 'v>(
-        &'c self,
-        value: &'v Value,
-        path: &str,
-        known: &[&str],
-    ) -> Result<Fields<'c, 'v>, PolicyError> {
-        self.fields_with(value, path, path, known, &[], &[])
-    }
-
-    /// Checks that `value` is a mapping whose keys are all strings in
-    /// `known`; an `l7` key or an `unsupported` key gets its own message.
-    /// `display` names the mapping itself in errors, `path` prefixes its keys.
-    fn fields_with<'c, 'v>(
-        &'c self,
-        value: &'v Value,
-        path: &str,
-        display: &str,
-        known: &[&str],
-        l7: &[&str],
-        unsupported: &[(&str, &str)],
-    ) -> Result<Fields<'c, 'v>, PolicyError> {
-        let map = self.mapping(value, display)?;
-        for key in map.keys() {
-            let Value::String(key) = key else {
-                return Err(self.invalid(
-                    display,
-                    format!(
-                        "keys must be strings, found {} {}",
-                        kind_of(key),
-                        Shown::new(&scalar_text(key))
-                    ),
-                ));
-            };
-            let key_path = join(path, key);
-            if known.contains(&key.as_str()) {
-                continue;
-            }
-            if l7.contains(&key.as_str()) {
-                return Err(PolicyError::L7Field {
-                    location: self.location.clone(),
-                    path: key_path,
-                });
-            }
-            if let Some((_, reason)) = unsupported.iter().find(|(k, _)| k == key) {
-                return Err(self.unsupported(&key_path, *reason));
-            }
-            return Err(PolicyError::UnknownField {
-                location: self.location.clone(),
-                path: key_path,
-                expected: known.join(", "),
-            });
-        }
-        Ok(Fields {
-            ctx: self,
-            map,
-            path: path.to_owned(),
-        })
-    }
-}
-
-/// A mapping whose keys were checked.
-struct Fields<'c, 'v> {
-    ctx: &'c Ctx,
-    map: &'v Mapping,
-    path: String,
-}
-
-impl<'v> Fields<'_, 'v> {
-    /// The value of `key`; a null value counts as absent, as in Kubernetes.
-    fn get(&self, key: &str) -> Option<&'v Value> {
-        self.map.get(key).filter(|v| !v.is_null())
-    }
-
-    fn required_str(&self, key: &str) -> Result<&'v str, PolicyError> {
-        let path = join(&self.path, key);
-        match self.get(key) {
-            None => Err(self.ctx.invalid(&path, "required")),
-            Some(value) => self.ctx.str(value, &path),
-        }
-    }
-
-    fn list(&self, key: &str, limit: usize) -> Result<&'v [Value], PolicyError> {
-        match self.get(key) {
-            None => Ok(&[]),
-            Some(value) => self.ctx.list(value, &join(&self.path, key), limit),
-        }
-    }
-
-    /// The items of a list field with their paths (`path.key[i]`).
-    fn values(&self, key: &str) -> Result<Vec<(String, &'v Value)>, PolicyError> {
-        let field_path = join(&self.path, key);
-        let Some(value) = self.get(key) else {
-            return Ok(Vec::new());
-        };
-        let items = self.ctx.list(value, &field_path, MAX_VALUES)?;
-        Ok(items
-            .iter()
-            .enumerate()
-            .map(|(i, v)| (format!("{field_path}[{i}]"), v))
-            .collect())
-    }
-
-    fn patterns(&self, key: &str, principal: bool) -> Result<Vec<String>, PolicyError> {
-        let mut out = Vec::new();
-        for (value_path, value) in self.values(key)? {
-            let text = self.ctx.value_str(value, &value_path)?;
-            check_pattern(text, principal)
-                .map_err(|reason| self.ctx.invalid_value(&value_path, text, reason))?;
-            out.push(text.to_owned());
-        }
-        Ok(out)
     }
 }
 
