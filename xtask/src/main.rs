@@ -235,6 +235,13 @@ fn setup() -> Result<()> {
         did.push(format!("bpf-linker {BPF_LINKER_VERSION}"));
     }
 
+    // cargo-nextest: `./x test`'s runner.
+    if output(cargo().args(["nextest", "--version"])).is_none() {
+        println!("setup: installing cargo-nextest (cargo install --locked)");
+        sh(cargo().args(["install", "cargo-nextest", "--locked"]))?;
+        did.push("cargo-nextest".into());
+    }
+
     // 4. bpffs.
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     if !mounts
@@ -314,15 +321,32 @@ fn test(root: &Path) -> Result<()> {
     // mesh-ca, mesh): build them all first.
     println!("test: cargo build --bins");
     sh(cargo().args(["build", "--bins"]))?;
-    println!("test: cargo test --features {PRIVILEGED} (unit, privileged, end-to-end)");
-    let out = cargo()
-        .args(["test", "--no-fail-fast", "--features", PRIVILEGED])
+    // cargo-nextest runs every test binary; .config/nextest.toml puts the
+    // privileged tests (meshes, namespaces, eBPF) in a serial group.
+    println!("test: cargo nextest run --features {PRIVILEGED} (unit, privileged, end-to-end)");
+    let junit = target_dir(root).join("nextest/default/junit.xml");
+    let _ = std::fs::remove_file(&junit);
+    let st = cargo()
+        .args([
+            "nextest",
+            "run",
+            "--workspace",
+            "--no-fail-fast",
+            "--features",
+            PRIVILEGED,
+        ])
+        .status()
+        .context("spawn cargo nextest")?;
+    let (mut passed, mut failed) = junit_counts(&junit)?;
+    // nextest does not run doctests.
+    println!("test: cargo test --doc");
+    let doc = cargo()
+        .args(["test", "--doc", "--workspace", "--features", PRIVILEGED])
         .stderr(std::process::Stdio::inherit())
         .output()
-        .context("spawn cargo test")?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
+        .context("spawn cargo test --doc")?;
+    let stdout = String::from_utf8_lossy(&doc.stdout);
     print!("{stdout}");
-    let (mut passed, mut failed) = (0u64, 0u64);
     for l in stdout.lines().filter(|l| l.starts_with("test result:")) {
         let num = |word: &str| {
             l.split(';')
@@ -341,17 +365,36 @@ fn test(root: &Path) -> Result<()> {
             leftovers.join("\n  ")
         );
     }
-    println!(
-        "test: {passed} passed, {failed} failed ({:.0}s)",
-        start.elapsed().as_secs_f64()
-    );
-    ensure!(out.status.success(), "cargo test failed");
+    println!("test: took {:.0}s", start.elapsed().as_secs_f64());
+    println!("test: {passed} passed, {failed} failed");
+    ensure!(st.success(), "cargo nextest failed");
+    ensure!(doc.status.success(), "cargo test --doc failed");
     ensure!(
         leftovers.is_empty(),
         "tests left namespaces, cgroups or pins behind"
     );
     ensure!(passed > 0, "no test ran");
     Ok(())
+}
+
+/// Tests run and failed, from nextest's JUnit report.
+fn junit_counts(path: &Path) -> Result<(u64, u64)> {
+    let xml = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: nextest wrote no JUnit report", path.display()))?;
+    let root = xml
+        .split("<testsuites")
+        .nth(1)
+        .with_context(|| format!("{}: no <testsuites> element", path.display()))?;
+    let head = root.split('>').next().unwrap_or_default();
+    let attr = |name: &str| -> u64 {
+        head.split(&format!(" {name}=\""))
+            .nth(1)
+            .and_then(|v| v.split('"').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let (tests, failures, errors) = (attr("tests"), attr("failures"), attr("errors"));
+    Ok((tests.saturating_sub(failures + errors), failures + errors))
 }
 
 /// Sandbox objects still present (every test's names start with sockmesh).
