@@ -207,20 +207,7 @@ pub fn transfer(
     down: u64,
 ) -> Result<Value> {
     let (u, d) = (up.to_string(), down.to_string());
-    let mut c = m.spawn(
-        client,
-        // Strict: a blocking app must never see a spurious EAGAIN.
-        &[
-            "--strict-eagain",
-            "connect",
-            "--to",
-            to,
-            "--send",
-            &u,
-            "--seed",
-            "11",
-        ],
-    )?;
+    let mut c = strict_client(m, client, to, up, 11)?;
     c.event("connected")?;
     server.event("accepted")?;
     let ct = c.event("transfer")?["transfer"].clone();
@@ -333,10 +320,13 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// One connection attempt from `client` to `to`: `Ok(received bytes)` or
-/// the error the app saw.
-pub fn attempt(m: &TestMesh, client: &str, to: &str) -> Result<Result<u64, String>> {
-    let mut c = m.spawn(
+/// An app in `client` that connects to `to` and moves `send` bytes of
+/// stream `seed` each way, full duplex, printing digests. Strict: a
+/// blocking app that fails on a spurious EAGAIN (on the mesh's paths no
+/// app socket is in a socket map, so it must never see one).
+pub fn strict_client(m: &TestMesh, client: &str, to: &str, send: u64, seed: u64) -> Result<Proc> {
+    let (n, s) = (send.to_string(), seed.to_string());
+    m.spawn(
         client,
         &[
             "--strict-eagain",
@@ -344,11 +334,17 @@ pub fn attempt(m: &TestMesh, client: &str, to: &str) -> Result<Result<u64, Strin
             "--to",
             to,
             "--send",
-            "1000",
+            &n,
             "--seed",
-            "3",
+            &s,
         ],
-    )?;
+    )
+}
+
+/// One connection attempt from `client` to `to`: `Ok(received bytes)` or
+/// the error the app saw.
+pub fn attempt(m: &TestMesh, client: &str, to: &str) -> Result<Result<u64, String>> {
+    let mut c = strict_client(m, client, to, 1000, 3)?;
     let st = c.child.wait()?;
     let mut out = String::new();
     let mut err = String::new();

@@ -203,26 +203,27 @@ fn a_gibibyte_each_way_arrives_byte_exact_through_the_redirect_with_half_close()
     Ok(())
 }
 
-#[test]
-fn flow_counters_equal_the_bytes_moved_while_open_and_after_close() -> Result<()> {
-    let (sb, pod, dp) = pod_sandbox()?;
-    let netns = mesh_ebpf::netns::cookie(&pod)?;
-    let proxy = start_proxy(&sb, &pod, 1, &["--send", "5000001", "--seed", "4"])?;
+/// An app in `pod` that connected to `to` (captured), sent 3,000,000
+/// bytes and received 5,000,001 from the proxy, and now holds the
+/// connection open until released.
+fn held_flow(sb: &Sandbox, pod: &Path, to: &str) -> Result<(Probe, Probe)> {
+    let proxy = start_proxy(sb, pod, 1, &["--send", "5000001", "--seed", "4"])?;
     let mut app = sb.probe(
-        &pod,
+        pod,
         &[
-            "connect",
-            "--to",
-            "10.77.0.7:7000",
-            "--send",
-            "3000000",
-            "--seed",
-            "3",
-            "--hold",
+            "connect", "--to", to, "--send", "3000000", "--seed", "3", "--hold",
         ],
     )?;
     expect_event(&mut app, "connected")?;
     expect_event(&mut app, "holding")?;
+    Ok((proxy, app))
+}
+
+#[test]
+fn flow_counters_equal_the_bytes_moved_while_open_and_after_close() -> Result<()> {
+    let (sb, pod, dp) = pod_sandbox()?;
+    let netns = mesh_ebpf::netns::cookie(&pod)?;
+    let (proxy, mut app) = held_flow(&sb, &pod, "10.77.0.7:7000")?;
 
     let open = flow_to(&dp, netns, "10.77.0.7:7000")?.context("no flow entry while open")?;
     assert_eq!(open.bytes_sent, 3_000_000, "{open:?}");
@@ -609,22 +610,7 @@ fn count_only_counters_equal_the_bytes_moved_while_open_and_after_close() -> Res
     let (sb, pod, mut dp) = pod_sandbox()?;
     dp.set_redirect(false)?;
     let netns = mesh_ebpf::netns::cookie(&pod)?;
-    let proxy = start_proxy(&sb, &pod, 1, &["--send", "5000001", "--seed", "4"])?;
-    let mut app = sb.probe(
-        &pod,
-        &[
-            "connect",
-            "--to",
-            "10.77.0.6:6000",
-            "--send",
-            "3000000",
-            "--seed",
-            "3",
-            "--hold",
-        ],
-    )?;
-    expect_event(&mut app, "connected")?;
-    expect_event(&mut app, "holding")?;
+    let (proxy, mut app) = held_flow(&sb, &pod, "10.77.0.6:6000")?;
     // Counted from each sender's acknowledged bytes: exact once acked (no
     // SYN, no FIN, no byte twice), while the connection is still open.
     let open = wait_flow(&dp, netns, "10.77.0.6:6000", |f| {

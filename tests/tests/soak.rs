@@ -44,25 +44,9 @@ fn soak_path(
 ) -> Result<u64> {
     let start = Instant::now();
     let mut server = serve_concurrent(m, server_pod, port, STREAMS as usize, per_way)?;
-    let n = per_way.to_string();
     let mut clients = Vec::new();
     for i in 0..STREAMS {
-        let seed = (100 + i).to_string();
-        // A blocking app that fails on a spurious EAGAIN: on the default
-        // path no socket is in a socket map, so it must never see one.
-        let mut c = m.spawn(
-            client,
-            &[
-                "--strict-eagain",
-                "connect",
-                "--to",
-                to,
-                "--send",
-                &n,
-                "--seed",
-                &seed,
-            ],
-        )?;
+        let mut c = strict_client(m, client, to, per_way, 100 + i)?;
         c.event("connected")?;
         clients.push(c);
     }

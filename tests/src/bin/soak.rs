@@ -228,20 +228,7 @@ fn run() -> Result<bool> {
 /// One stream: `size` bytes of stream `seed` up, the server's answer down,
 /// both checked.
 fn one_stream(m: &TestMesh, path: &Path, seed: u64, size: u64, answer: &str) -> Result<()> {
-    let (n, s) = (size.to_string(), seed.to_string());
-    let mut c = m.spawn(
-        "default/client",
-        &[
-            "--strict-eagain",
-            "connect",
-            "--to",
-            &path.to,
-            "--send",
-            &n,
-            "--seed",
-            &s,
-        ],
-    )?;
+    let mut c = strict_client(m, "default/client", &path.to, size, seed)?;
     c.event("connected")?;
     let t = c.event("transfer")?["transfer"].clone();
     c.wait()?;
