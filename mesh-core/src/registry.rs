@@ -167,9 +167,29 @@ impl Pod {
 /// own cache (a file snapshot, a Kubernetes watch) so lookups are cheap and
 /// synchronous.
 pub trait WorkloadRegistry: Send + Sync + std::fmt::Debug {
-    fn node(&self, name: &str) -> Option<Node>;
-    fn pods_on_node(&self, node: &str) -> Vec<Pod>;
-    fn pod(&self, namespace: &str, name: &str) -> Option<Pod>;
+    /// The registry's current state, indexed. Every lookup below reads it.
+    fn current(&self) -> Arc<IndexedSnapshot>;
+
+    fn node(&self, name: &str) -> Option<Node> {
+        self.current()
+            .nodes
+            .iter()
+            .find(|n| n.name == name)
+            .cloned()
+    }
+
+    fn pods_on_node(&self, node: &str) -> Vec<Pod> {
+        self.current()
+            .pods
+            .iter()
+            .filter(|p| p.node == node)
+            .cloned()
+            .collect()
+    }
+
+    fn pod(&self, namespace: &str, name: &str) -> Option<Pod> {
+        self.current().pod(namespace, name).cloned()
+    }
 
     /// The identities of the pods scheduled on `node`, deduplicated.
     fn identities_on_node(&self, node: &str, trust_domain: &str) -> BTreeSet<Identity> {
@@ -640,25 +660,8 @@ fn read_file(path: &Path) -> Result<(Snapshot, Option<FileStamp>), RegistryError
 }
 
 impl WorkloadRegistry for FileRegistry {
-    fn node(&self, name: &str) -> Option<Node> {
+    fn current(&self) -> Arc<IndexedSnapshot> {
         self.snapshot()
-            .nodes
-            .iter()
-            .find(|n| n.name == name)
-            .cloned()
-    }
-
-    fn pods_on_node(&self, node: &str) -> Vec<Pod> {
-        self.snapshot()
-            .pods
-            .iter()
-            .filter(|p| p.node == node)
-            .cloned()
-            .collect()
-    }
-
-    fn pod(&self, namespace: &str, name: &str) -> Option<Pod> {
-        self.snapshot().pod(namespace, name).cloned()
     }
 }
 

@@ -618,25 +618,8 @@ fn build(shared: &Shared) -> View {
 }
 
 impl WorkloadRegistry for KubeRegistry {
-    fn node(&self, name: &str) -> Option<Node> {
+    fn current(&self) -> Arc<IndexedSnapshot> {
         self.snapshot()
-            .nodes
-            .iter()
-            .find(|n| n.name == name)
-            .cloned()
-    }
-
-    fn pods_on_node(&self, node: &str) -> Vec<Pod> {
-        self.snapshot()
-            .pods
-            .iter()
-            .filter(|p| p.node == node)
-            .cloned()
-            .collect()
-    }
-
-    fn pod(&self, namespace: &str, name: &str) -> Option<Pod> {
-        self.view().pod(namespace, name).cloned()
     }
 }
 
