@@ -82,6 +82,18 @@ struct Config {
     #[arg(long, required = true, value_name = "FILE")]
     registry: Option<PathBuf>,
 
+    #[command(flatten)]
+    serving: Serving,
+
+    /// How often to look for changes of the registry and the root files.
+    #[arg(long, default_value = "2s", value_parser = parse_duration, value_name = "DURATION")]
+    reload_interval: Duration,
+}
+
+/// How the CA serves, the same in both modes: listeners, their bounds,
+/// certificate lifetimes and its own names.
+#[derive(Debug, clap::Args)]
+struct Serving {
     /// Address of the HTTPS API.
     #[arg(long, default_value = "0.0.0.0:15012", value_name = "ADDR")]
     listen: SocketAddr,
@@ -103,10 +115,6 @@ struct Config {
           default_values_t = ["mesh-ca".to_string(), "localhost".to_string(), "127.0.0.1".to_string()])]
     server_names: Vec<String>,
 
-    /// How often to look for changes of the registry and the root files.
-    #[arg(long, default_value = "2s", value_parser = parse_duration, value_name = "DURATION")]
-    reload_interval: Duration,
-
     /// A client must finish its TLS handshake and send its first request within this
     /// (also the bound on each later request's headers). At most 60s.
     #[arg(long, default_value = "3s", value_parser = parse_duration, value_name = "DURATION")]
@@ -119,6 +127,41 @@ struct Config {
     /// Connections open at once from one source IP address; more are reset at accept.
     #[arg(long, default_value_t = ListenerLimits::default().max_connections_per_peer, value_name = "N")]
     max_connections_per_peer: usize,
+}
+
+impl Serving {
+    /// Checks the values, puts the lifetimes and names into `ca_config`,
+    /// and returns the listeners' bounds.
+    fn apply(&self, ca_config: &mut CaConfig) -> Result<ListenerLimits> {
+        if self.metrics_listen == Some(self.listen) {
+            bail!("--metrics-listen {} is the same as --listen", self.listen);
+        }
+        ca_config.default_ttl = self.default_ttl;
+        ca_config.max_ttl = self.max_ttl;
+        ca_config.server_names = self.server_names.clone();
+        ca_config.validate()?;
+        let limits = ListenerLimits {
+            handshake_timeout: self.handshake_timeout,
+            max_connections: self.max_connections,
+            max_connections_per_peer: self.max_connections_per_peer,
+        };
+        limits.validate().map_err(|e| {
+            anyhow::anyhow!(
+                "{e} (set by --handshake-timeout, --max-connections, --max-connections-per-peer)"
+            )
+        })?;
+        Ok(limits)
+    }
+
+    /// Binds the HTTPS API and, if asked, the plain metrics listener.
+    async fn bind(&self, ca: &Ca, limits: &ListenerLimits) -> Result<(CaServer, Option<CaServer>)> {
+        let server = CaServer::bind_with(ca.clone(), self.listen, limits).await?;
+        let metrics = match self.metrics_listen {
+            Some(addr) => Some(CaServer::bind_metrics_with(ca.clone(), addr, limits).await?),
+            None => None,
+        };
+        Ok((server, metrics))
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -177,17 +220,8 @@ struct ClusterArgs {
     /// Where the root is written for the signer (the key 0600).
     #[arg(long, default_value = "/var/run/sockmesh-ca", value_name = "DIR")]
     work_dir: PathBuf,
-    #[arg(long, default_value = "0.0.0.0:15012", value_name = "ADDR")]
-    listen: SocketAddr,
-    #[arg(long, value_name = "ADDR")]
-    metrics_listen: Option<SocketAddr>,
-    #[arg(long, default_value = "24h", value_parser = parse_duration, value_name = "DURATION")]
-    default_ttl: Duration,
-    #[arg(long, default_value = "48h", value_parser = parse_duration, value_name = "DURATION")]
-    max_ttl: Duration,
-    #[arg(long = "server-name", value_name = "NAME",
-          default_values_t = ["mesh-ca".to_string(), "localhost".to_string(), "127.0.0.1".to_string()])]
-    server_names: Vec<String>,
+    #[command(flatten)]
+    serving: Serving,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -266,10 +300,7 @@ fn serve_cluster(args: ClusterArgs) -> Result<()> {
         &args.trust_domain,
         RootSource::Plugged(args.work_dir.clone()),
     );
-    ca_config.default_ttl = args.default_ttl;
-    ca_config.max_ttl = args.max_ttl;
-    ca_config.server_names = args.server_names.clone();
-    ca_config.validate()?;
+    let limits = args.serving.apply(&mut ca_config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -310,11 +341,7 @@ fn serve_cluster(args: ClusterArgs) -> Result<()> {
         }
         let authenticator = TokenReviewAuthenticator::new(client, &args.audience, &proxies);
         let ca = Ca::new(ca_config, Arc::new(authenticator), registry.clone())?;
-        let server = CaServer::bind(ca.clone(), args.listen).await?;
-        let metrics = match args.metrics_listen {
-            Some(addr) => Some(CaServer::bind_metrics(ca.clone(), addr).await?),
-            None => None,
-        };
+        let (server, metrics) = args.serving.bind(&ca, &limits).await?;
         tokio::signal::ctrl_c().await.context("waiting for a signal")?;
         tracing::info!("shutting down");
         server.shutdown().await;
@@ -346,24 +373,8 @@ fn serve(config: Config) -> Result<()> {
         }
         _ => bail!("give exactly one of --state-dir and --plugged-ca"),
     };
-    if config.metrics_listen == Some(config.listen) {
-        bail!("--metrics-listen {} is the same as --listen", config.listen);
-    }
     let mut ca_config = CaConfig::new(&trust_domain, roots);
-    ca_config.default_ttl = config.default_ttl;
-    ca_config.max_ttl = config.max_ttl;
-    ca_config.server_names = config.server_names;
-    ca_config.validate()?;
-    let limits = ListenerLimits {
-        handshake_timeout: config.handshake_timeout,
-        max_connections: config.max_connections,
-        max_connections_per_peer: config.max_connections_per_peer,
-    };
-    limits.validate().map_err(|e| {
-        anyhow::anyhow!(
-            "{e} (set by --handshake-timeout, --max-connections, --max-connections-per-peer)"
-        )
-    })?;
+    let limits = config.serving.apply(&mut ca_config)?;
     let registry = Arc::new(FileRegistry::load(&registry_path)?);
     let authenticator = FileTokenAuthenticator::load(&tokens_dir)
         .with_context(|| format!("loading node tokens from {}", tokens_dir.display()))?;
@@ -378,11 +389,7 @@ fn serve(config: Config) -> Result<()> {
         .build()
         .context("building the tokio runtime")?;
     runtime.block_on(async move {
-        let server = CaServer::bind_with(ca.clone(), config.listen, &limits).await?;
-        let metrics = match config.metrics_listen {
-            Some(addr) => Some(CaServer::bind_metrics_with(ca.clone(), addr, &limits).await?),
-            None => None,
-        };
+        let (server, metrics) = config.serving.bind(&ca, &limits).await?;
         let mut tick = tokio::time::interval(config.reload_interval);
         loop {
             tokio::select! {
