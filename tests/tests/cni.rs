@@ -170,8 +170,8 @@ fn pod_env_of(cmd: &str, netns: &Path, name: &str, uid: &str) -> BTreeMap<&'stat
     ])
 }
 
-/// mesh-cni alone, as the runtime runs it: (success, stdout JSON).
-fn mesh_cni_exec(env: &BTreeMap<&str, String>, conf: &Value) -> Result<(bool, Value)> {
+/// mesh-cni alone, as the runtime runs it: its exit and output.
+fn mesh_cni_output(env: &BTreeMap<&str, String>, conf: &Value) -> Result<std::process::Output> {
     let mut child = Command::new(mesh_cni())
         .env_clear()
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
@@ -183,7 +183,12 @@ fn mesh_cni_exec(env: &BTreeMap<&str, String>, conf: &Value) -> Result<(bool, Va
         .take()
         .context("stdin")?
         .write_all(conf.to_string().as_bytes())?;
-    let o = child.wait_with_output()?;
+    Ok(child.wait_with_output()?)
+}
+
+/// mesh-cni alone: (success, stdout JSON).
+fn mesh_cni_exec(env: &BTreeMap<&str, String>, conf: &Value) -> Result<(bool, Value)> {
+    let o = mesh_cni_output(env, conf)?;
     Ok((
         o.status.success(),
         serde_json::from_slice(&o.stdout).unwrap_or(Value::Null),
@@ -745,18 +750,7 @@ fn bench_cni_add_latency_with_the_real_proxy() -> Result<()> {
         let mut last = None;
         for _ in 0..tries {
             let start = Instant::now();
-            let mut child = Command::new(mesh_cni())
-                .env_clear()
-                .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .spawn()?;
-            child
-                .stdin
-                .take()
-                .context("stdin")?
-                .write_all(conf.to_string().as_bytes())?;
-            let o = child.wait_with_output()?;
+            let o = mesh_cni_output(&env, &conf)?;
             let took = start.elapsed();
             let ok = o.status.success();
             last = Some(o);
