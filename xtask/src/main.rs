@@ -425,22 +425,24 @@ fn leftovers() -> Vec<String> {
     left
 }
 
+/// Release builds of the mesh's programs and the test harness's (probe,
+/// bench, soak), plus `extra` packages.
+fn build_release(extra: &[&str]) -> Result<()> {
+    let mut cmd = cargo();
+    cmd.args(["build", "--release", "--bins"]);
+    for p in ["sockmesh-tests", "mesh-proxy", "mesh-ca"]
+        .iter()
+        .chain(extra)
+    {
+        cmd.args(["-p", p]);
+    }
+    sh(&mut cmd)
+}
+
 fn soak(root: &Path, minutes: f64, workers: usize, max_mib: u64) -> Result<()> {
     println!("soak: building release binaries...");
     // mesh-cli: `mesh supervise` runs each node's proxy.
-    sh(cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "sockmesh-tests",
-        "-p",
-        "mesh-proxy",
-        "-p",
-        "mesh-ca",
-        "-p",
-        "mesh-cli",
-        "--bins",
-    ]))?;
+    build_release(&["mesh-cli"])?;
     let out_dir = target_dir(root).join("bench");
     std::fs::create_dir_all(&out_dir)?;
     sh(Command::new(target_dir(root).join("release/sockmesh-soak"))
@@ -468,17 +470,7 @@ fn bench(root: &Path, what: &str) -> Result<()> {
     };
     if chosen.iter().any(|w| *w == "redirect" || *w == "mesh") {
         println!("bench: building release binaries...");
-        sh(cargo().args([
-            "build",
-            "--release",
-            "-p",
-            "sockmesh-tests",
-            "-p",
-            "mesh-proxy",
-            "-p",
-            "mesh-ca",
-            "--bins",
-        ]))?;
+        build_release(&[])?;
     }
     for w in chosen {
         let json = out_dir.join(format!("{w}.json"));
