@@ -113,12 +113,17 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
 /// How app<->proxy bytes move.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Mode {
-    /// sk_msg redirects between the sockets of the socket map: the
-    /// loopback TCP/IP stack is skipped and the kernel counts every flow.
+    /// Every program is attached and the sockmap self-test passed. Flows
+    /// take loopback TCP and are counted by sockops (the default, and the
+    /// only mode the proxy uses); the sk_msg redirect between socket-map
+    /// sockets is available to flows established with `FLOW_REDIRECT`
+    /// (eBPF tests and `bench redirect` only). The name is the pinned,
+    /// reported label, kept for compatibility.
     Sockmap,
     /// The self-test failed, so sk_msg is not attached: captured traffic
-    /// still reaches the proxy, over loopback TCP, and flows carry no
-    /// byte counts. `reason` says what failed.
+    /// still reaches the proxy over loopback TCP and is counted by
+    /// sockops; only redirected flows are unavailable. `reason` says what
+    /// failed.
     Degraded { reason: String },
 }
 
