@@ -22,14 +22,15 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, SockHash};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, SockHash};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SkMsg, SockOps};
 use aya::{Ebpf, EbpfLoader};
 pub use mesh_ebpf_common::{
-    ABI_VERSION, AF_INET, AF_INET6, Config, EnrolledNetns, FLOW_DELIVERY, FLOW_REDIRECT, Flow,
-    HBONE_PORT, INBOUND_PLAINTEXT_PORT, IpKey, MAX_FLOWS, OUTBOUND_PORT, OrigDst, PEER_OPEN,
-    PORT_APP, PROXY_MARK, PortKey, SockKey, Stat, tcp_state,
+    ABI_VERSION, AF_INET, AF_INET6, CONFIG_NO_HISTOGRAMS, Config, EnrolledNetns, FLOW_DELIVERY,
+    FLOW_REDIRECT, Flow, HBONE_PORT, HIST_BUCKETS, HIST_FLOW, HIST_TUNNEL_IN, HIST_TUNNEL_OUT,
+    HistKey, INBOUND_PLAINTEXT_PORT, IpKey, MAX_FLOWS, MAX_HIST, OUTBOUND_PORT, OrigDst, PEER_OPEN,
+    PORT_APP, PROXY_MARK, PortKey, SockKey, Stat, TcpHist, hist_bucket, hist_bucket_max, tcp_state,
 };
 use mesh_ebpf_common::{map_names as maps, program_names as progs};
 
@@ -282,6 +283,7 @@ pub struct Datapath {
     inbound: SockHash<MapData, IpKey>,
     stats: PerCpuArray<MapData, u64>,
     config: Array<MapData, Config>,
+    hist: PerCpuHashMap<MapData, HistKey, TcpHist>,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -361,6 +363,7 @@ impl Datapath {
             inbound: typed_map!(&pins, maps::INBOUND),
             stats: typed_map!(&pins, maps::STATS),
             config: typed_map!(&pins, maps::CONFIG),
+            hist: typed_map!(&pins, maps::TCP_HIST),
             mode: Mode::Sockmap,
             pins,
         };
@@ -395,10 +398,8 @@ impl Datapath {
     /// the redirect has no such bound). Flows already established keep
     /// their path. Has no effect in degraded mode (sk_msg not attached).
     pub fn set_redirect(&mut self, on: bool) -> Result<()> {
-        let cfg = Config {
-            flow_flags: if on { FLOW_REDIRECT } else { 0 },
-            _pad: 0,
-        };
+        let mut cfg = self.config_now()?;
+        cfg.flow_flags = if on { FLOW_REDIRECT } else { 0 };
         self.config.set(0, &cfg, 0).map_err(|source| Error::Map {
             map: maps::CONFIG,
             action: format!("set redirect={on}"),
@@ -406,16 +407,53 @@ impl Datapath {
         })
     }
 
+    fn config_now(&self) -> Result<Config> {
+        self.config.get(&0, 0).map_err(|source| Error::Map {
+            map: maps::CONFIG,
+            action: "read".into(),
+            source,
+        })
+    }
+
+    /// Whether the kernel records histograms (tunnel RTT, retransmissions,
+    /// RTOs, flow durations; on by default). Off, the programs record
+    /// nothing and tunnels established from then on get no per-ACK
+    /// callback; tunnels already established keep their callbacks (which
+    /// then return at once) until they close.
+    pub fn set_histograms(&mut self, on: bool) -> Result<()> {
+        let mut cfg = self.config_now()?;
+        if on {
+            cfg.flags &= !CONFIG_NO_HISTOGRAMS;
+        } else {
+            cfg.flags |= CONFIG_NO_HISTOGRAMS;
+        }
+        self.config.set(0, &cfg, 0).map_err(|source| Error::Map {
+            map: maps::CONFIG,
+            action: format!("set histograms={on}"),
+            source,
+        })
+    }
+
+    /// What [`Datapath::set_histograms`] last set.
+    pub fn histograms_on(&self) -> Result<bool> {
+        Ok(self.config_now()?.flags & CONFIG_NO_HISTOGRAMS == 0)
+    }
+
+    /// Every entry of the kernel's histogram map, summed over CPUs.
+    pub fn histograms(&self) -> Result<Vec<HistEntry>> {
+        read_hists(&self.hist)
+    }
+
+    /// A handle of its own on the histogram map, for the metrics reader.
+    pub fn hist_table(&self) -> Result<HistTable> {
+        Ok(HistTable {
+            map: typed_map!(&self.pins, maps::TCP_HIST),
+        })
+    }
+
     /// What [`Datapath::set_redirect`] last set.
     pub fn redirect(&self) -> Result<bool> {
-        self.config
-            .get(&0, 0)
-            .map(|c| c.flow_flags & FLOW_REDIRECT != 0)
-            .map_err(|source| Error::Map {
-                map: maps::CONFIG,
-                action: "read".into(),
-                source,
-            })
+        Ok(self.config_now()?.flow_flags & FLOW_REDIRECT != 0)
     }
 
     /// The directory holding this installation's pins.
@@ -569,6 +607,106 @@ impl FlowTable {
     /// Removes a flow (closed flows, once folded into totals). Idempotent.
     pub fn forget(&mut self, cookie: u64) -> Result<()> {
         forget_flow(&mut self.map, cookie)
+    }
+}
+
+/// What an entry of the histogram map describes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum HistKind {
+    /// The client end of the HBONE tunnels from the pod of `netns`
+    /// (`local`) to the pod at `remote`: RTT in microseconds,
+    /// retransmissions, RTOs.
+    TunnelOut,
+    /// The server end of the tunnels into the pod of `netns` (`local`)
+    /// from the pod at `remote`.
+    TunnelIn,
+    /// Outbound connections of the pod of `netns` to original destination
+    /// `remote`: durations in milliseconds.
+    FlowDuration,
+}
+
+/// One entry of the kernel's histogram map, summed over CPUs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HistEntry {
+    /// The raw key (what [`HistTable::forget`] takes).
+    pub key: HistKey,
+    pub kind: HistKind,
+    pub netns: u64,
+    /// This end's pod address (`None` for flow durations).
+    pub local: Option<IpAddr>,
+    /// The other end: the peer pod (tunnels) or the original destination.
+    pub remote: IpAddr,
+    pub hist: TcpHist,
+}
+
+fn hist_entry(key: HistKey, per_cpu: &[TcpHist]) -> Option<HistEntry> {
+    let kind = match key.kind {
+        HIST_TUNNEL_OUT => HistKind::TunnelOut,
+        HIST_TUNNEL_IN => HistKind::TunnelIn,
+        HIST_FLOW => HistKind::FlowDuration,
+        _ => return None,
+    };
+    let mut hist = TcpHist::default();
+    for h in per_cpu {
+        for (sum, b) in hist.buckets.iter_mut().zip(h.buckets) {
+            *sum = sum.saturating_add(b);
+        }
+        hist.count = hist.count.saturating_add(h.count);
+        hist.sum = hist.sum.saturating_add(h.sum);
+        hist.retransmits = hist.retransmits.saturating_add(h.retransmits);
+        hist.rtos = hist.rtos.saturating_add(h.rtos);
+    }
+    Some(HistEntry {
+        key,
+        kind,
+        netns: key.netns,
+        local: (kind != HistKind::FlowDuration).then(|| ip_from_words(key.family, key.local_ip)),
+        remote: ip_from_words(key.family, key.remote_ip),
+        hist,
+    })
+}
+
+fn read_hists(map: &PerCpuHashMap<MapData, HistKey, TcpHist>) -> Result<Vec<HistEntry>> {
+    let mut out = Vec::new();
+    for item in map.iter() {
+        match item {
+            Ok((key, values)) => out.extend(hist_entry(key, &values)),
+            // Deleted between the key walk and the read.
+            Err(e) if is_not_found(&e) => {}
+            Err(source) => {
+                return Err(Error::Map {
+                    map: maps::TCP_HIST,
+                    action: "iterate".into(),
+                    source,
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The histogram map, for the metrics reader (see [`Datapath::hist_table`]).
+pub struct HistTable {
+    map: PerCpuHashMap<MapData, HistKey, TcpHist>,
+}
+
+impl HistTable {
+    pub fn entries(&self) -> Result<Vec<HistEntry>> {
+        read_hists(&self.map)
+    }
+
+    /// Removes an entry (its pod is gone; the reader keeps its last
+    /// values). Idempotent.
+    pub fn forget(&mut self, key: &HistKey) -> Result<()> {
+        match self.map.remove(key) {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(source) => Err(Error::Map {
+                map: maps::TCP_HIST,
+                action: format!("remove netns {} kind {}", key.netns, key.kind),
+                source,
+            }),
+        }
     }
 }
 

@@ -17,7 +17,7 @@
 /// Bumped whenever a map layout, map name or program name changes. Pins live
 /// under `<pin root>/abi-v<ABI_VERSION>/`, so a proxy never re-opens maps of
 /// another layout.
-pub const ABI_VERSION: u32 = 4;
+pub const ABI_VERSION: u32 = 5;
 
 /// In-pod outbound capture listener (127.0.0.1 / [::1]).
 pub const OUTBOUND_PORT: u16 = 15001;
@@ -56,8 +56,14 @@ pub mod map_names {
     /// socket cookie -> [`super::SockAcct`]: which flow counter a socket's
     /// acknowledged bytes feed (count-only flows).
     pub const SOCK_ACCT: &str = "sm_sock_acct";
+    /// [`super::HistKey`] -> [`super::TcpHist`] (per-CPU): RTT, retransmit
+    /// and connection-duration histograms.
+    pub const TCP_HIST: &str = "sm_tcp_hist";
+    /// index 0: an all-zero [`super::TcpHist`], the initial value of a new
+    /// `sm_tcp_hist` entry (too large for the BPF stack).
+    pub const HIST_ZERO: &str = "sm_hist_zero";
 
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 11] = [
         ENROLLED,
         CONNECT_DST,
         ORIG_DST,
@@ -67,6 +73,8 @@ pub mod map_names {
         STATS,
         CONFIG,
         SOCK_ACCT,
+        TCP_HIST,
+        HIST_ZERO,
     ];
 }
 
@@ -84,6 +92,12 @@ pub const MAX_FLOWS: u32 = 65_536;
 pub const MAX_SOCKS: u32 = 65_536;
 pub const MAX_ENROLLED: u32 = 4_096;
 pub const MAX_INBOUND: u32 = 8_192;
+/// `sm_tcp_hist` entries: tunnel ends (one per source pod, destination pod
+/// and side) plus outbound flow destinations (one per source pod and
+/// original destination address). Allocated on first use
+/// (`BPF_F_NO_PREALLOC`); once full, new keys are not recorded and
+/// [`Stat::HistDropped`] counts each sample lost.
+pub const MAX_HIST: u32 = 8_192;
 
 /// Per-CPU event counters (index into the `sm_stats` array). Readable by
 /// `mesh explain`, which is how the data path is debugged (no printk).
@@ -118,9 +132,12 @@ pub enum Stat {
     /// connect4/6 recorded a proxy socket delivering a tunnel into its pod
     /// (the destination side of a flow).
     ConnectDelivery = 11,
+    /// A histogram sample was lost: `sm_tcp_hist` was full (or could not
+    /// allocate) when its key was new.
+    HistDropped = 12,
 }
 
-pub const STAT_COUNT: u32 = 12;
+pub const STAT_COUNT: u32 = 13;
 
 impl Stat {
     pub const ALL: [Stat; STAT_COUNT as usize] = [
@@ -136,6 +153,7 @@ impl Stat {
         Stat::LookupAssignFailed,
         Stat::LookupRefused,
         Stat::ConnectDelivery,
+        Stat::HistDropped,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -152,6 +170,7 @@ impl Stat {
             Stat::LookupAssignFailed => "lookup_assign_failed",
             Stat::LookupRefused => "lookup_refused",
             Stat::ConnectDelivery => "connect_delivery",
+            Stat::HistDropped => "hist_dropped",
         }
     }
 }
@@ -270,8 +289,13 @@ pub struct IpKey {
 pub struct Config {
     /// [`FLOW_REDIRECT`] and friends: what new flows get.
     pub flow_flags: u32,
-    pub _pad: u32,
+    /// [`CONFIG_NO_HISTOGRAMS`]. Zero (a fresh map) means histograms on.
+    pub flags: u32,
 }
+
+/// [`Config::flags`]: record no histogram samples, and enable no per-ACK
+/// callback on tunnels established from then on (the cost switch).
+pub const CONFIG_NO_HISTOGRAMS: u32 = 1;
 
 /// Flow flag: sk_msg redirects the flow's bytes straight to the peer's
 /// ingress queue (both ends are in `sm_socks`) and counts them. Without it
@@ -361,7 +385,123 @@ pub struct Flow {
     pub _pad: u32,
 }
 
+/// Number of buckets of a [`TcpHist`].
+pub const HIST_BUCKETS: usize = 32;
+
+/// [`HistKey::kind`]: the client end of an HBONE tunnel (the source proxy's
+/// socket in the source pod's netns, dialling the destination pod's 15008).
+/// `local_ip` is the source pod, `remote_ip` the destination pod. RTT (in
+/// microseconds), retransmissions and RTOs.
+pub const HIST_TUNNEL_OUT: u16 = 1;
+/// [`HistKey::kind`]: the server end of an HBONE tunnel (accepted on 15008
+/// in the destination pod's netns). `local_ip` is the destination pod,
+/// `remote_ip` the source pod. RTT, retransmissions and RTOs.
+pub const HIST_TUNNEL_IN: u16 = 2;
+/// [`HistKey::kind`]: outbound app connections of the pod with netns
+/// `netns` to original destination `remote_ip` (a pod, a Service VIP or an
+/// address outside the mesh), their duration in milliseconds at close.
+pub const HIST_FLOW: u16 = 3;
+
+/// Key of `sm_tcp_hist`. A tunnel is pooled per (source pod, destination
+/// pod), so the tunnel kinds carry exactly one workload pair: the key is
+/// the pair, not the socket, and every tunnel of a pair (and every port)
+/// lands in one entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HistKey {
+    /// Cookie of the netns the socket lives in (the pod's).
+    pub netns: u64,
+    /// Network-order words (zero for [`HIST_FLOW`]).
+    pub local_ip: [u32; 4],
+    /// Network-order words.
+    pub remote_ip: [u32; 4],
+    pub family: u16,
+    /// [`HIST_TUNNEL_OUT`], [`HIST_TUNNEL_IN`] or [`HIST_FLOW`].
+    pub kind: u16,
+    pub _pad: u32,
+}
+
+/// Value of `sm_tcp_hist` (one per CPU; readers sum them). Bucket `i`
+/// counts samples `v` with `floor(log2(v)) == i` (bucket 0 also takes 0
+/// and 1; the last bucket everything from `2^31` up): see [`hist_bucket`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpHist {
+    pub buckets: [u64; HIST_BUCKETS],
+    /// Samples recorded (the sum of `buckets`).
+    pub count: u64,
+    /// Sum of the samples (microseconds for RTT, milliseconds for
+    /// durations).
+    pub sum: u64,
+    /// Segments retransmitted (tunnel kinds; as `tcp_info.total_retrans`).
+    pub retransmits: u64,
+    /// Retransmission timeouts that fired (tunnel kinds).
+    pub rtos: u64,
+}
+
+impl Default for TcpHist {
+    fn default() -> Self {
+        TcpHist {
+            buckets: [0; HIST_BUCKETS],
+            count: 0,
+            sum: 0,
+            retransmits: 0,
+            rtos: 0,
+        }
+    }
+}
+
+/// The bucket of a sample: `floor(log2(v))`, 0 for 0 and 1, at most
+/// `HIST_BUCKETS - 1`. Branches only (no loop, no count-leading-zeros
+/// instruction in BPF), so the kernel and user space run the same code.
+#[inline(always)]
+pub const fn hist_bucket(v: u64) -> usize {
+    let mut v = v;
+    let mut r = 0usize;
+    if v >= 1 << 32 {
+        v >>= 32;
+        r += 32;
+    }
+    if v >= 1 << 16 {
+        v >>= 16;
+        r += 16;
+    }
+    if v >= 1 << 8 {
+        v >>= 8;
+        r += 8;
+    }
+    if v >= 1 << 4 {
+        v >>= 4;
+        r += 4;
+    }
+    if v >= 1 << 2 {
+        v >>= 2;
+        r += 2;
+    }
+    if v >= 1 << 1 {
+        r += 1;
+    }
+    if r >= HIST_BUCKETS {
+        HIST_BUCKETS - 1
+    } else {
+        r
+    }
+}
+
+/// The largest sample bucket `i` holds, as a Prometheus `le` bound:
+/// `2^(i+1) - 1` (samples are integers). `None` for the last bucket,
+/// which is unbounded (`+Inf`).
+pub const fn hist_bucket_max(i: usize) -> Option<u64> {
+    if i + 1 >= HIST_BUCKETS {
+        None
+    } else {
+        Some((1u64 << (i + 1)) - 1)
+    }
+}
+
 const _: () = {
+    assert!(core::mem::size_of::<HistKey>() == 48);
+    assert!(core::mem::size_of::<TcpHist>() == (HIST_BUCKETS + 4) * 8);
     assert!(core::mem::size_of::<EnrolledNetns>() == 8);
     assert!(core::mem::size_of::<OrigDst>() == 32);
     assert!(core::mem::size_of::<PortKey>() == 16);
@@ -392,6 +532,10 @@ mod pod {
     unsafe impl aya::Pod for Config {}
     // SAFETY: as above.
     unsafe impl aya::Pod for SockAcct {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for HistKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for TcpHist {}
 }
 
 #[cfg(test)]
@@ -453,6 +597,59 @@ mod tests {
         ] {
             assert!(n.len() <= 15, "{n} is longer than 15 bytes");
         }
+    }
+
+    #[test]
+    fn hist_buckets_are_floor_log2_clamped() {
+        assert_eq!(hist_bucket(0), 0);
+        assert_eq!(hist_bucket(1), 0);
+        assert_eq!(hist_bucket(2), 1);
+        assert_eq!(hist_bucket(3), 1);
+        assert_eq!(hist_bucket(4), 2);
+        assert_eq!(hist_bucket(1023), 9);
+        assert_eq!(hist_bucket(1024), 10);
+        assert_eq!(hist_bucket((1 << 31) - 1), 30);
+        assert_eq!(hist_bucket(1 << 31), 31);
+        assert_eq!(hist_bucket(u64::MAX), HIST_BUCKETS - 1);
+        for i in 0..63 {
+            let v = 1u64 << i;
+            assert_eq!(hist_bucket(v), i.min(HIST_BUCKETS - 1), "2^{i}");
+            if i > 1 {
+                assert_eq!(hist_bucket(v - 1), (i - 1).min(HIST_BUCKETS - 1), "2^{i}-1");
+            }
+        }
+    }
+
+    #[test]
+    fn every_sample_is_at_most_its_buckets_bound_and_above_the_previous_one() {
+        let samples = (0..70u32).flat_map(|i| {
+            let v = 1u64.checked_shl(i).unwrap_or(u64::MAX);
+            [
+                v.saturating_sub(1),
+                v,
+                v.saturating_add(1),
+                v.saturating_mul(3) / 2,
+            ]
+        });
+        for v in samples {
+            let b = hist_bucket(v);
+            if let Some(max) = hist_bucket_max(b) {
+                assert!(v <= max, "{v} in bucket {b} above {max}");
+            } else {
+                assert_eq!(b, HIST_BUCKETS - 1);
+            }
+            if b > 0 {
+                let below = hist_bucket_max(b - 1).unwrap();
+                assert!(v > below, "{v} in bucket {b} not above {below}");
+            }
+        }
+    }
+
+    #[test]
+    fn hist_layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<HistKey>(), 8 + 16 + 16 + 2 + 2 + 4);
+        assert_eq!(offset_of!(HistKey, family), 40);
+        assert_eq!(offset_of!(TcpHist, count), HIST_BUCKETS * 8);
     }
 
     #[test]

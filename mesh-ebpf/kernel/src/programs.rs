@@ -6,20 +6,22 @@ use core::ffi::c_void;
 use core::ptr::{read_volatile, write_volatile};
 
 use aya_ebpf::bindings::{
-    BPF_ANY, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
-    BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_RTT_CB_FLAG,
+    BPF_ANY, BPF_F_INGRESS, BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+    BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RETRANS_CB, BPF_SOCK_OPS_RETRANS_CB_FLAG,
+    BPF_SOCK_OPS_RTO_CB, BPF_SOCK_OPS_RTO_CB_FLAG, BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_RTT_CB_FLAG,
     BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, sk_action,
 };
 use aya_ebpf::helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns};
 use aya_ebpf::macros::{cgroup_sock_addr, map, sk_lookup, sk_msg, sock_ops};
-use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash};
+use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash};
 use aya_ebpf::programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext};
 use mesh_ebpf_common::{
-    ACCT_RECEIVED, ACCT_SENT, AF_INET, AF_INET6, Config, EnrolledNetns, FLOW_DELIVERY,
-    FLOW_REDIRECT, Flow, HBONE_PORT, INBOUND_PLAINTEXT_PORT, IPPROTO_TCP, IpKey, MAX_ENROLLED,
-    MAX_FLOWS, MAX_INBOUND, MAX_SOCKS, ORIG_DELIVERY, OUTBOUND_PORT, OrigDst, PEER_CLOSED,
-    PEER_OPEN, PORT_APP, PORT_DELIVERY, PROXY_MARK, PortKey, STAT_COUNT, SockAcct, SockKey, Stat,
-    tcp_state,
+    ACCT_RECEIVED, ACCT_SENT, AF_INET, AF_INET6, CONFIG_NO_HISTOGRAMS, Config, EnrolledNetns,
+    FLOW_DELIVERY, FLOW_REDIRECT, Flow, HBONE_PORT, HIST_FLOW, HIST_TUNNEL_IN, HIST_TUNNEL_OUT,
+    HistKey, INBOUND_PLAINTEXT_PORT, IPPROTO_TCP, IpKey, MAX_ENROLLED, MAX_FLOWS, MAX_HIST,
+    MAX_INBOUND, MAX_SOCKS, ORIG_DELIVERY, OUTBOUND_PORT, OrigDst, PEER_CLOSED, PEER_OPEN,
+    PORT_APP, PORT_DELIVERY, PROXY_MARK, PortKey, STAT_COUNT, SockAcct, SockKey, Stat, TcpHist,
+    hist_bucket, tcp_state,
 };
 
 #[map(name = "sm_enrolled")]
@@ -49,8 +51,16 @@ static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 #[map(name = "sm_sock_acct")]
 static SOCK_ACCT: LruHashMap<u64, SockAcct> = LruHashMap::with_max_entries(MAX_SOCKS, 0);
 
+#[map(name = "sm_tcp_hist")]
+static TCP_HIST: PerCpuHashMap<HistKey, TcpHist> =
+    PerCpuHashMap::with_max_entries(MAX_HIST, BPF_F_NO_PREALLOC);
+
+#[map(name = "sm_hist_zero")]
+static HIST_ZERO: Array<TcpHist> = Array::with_max_entries(1, 0);
+
 const SOCK_STREAM: u32 = 1;
 const ENOENT: i32 = 2;
+const EEXIST: i32 = 17;
 
 /// The proxy's in-pod ports: never a destination the proxy dials for a pod.
 #[inline(always)]
@@ -199,10 +209,165 @@ pub fn sm_sockops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => active_established(&ctx),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => passive_established(&ctx),
         BPF_SOCK_OPS_STATE_CB => state_changed(&ctx),
-        BPF_SOCK_OPS_RTT_CB => rtt_sample(&ctx),
+        BPF_SOCK_OPS_RTT_CB => {
+            if is_tunnel(&ctx) {
+                tunnel_event(&ctx, TunnelEvent::Rtt);
+            } else {
+                rtt_sample(&ctx);
+            }
+        }
+        BPF_SOCK_OPS_RETRANS_CB => {
+            // Arg 2: segments retransmitted; arg 3: tcp_transmit_skb's
+            // result (total_retrans grows only when it is 0).
+            if ctx.arg(2) == 0 && is_tunnel(&ctx) {
+                tunnel_event(&ctx, TunnelEvent::Retransmit(ctx.arg(1)));
+            }
+        }
+        BPF_SOCK_OPS_RTO_CB => {
+            if is_tunnel(&ctx) {
+                tunnel_event(&ctx, TunnelEvent::Rto);
+            }
+        }
         _ => {}
     }
     0
+}
+
+// ---------------------------------------------------------------------------
+// Histograms (tunnel RTT, retransmissions, RTOs; flow durations)
+// ---------------------------------------------------------------------------
+
+#[inline(always)]
+fn histograms_on() -> bool {
+    CONFIG
+        .get(0)
+        .map(|c| c.flags & CONFIG_NO_HISTOGRAMS == 0)
+        .unwrap_or(true)
+}
+
+/// An HBONE tunnel end: the only sockets with 15008 at either end that get
+/// callbacks (app and delivery sockets never use 15008: connect4 rewrites
+/// an app's connect to it, and the proxy never delivers to its own ports).
+#[inline(always)]
+fn is_tunnel(ctx: &SockOpsContext) -> bool {
+    // SAFETY: context fields.
+    let (local, remote) = unsafe {
+        (
+            read_volatile(&(*ctx.ops).local_port),
+            u32::from_be(read_volatile(&(*ctx.ops).remote_port)),
+        )
+    };
+    local == HBONE_PORT as u32 || remote == HBONE_PORT as u32
+}
+
+/// The histogram entry for `key`, created (zeroed) on first use. `None`
+/// when the map is full: the sample is counted as dropped.
+#[inline(always)]
+fn hist_entry(key: &HistKey) -> Option<*mut TcpHist> {
+    if let Some(p) = TCP_HIST.get_ptr_mut(key) {
+        return Some(p);
+    }
+    let zero = HIST_ZERO.get(0)?;
+    match TCP_HIST.insert(key, zero, BPF_NOEXIST as u64) {
+        Ok(()) => {}
+        // Another CPU created it in between.
+        Err(e) if e == -EEXIST => {}
+        Err(_) => {
+            bump(Stat::HistDropped);
+            return None;
+        }
+    }
+    TCP_HIST.get_ptr_mut(key)
+}
+
+/// Adds one sample `v` to the histogram of `key`.
+#[inline(always)]
+fn hist_record(key: &HistKey, v: u64) {
+    let Some(h) = hist_entry(key) else {
+        return;
+    };
+    let i = hist_bucket(v);
+    // SAFETY: this CPU's slot of the value just returned for this key.
+    unsafe {
+        if let Some(b) = (*h).buckets.get_mut(i) {
+            *b += 1;
+        }
+        (*h).count += 1;
+        (*h).sum += v;
+    }
+}
+
+/// The histogram key of a tunnel end.
+#[inline(always)]
+fn tunnel_key(ctx: &SockOpsContext) -> HistKey {
+    // SAFETY: helper on our context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.ops as *mut c_void) };
+    let k = sockops_key(ctx, netns);
+    HistKey {
+        netns,
+        local_ip: k.local_ip,
+        remote_ip: k.remote_ip,
+        family: k.family as u16,
+        kind: if k.local_port == HBONE_PORT as u32 {
+            HIST_TUNNEL_IN
+        } else {
+            HIST_TUNNEL_OUT
+        },
+        _pad: 0,
+    }
+}
+
+enum TunnelEvent {
+    Rtt,
+    Retransmit(u32),
+    Rto,
+}
+
+#[inline(always)]
+fn tunnel_event(ctx: &SockOpsContext, ev: TunnelEvent) {
+    if !histograms_on() {
+        return;
+    }
+    let key = tunnel_key(ctx);
+    match ev {
+        TunnelEvent::Rtt => {
+            // SAFETY: context field. The kernel keeps srtt << 3.
+            let srtt = unsafe { read_volatile(&(*ctx.ops).srtt_us) } >> 3;
+            hist_record(&key, srtt as u64);
+        }
+        TunnelEvent::Retransmit(segs) => {
+            if let Some(h) = hist_entry(&key) {
+                // SAFETY: this CPU's slot of the value just returned.
+                unsafe { (*h).retransmits += segs as u64 };
+            }
+        }
+        TunnelEvent::Rto => {
+            if let Some(h) = hist_entry(&key) {
+                // SAFETY: as above.
+                unsafe { (*h).rtos += 1 };
+            }
+        }
+    }
+}
+
+/// A tunnel end was established in an enrolled netns: its RTT samples,
+/// retransmissions and RTOs feed the pair's histogram from now on (one
+/// sample now: the handshake's RTT, so an idle tunnel has one too).
+#[inline(always)]
+fn tunnel_established(ctx: &SockOpsContext) {
+    if !histograms_on() {
+        return;
+    }
+    // SAFETY: helper on our context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.ops as *mut c_void) };
+    // SAFETY: map lookup; the value is not dereferenced.
+    if unsafe { ENROLLED.get(&netns) }.is_none() {
+        return;
+    }
+    let _ = ctx.set_cb_flags(
+        (BPF_SOCK_OPS_RTT_CB_FLAG | BPF_SOCK_OPS_RETRANS_CB_FLAG | BPF_SOCK_OPS_RTO_CB_FLAG) as i32,
+    );
+    tunnel_event(ctx, TunnelEvent::Rtt);
 }
 
 /// This end of the connection, keyed as `sm_socks` keys it.
@@ -240,6 +405,10 @@ fn sockops_key(ctx: &SockOpsContext, netns: u64) -> SockKey {
 /// rewritten (outbound), or the proxy delivering a tunnel into its pod.
 #[inline(always)]
 fn active_established(ctx: &SockOpsContext) {
+    if is_tunnel(ctx) {
+        tunnel_established(ctx);
+        return;
+    }
     // SAFETY: helper on our context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
     let dst = match CONNECT_DST.get_ptr(&cookie) {
@@ -310,6 +479,10 @@ fn active_established(ctx: &SockOpsContext) {
 /// 15001), or an app's end of a proxy delivery.
 #[inline(always)]
 fn passive_established(ctx: &SockOpsContext) {
+    if is_tunnel(ctx) {
+        tunnel_established(ctx);
+        return;
+    }
     // SAFETY: helper on our context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.ops as *mut c_void) };
     let mut key = sockops_key(ctx, netns);
@@ -429,8 +602,25 @@ fn state_changed(ctx: &SockOpsContext) {
     unsafe {
         (*flow).state = new_state;
         if new_state == tcp_state::CLOSE {
-            (*flow).end_ns = bpf_ktime_get_ns();
+            let end = bpf_ktime_get_ns();
+            (*flow).end_ns = end;
             let _ = CONNECT_DST.remove(&cookie);
+            if (*flow).flags & FLOW_DELIVERY == 0 && histograms_on() {
+                // An app connection out of its pod: its duration, keyed by
+                // pod and original destination (the source reporter's
+                // series). Deliveries are not: their kernel end does not
+                // know the source.
+                let key = HistKey {
+                    netns: (*flow).netns,
+                    local_ip: [0; 4],
+                    remote_ip: (*flow).orig_ip,
+                    family: (*flow).family,
+                    kind: HIST_FLOW,
+                    _pad: 0,
+                };
+                let ms = end.saturating_sub((*flow).start_ns) / 1_000_000;
+                hist_record(&key, ms);
+            }
         }
     }
 }
