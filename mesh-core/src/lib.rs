@@ -6,6 +6,7 @@ pub mod ca;
 pub mod display;
 pub mod enroll;
 pub mod identity;
+pub mod kubelet_cgroup;
 pub mod opt_in;
 pub mod policy;
 pub mod registry;
