@@ -73,6 +73,8 @@ impl Default for Options {
 struct Hooks {
     /// Watches started from now on answer 410 Gone (this many of them).
     expire_watches: usize,
+    /// (verb, resource) pairs answered 403 Forbidden, as RBAC would.
+    denied: Vec<(String, String)>,
 }
 
 #[derive(Debug)]
@@ -113,6 +115,16 @@ impl Shared {
         } else {
             false
         }
+    }
+
+    /// Whether `verb` on `resource` is refused (see [`FakeApiServer::deny`]).
+    pub(crate) fn denied(&self, verb: &str, resource: &str) -> bool {
+        self.hooks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .denied
+            .iter()
+            .any(|(v, r)| (v == verb || v == "*") && (r == resource || r == "*"))
     }
 
     pub(crate) fn publish(&self, ev: Option<Arc<Event>>) {
@@ -199,6 +211,19 @@ impl FakeApiServer {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .expire_watches += n;
+    }
+
+    /// From now on, `verb` (get, list, watch, create, update, patch,
+    /// delete, or `*`) on `resource` (`clusterroles.rbac.authorization.k8s.io`,
+    /// `pods`, or `*`) is refused with 403 Forbidden, worded as RBAC words it
+    /// (the fake has no users or roles: this is the whole of its RBAC).
+    pub fn deny(&self, verb: &str, resource: &str) {
+        self.shared
+            .hooks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .denied
+            .push((verb.to_owned(), resource.to_owned()));
     }
 
     /// Forgets every kept event: a watch from any earlier version gets 410.

@@ -242,6 +242,30 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
             t.name.clone().unwrap_or_default(),
         )
     };
+    let verb = match (&method, target.name.is_some()) {
+        (&Method::GET, false) if is_true(q.get("watch")) => "watch",
+        (&Method::GET, false) => "list",
+        (&Method::GET, true) => "get",
+        (&Method::POST, _) => "create",
+        (&Method::PUT, _) => "update",
+        (&Method::PATCH, _) => "patch",
+        (&Method::DELETE, _) => "delete",
+        _ => "",
+    };
+    if shared.denied(verb, &resource) {
+        let scope = match &target.namespace {
+            Some(ns) => format!("in the namespace \"{ns}\""),
+            None => "at the cluster scope".to_owned(),
+        };
+        return error(&ApiError::new(
+            403,
+            "Forbidden",
+            format!(
+                "{resource} is forbidden: User \"system:anonymous\" cannot {verb} resource \"{}\" in API group \"{}\" {scope}",
+                target.rt.plural, target.rt.group
+            ),
+        ));
+    }
     let result = match (&method, target.name.is_some()) {
         (&Method::GET, false) if is_true(q.get("watch")) => {
             shared.count("watch", &resource);

@@ -22,7 +22,10 @@ Exit codes (scripts can rely on them):
   3  not root (the local mesh needs root)
   4  the mesh is not up (status, exec, ...) or already up (up)
   5  unknown pod, service or flow
-  6  the machine lacks something the mesh needs (kernel feature, program)
+  6  the machine lacks something the mesh needs (kernel feature, program);
+     `mesh check --pre` exits 6 when a node check fails
+  7  the Kubernetes API: no kubeconfig, server unreachable, or it refused
+     (RBAC denied, an object owned by another field manager)
   130  interrupted (Ctrl-C during `mesh up` removes what it had built)
   `mesh exec` exits with its program's code (128+N when killed by signal N).
 
@@ -146,6 +149,22 @@ Examples:
 
     /// Print a shell completion script.
     #[command(after_help = "\
+    /// Print every Kubernetes object sockmesh installs, as YAML (what deploy/sockmesh.yaml holds).
+    #[command(after_help = crate::install::MANIFEST_HELP)]
+    Manifest(ManifestArgs),
+
+    /// Install sockmesh in a Kubernetes cluster (server-side apply), then wait for the CA and every node proxy.
+    #[command(after_help = crate::install::INSTALL_HELP)]
+    Install(InstallArgs),
+
+    /// Remove everything `mesh install` made (the CRDs only with --crds).
+    #[command(after_help = crate::install::UNINSTALL_HELP)]
+    Uninstall(UninstallArgs),
+
+    /// Check a cluster's sockmesh (CA, node proxies, pods), or with --pre this node's kernel and host.
+    #[command(after_help = crate::check::CHECK_HELP)]
+    Check(CheckArgs),
+
 Examples:
   mesh completions bash > /etc/bash_completion.d/mesh
   mesh completions zsh > \"${fpath[1]}/_mesh\"")]
@@ -174,7 +193,9 @@ pub struct UpArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct DownArgs {
-    /// The mesh to remove (default: --name).
+    /// The mesh to remove (default: --name). Its own id, so that the
+    /// global `--name` still works after `down`.
+    #[arg(id = "mesh", value_name = "NAME")]
     pub name: Option<String>,
 
     #[command(flatten)]
@@ -285,6 +306,115 @@ pub struct VersionArgs {
     about = "Run a node's proxy and restart it when it crashes (started by `mesh up`)",
     after_help = "Example (as the local mesh starts it):\n  mesh supervise --node node-a --record R --hold H --kick K --mesh-state S -- mesh-proxy ..."
 )]
+/// What the manifests are built with (`mesh manifest` and `mesh install`).
+#[derive(Debug, Clone, Args)]
+pub struct ManifestOptions {
+    /// The mesh's namespace (the CA, the node DaemonSet, the root Secret).
+    #[arg(
+        long = "mesh-namespace",
+        default_value = "sockmesh-system",
+        value_name = "NS"
+    )]
+    pub namespace: String,
+    /// Image prefix: images are PREFIX/mesh-proxy:TAG, PREFIX/mesh-ca:TAG, PREFIX/mesh-cni:TAG.
+    #[arg(long, default_value = "localhost/sockmesh", value_name = "PREFIX")]
+    pub image_prefix: String,
+    /// Image tag (default: this version).
+    #[arg(long, default_value = env!("CARGO_PKG_VERSION"))]
+    pub tag: String,
+    /// Trust domain of the workload identities.
+    #[arg(long, default_value = "cluster.local", value_name = "DOMAIN")]
+    pub trust_domain: String,
+    /// Also a ServiceMonitor for the Prometheus operator.
+    #[arg(long)]
+    pub service_monitor: bool,
+    /// The node's CNI binary directory.
+    #[arg(long, default_value = "/opt/cni/bin", value_name = "DIR")]
+    pub cni_bin_dir: String,
+    /// The node's CNI configuration directory.
+    #[arg(long, default_value = "/etc/cni/net.d", value_name = "DIR")]
+    pub cni_conf_dir: String,
+    /// The cgroup the node proxy attaches to: `kubelet` (found from the
+    /// kubelet's cgroup layout) or a path under the host's /sys/fs/cgroup.
+    #[arg(long, default_value = "kubelet", value_name = "kubelet|PATH")]
+    pub proxy_cgroup: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ClusterArgs {
+    /// The kubeconfig file (default: $KUBECONFIG, then ~/.kube/config).
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context (default: its current context).
+    #[arg(long, value_name = "NAME")]
+    pub context: Option<String>,
+    /// How long one request to the API server may take, in seconds.
+    #[arg(long, default_value_t = 10, value_name = "SECONDS")]
+    pub request_timeout: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ManifestArgs {
+    #[command(flatten)]
+    pub manifest: ManifestOptions,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct InstallArgs {
+    #[command(flatten)]
+    pub manifest: ManifestOptions,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// Print what would change (created, changed, unchanged) and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Do not wait for the CA and the node proxies to be ready.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// How long to wait for the rollout, in seconds.
+    #[arg(long, default_value_t = 300, value_name = "SECONDS")]
+    pub timeout: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct UninstallArgs {
+    #[command(flatten)]
+    pub manifest: ManifestOptions,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// Also delete the CRDs (and with them every AuthorizationPolicy in the cluster).
+    #[arg(long)]
+    pub crds: bool,
+    /// Print what would be deleted and delete nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CheckArgs {
+    /// Check this node before installing: kernel, BTF, cgroup v2, bpffs,
+    /// the CNI conf dir, privileges, and the cgroup the proxy would attach to.
+    #[arg(long)]
+    pub pre: bool,
+    /// With --pre: the root of the cgroup2 tree to inspect.
+    #[arg(long, default_value = "/sys/fs/cgroup", value_name = "DIR")]
+    pub cgroup_root: PathBuf,
+    /// With --pre: the CNI configuration directory.
+    #[arg(long, default_value = "/etc/cni/net.d", value_name = "DIR")]
+    pub cni_conf_dir: PathBuf,
+    /// The mesh's namespace.
+    #[arg(
+        long = "mesh-namespace",
+        default_value = "sockmesh-system",
+        value_name = "NS"
+    )]
+    pub namespace: String,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    #[command(flatten)]
+    pub output: OutputArg,
+}
+
 pub struct SuperviseArgs {
     /// The node whose proxy this is.
     #[arg(long)]
@@ -398,3 +528,40 @@ mod tests {
         assert_eq!(e.exit_code(), 2);
     }
 }
+    #[test]
+    fn global_options_work_after_any_verb() {
+        let cli = Cli::parse_from(["mesh", "down", "--name", "x1"]);
+        let Command::Down(a) = &cli.command else {
+            panic!("not down")
+        };
+        assert_eq!((cli.name.as_str(), a.name.as_deref()), ("x1", None));
+        let cli = Cli::parse_from(["mesh", "down", "lab"]);
+        let Command::Down(a) = &cli.command else {
+            panic!("not down")
+        };
+        assert_eq!(a.name.as_deref(), Some("lab"));
+        for verb in [
+            &["status"][..],
+            &["top", "--once"],
+            &["certs", "web"],
+            &["exec", "client", "ls"],
+            &["version"],
+            &["manifest"],
+            &["install"],
+            &["uninstall"],
+            &["check", "--pre"],
+            &["up"],
+        ] {
+            let mut argv = vec!["mesh"];
+            argv.extend_from_slice(verb);
+            if verb[0] == "exec" {
+                argv.insert(2, "--name");
+                argv.insert(3, "x2");
+            } else {
+                argv.extend(["--name", "x2"]);
+            }
+            let cli = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+            assert_eq!(cli.name, "x2", "{argv:?}");
+        }
+    }
+

@@ -13,6 +13,9 @@ pub mod code {
     pub const NOT_FOUND: u8 = 5;
     /// The machine lacks a kernel feature or program.
     pub const MACHINE: u8 = 6;
+    /// The Kubernetes API: no kubeconfig, unreachable, or it refused
+    /// (RBAC, another field manager's object).
+    pub const CLUSTER: u8 = 7;
     /// Ctrl-C (`up` removes what it had built).
     pub const INTERRUPTED: u8 = 130;
 }

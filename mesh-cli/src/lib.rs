@@ -9,12 +9,15 @@
 
 pub mod admin;
 pub mod certs;
+pub mod check;
 pub mod cli;
 pub mod demo;
 pub mod explain;
 pub mod failure;
 pub mod hosts;
+pub mod install;
 pub mod local;
+pub mod manifest;
 pub mod paint;
 pub mod status;
 pub mod table;
@@ -75,6 +78,10 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Top(args) => top::run(&name, &args).map(|()| 0),
         Command::Explain(args) => explain::run(&name, &args).map(|()| 0),
         Command::Certs(args) => certs::run(&name, &args).map(|()| 0),
+        Command::Manifest(args) => install::manifest(&args),
+        Command::Install(args) => install::install(&args),
+        Command::Uninstall(args) => install::uninstall(&args),
+        Command::Check(args) => check::run(&args),
         Command::Version(args) => {
             let v = env!("CARGO_PKG_VERSION");
             if args.output.json() {

@@ -1,0 +1,216 @@
+//! deploy/sockmesh.yaml is what `mesh manifest` prints (no drift), every
+//! object in it is a valid Kubernetes object (k8s-openapi's types, unknown
+//! fields rejected), and checkov finds nothing in deploy/ beyond the checks
+//! each object skips with its reason.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::core::v1::{Namespace, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+const REGENERATE: &str = "cargo run -q -p mesh-cli -- manifest > deploy/sockmesh.yaml";
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+fn manifest(args: &[&str]) -> String {
+    let o = Command::new(env!("CARGO_BIN_EXE_mesh"))
+        .arg("manifest")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout).unwrap()
+}
+
+fn docs(yaml: &str) -> Vec<Value> {
+    serde_norway::Deserializer::from_str(yaml)
+        .map(Value::deserialize)
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap()
+        .into_iter()
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+#[test]
+fn deploy_holds_what_mesh_manifest_prints() {
+    let path = root().join("deploy/sockmesh.yaml");
+    let on_disk = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}; regenerate with `{REGENERATE}`", path.display()));
+    let printed = manifest(&[]);
+    assert!(
+        on_disk == printed,
+        "deploy/sockmesh.yaml drifted from `mesh manifest`: regenerate it with `{REGENERATE}` and commit it"
+    );
+}
+
+/// Deserializes `v` into `K`, and fails when serializing it back loses a
+/// field (k8s-openapi's types skip fields they do not know).
+fn strict<K: DeserializeOwned + serde::Serialize>(v: &Value) -> Result<(), String> {
+    let typed: K = serde_json::from_value(v.clone()).map_err(|e| e.to_string())?;
+    let back = serde_json::to_value(&typed).unwrap();
+    let mut lost = Vec::new();
+    missing(v, &back, &mut String::new(), &mut lost);
+    if lost.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("unknown fields: {}", lost.join(", ")))
+    }
+}
+
+fn missing(orig: &Value, back: &Value, path: &mut String, out: &mut Vec<String>) {
+    match (orig, back) {
+        (Value::Object(o), Value::Object(b)) => {
+            for (k, ov) in o {
+                let len = path.len();
+                path.push('.');
+                path.push_str(k);
+                match b.get(k) {
+                    Some(bv) => missing(ov, bv, path, out),
+                    None => out.push(path.clone()),
+                }
+                path.truncate(len);
+            }
+        }
+        (Value::Array(o), Value::Array(b)) => {
+            for (i, (ov, bv)) in o.iter().zip(b).enumerate() {
+                let len = path.len();
+                path.push_str(&format!("[{i}]"));
+                missing(ov, bv, path, out);
+                path.truncate(len);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn check_typed(v: &Value) -> Result<(), String> {
+    match v["kind"].as_str().unwrap_or("") {
+        "Namespace" => strict::<Namespace>(v),
+        "ServiceAccount" => strict::<ServiceAccount>(v),
+        "ClusterRole" => strict::<ClusterRole>(v),
+        "ClusterRoleBinding" => strict::<ClusterRoleBinding>(v),
+        "Role" => strict::<Role>(v),
+        "RoleBinding" => strict::<RoleBinding>(v),
+        "CustomResourceDefinition" => strict::<CustomResourceDefinition>(v),
+        "Deployment" => strict::<Deployment>(v),
+        "DaemonSet" => strict::<DaemonSet>(v),
+        "Service" => strict::<Service>(v),
+        "PodDisruptionBudget" => strict::<PodDisruptionBudget>(v),
+        "NetworkPolicy" => strict::<NetworkPolicy>(v),
+        "ServiceMonitor" => strict::<mesh_cli::manifest::ServiceMonitor>(v),
+        other => Err(format!("kind {other:?} has no type here")),
+    }
+}
+
+#[test]
+fn every_object_is_a_kubernetes_object_with_no_unknown_field() {
+    let all = docs(&manifest(&["--service-monitor"]));
+    let kinds: Vec<_> = all.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+    for k in [
+        "Namespace",
+        "CustomResourceDefinition",
+        "ClusterRole",
+        "Deployment",
+        "DaemonSet",
+        "PodDisruptionBudget",
+        "ServiceMonitor",
+    ] {
+        assert!(kinds.contains(&k), "no {k} in {kinds:?}");
+    }
+    for d in &all {
+        check_typed(d).unwrap_or_else(|e| panic!("{} {}: {e}", d["kind"], d["metadata"]["name"]));
+    }
+    // The check itself catches a typo'd field.
+    let mut bad = all
+        .iter()
+        .find(|d| d["kind"] == "DaemonSet")
+        .unwrap()
+        .clone();
+    bad["spec"]["template"]["spec"]["hostNetwrok"] = true.into();
+    let e = check_typed(&bad).unwrap_err();
+    assert!(e.contains(".spec.template.spec.hostNetwrok"), "{e}");
+}
+
+#[test]
+fn the_node_daemonset_says_why_it_uses_the_host_network_and_skips_checks_with_reasons() {
+    let yaml = std::fs::read_to_string(root().join("deploy/sockmesh.yaml")).unwrap();
+    assert!(yaml.contains("# The node proxy, one per node. hostNetwork: true, because"));
+    for d in docs(&yaml) {
+        for (k, v) in d["metadata"]["annotations"]
+            .as_object()
+            .into_iter()
+            .flatten()
+        {
+            if k.starts_with("checkov.io/skip") {
+                let (id, why) = v.as_str().unwrap().split_once('=').unwrap();
+                assert!(why.len() > 20, "{id} skipped without a reason");
+                assert!(
+                    yaml.contains(&format!("# {id} skipped: ")),
+                    "{id}: no YAML comment"
+                );
+            }
+        }
+    }
+}
+
+/// checkov (PyPI), installed by `./x setup` into target/checkov.
+fn checkov() -> PathBuf {
+    if let Some(p) = std::env::var_os("CHECKOV") {
+        return p.into();
+    }
+    root().join("target/checkov/bin/checkov")
+}
+
+#[test]
+fn checkov_scans_deploy_clean() {
+    let bin = checkov();
+    assert!(
+        bin.is_file(),
+        "{} not found: `./x setup` installs checkov (pip, into target/checkov)",
+        bin.display()
+    );
+    let o = Command::new(&bin)
+        .args([
+            "-d",
+            "deploy",
+            "--framework",
+            "kubernetes",
+            "--compact",
+            "--quiet",
+            "-o",
+            "json",
+        ])
+        .current_dir(root())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| {
+        panic!(
+            "checkov output is not JSON ({e}): {out}\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        )
+    });
+    let failed = &v["results"]["failed_checks"];
+    let summary = &v["summary"];
+    assert!(
+        o.status.success() && summary["failed"] == 0,
+        "checkov failed checks in deploy/: {}",
+        serde_json::to_string_pretty(failed).unwrap()
+    );
+    assert!(summary["passed"].as_u64().unwrap() > 100, "{summary}");
+}
