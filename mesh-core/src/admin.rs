@@ -30,6 +30,7 @@ pub struct Flow {
     pub bytes_received: u64,
     pub age_ms: u64,
     pub closed: bool,
+    /// The app socket's smoothed RTT (loopback: the app <-> proxy leg).
     pub srtt_us: u64,
 }
 
@@ -65,6 +66,16 @@ pub struct Workload {
     /// The in-pod listeners, while enrolled.
     pub listeners: Option<Vec<String>>,
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Why the pod is not meshed, as a short token (`None` when meshed):
+    /// a choice or rule (`pod-disabled`, `not-opted-in`, `host-network`,
+    /// `mesh-component`), a wait (`no-ip-yet`, `no-netns-yet`,
+    /// `enrolling`) or a fault (`certificate-refused`,
+    /// `enrollment-failed`). The same as the pod's `sockmesh.io/status`.
+    pub reason: Option<String>,
+    /// The reason as a sentence for people.
+    pub message: Option<String>,
+    /// Whether `reason` is a fault (not a choice or a wait).
+    pub fault: bool,
 }
 
 /// The certificate state of one identity (`GET /certs`, `mesh certs`).

@@ -5,6 +5,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::registry::KubeSettings;
+pub use crate::registry::SourceKind;
+
 /// What the inbound plaintext port (15006) does with non-mesh traffic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "UPPERCASE")]
@@ -34,17 +37,31 @@ impl std::str::FromStr for InboundMode {
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Config {
-    /// This node's name in the registry.
+    /// This node's name in the registry (Kubernetes: the Node's name, the
+    /// pods' `spec.nodeName`).
     pub node: String,
-    /// The registry file (nodes, pods, services, policies).
-    pub registry: PathBuf,
+    /// Where workloads come from: the file, or the Kubernetes API.
+    pub registry_source: SourceKind,
+    /// The registry file (nodes, pods, services, policies); the file
+    /// source only.
+    pub registry: Option<PathBuf>,
+    /// The Kubernetes source's client configuration (unset: `$KUBECONFIG`,
+    /// `~/.kube/config`, then in-cluster).
+    pub kubeconfig: Option<PathBuf>,
+    /// The proxy's own pod (never meshed), Kubernetes only.
+    pub pod_name: Option<String>,
+    pub pod_namespace: Option<String>,
+    /// After this long without a successful list/watch the Kubernetes
+    /// source is stale: readiness says so (the last state is kept).
+    pub api_stale_after: Duration,
     pub trust_domain: String,
     /// The CA (port 15012) and the name its certificate carries.
     pub ca_addr: SocketAddr,
     pub ca_server_name: String,
     /// Roots that verify the CA's serving certificate (its trust bundle).
     pub ca_bundle: PathBuf,
-    /// This node's token for the CA (file, 0600).
+    /// This node's token for the CA (file, 0600); read again for every
+    /// request to the CA (projected ServiceAccount tokens rotate).
     pub token_file: PathBuf,
     /// cgroup v2 directory the eBPF cgroup programs attach to (holds this
     /// node's pods and this proxy).
@@ -79,6 +96,9 @@ pub struct Config {
     pub cni_socket: Option<PathBuf>,
 }
 
+/// [`Config::api_stale_after`] unless told otherwise.
+pub const DEFAULT_API_STALE: Duration = Duration::from_secs(60);
+
 /// [`Config::dial_timeout`] unless told otherwise.
 pub const DEFAULT_DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -104,7 +124,86 @@ fn readable_file(what: &str, p: &Path) -> Result<(), ConfigError> {
     }
 }
 
+/// A Kubernetes object name (DNS-1123 subdomain: lowercase letters,
+/// digits, `-` and `.`, starting and ending alphanumeric, at most 253).
+fn kube_name(flag: &str, value: &str) -> Result<(), ConfigError> {
+    let ok = !value.is_empty()
+        && value.len() <= 253
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && value.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && value.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if ok {
+        Ok(())
+    } else {
+        Err(err(
+            format!("{flag} {value:?}"),
+            "not a Kubernetes name (lowercase letters, digits, '-' and '.', at most 253)",
+        ))
+    }
+}
+
 impl Config {
+    /// What the Kubernetes source is started with.
+    pub fn kube_settings(&self) -> KubeSettings {
+        KubeSettings {
+            node: self.node.clone(),
+            kubeconfig: self.kubeconfig.clone(),
+            own_pod: self.pod_namespace.clone().zip(self.pod_name.clone()),
+            stale_after: self.api_stale_after,
+        }
+    }
+
+    fn validate_source(&self) -> Result<(), ConfigError> {
+        match self.registry_source {
+            SourceKind::File => match &self.registry {
+                Some(path) => readable_file("--registry", path)?,
+                None => {
+                    return Err(err(
+                        "--registry",
+                        "missing: --registry-source file (the default) reads workloads from this file; give --registry PATH, or --registry-source kubernetes",
+                    ));
+                }
+            },
+            SourceKind::Kubernetes => {
+                if let Some(path) = &self.registry {
+                    return Err(err(
+                        format!("--registry {}", path.display()),
+                        "only read with --registry-source file; with --registry-source kubernetes workloads come from the API",
+                    ));
+                }
+                kube_name("--node", &self.node)?;
+                if let Some(path) = &self.kubeconfig {
+                    readable_file("--kubeconfig", path)?;
+                }
+            }
+        }
+        match (&self.pod_name, &self.pod_namespace) {
+            (Some(name), Some(ns)) => {
+                kube_name("--pod-name", name)?;
+                kube_name("--pod-namespace", ns)?;
+            }
+            (Some(name), None) => {
+                return Err(err(
+                    format!("--pod-name {name:?}"),
+                    "needs --pod-namespace (env POD_NAMESPACE) too",
+                ));
+            }
+            (None, Some(ns)) => {
+                return Err(err(
+                    format!("--pod-namespace {ns:?}"),
+                    "needs --pod-name (env POD_NAME) too",
+                ));
+            }
+            (None, None) => {}
+        }
+        if self.api_stale_after.is_zero() {
+            return Err(err("--api-stale-seconds 0", "must be more than 0"));
+        }
+        Ok(())
+    }
+
     /// Checks every value that can be checked without binding a socket.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.node.is_empty() {
@@ -116,7 +215,7 @@ impl Config {
                 e.to_string(),
             )
         })?;
-        readable_file("--registry", &self.registry)?;
+        self.validate_source()?;
         readable_file("--ca-bundle", &self.ca_bundle)?;
         readable_file("--token-file", &self.token_file)?;
         if !self.cgroup.join("cgroup.procs").exists() {
@@ -177,7 +276,12 @@ mod tests {
         std::fs::write(dir.join("cgroup.procs"), "").unwrap();
         Config {
             node: "node-a".into(),
-            registry: dir.join("reg.yaml"),
+            registry_source: SourceKind::File,
+            registry: Some(dir.join("reg.yaml")),
+            kubeconfig: None,
+            pod_name: None,
+            pod_namespace: None,
+            api_stale_after: DEFAULT_API_STALE,
             trust_domain: "cluster.local".into(),
             ca_addr: "127.0.0.1:15012".parse().unwrap(),
             ca_server_name: "mesh-ca".into(),
@@ -212,7 +316,7 @@ mod tests {
                 "\"Bad Domain\"",
             ),
             (
-                Box::new(|c| c.registry = "/nonexistent/reg.yaml".into()),
+                Box::new(|c| c.registry = Some("/nonexistent/reg.yaml".into())),
                 "/nonexistent/reg.yaml",
             ),
             (
@@ -221,6 +325,46 @@ mod tests {
             ),
             (Box::new(|c| c.cgroup = "/tmp".into()), "--cgroup /tmp"),
             (Box::new(|c| c.workers = 0), "--workers 0"),
+            (Box::new(|c| c.registry = None), "--registry: missing"),
+            (
+                Box::new(|c| c.registry_source = SourceKind::Kubernetes),
+                "--registry /",
+            ),
+            (
+                Box::new(|c| {
+                    c.registry_source = SourceKind::Kubernetes;
+                    c.registry = None;
+                    c.kubeconfig = Some("/nonexistent/kubeconfig".into());
+                }),
+                "--kubeconfig /nonexistent/kubeconfig",
+            ),
+            (
+                Box::new(|c| {
+                    c.registry_source = SourceKind::Kubernetes;
+                    c.registry = None;
+                    c.node = "Node_A".into();
+                }),
+                "--node \"Node_A\"",
+            ),
+            (
+                Box::new(|c| c.pod_name = Some("mesh-proxy-x1".into())),
+                "--pod-name \"mesh-proxy-x1\": needs --pod-namespace",
+            ),
+            (
+                Box::new(|c| c.pod_namespace = Some("sockmesh".into())),
+                "--pod-namespace \"sockmesh\": needs --pod-name",
+            ),
+            (
+                Box::new(|c| {
+                    c.pod_name = Some("p".into());
+                    c.pod_namespace = Some("Bad NS".into());
+                }),
+                "--pod-namespace \"Bad NS\"",
+            ),
+            (
+                Box::new(|c| c.api_stale_after = Duration::ZERO),
+                "--api-stale-seconds 0",
+            ),
         ];
         for (mutate, want) in cases {
             let mut c = good(d.path());
@@ -228,6 +372,26 @@ mod tests {
             let e = c.validate().unwrap_err().to_string();
             assert!(e.contains(want), "{e:?} lacks {want:?}");
         }
+        let mut kube = good(d.path());
+        kube.registry_source = SourceKind::Kubernetes;
+        kube.registry = None;
+        kube.pod_name = Some("mesh-proxy-7x2".into());
+        kube.pod_namespace = Some("sockmesh".into());
+        assert!(kube.validate().is_ok(), "{:?}", kube.validate());
+        assert_eq!(
+            kube.kube_settings().own_pod,
+            Some(("sockmesh".into(), "mesh-proxy-7x2".into()))
+        );
+        assert_eq!(
+            "kubernetes".parse::<SourceKind>(),
+            Ok(SourceKind::Kubernetes)
+        );
+        assert!(
+            "k8s"
+                .parse::<SourceKind>()
+                .unwrap_err()
+                .contains("--registry-source \"k8s\"")
+        );
         assert_eq!(
             "permissive".parse::<InboundMode>(),
             Ok(InboundMode::Permissive)

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use mesh_proxy::config::{Config, InboundMode};
+use mesh_proxy::config::{Config, InboundMode, SourceKind};
 use mesh_proxy::run::{LogControl, run};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -24,10 +24,28 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[command(
     version,
     about = "sockmesh node proxy: carries this node's meshed pods' TCP over mutual TLS (HBONE)",
-    long_about = "sockmesh node proxy. Enrolls the pods the registry places on --node: opens their \
-in-pod listeners (15001 outbound, 15006 inbound plaintext, 15008 HBONE), enrolls their network \
-namespaces with the eBPF redirect, obtains their certificates from the CA, and carries their \
-connections to other nodes' proxies over mTLS.\n\n\
+    long_about = "sockmesh node proxy. Enrolls the meshed pods the registry places on --node: opens \
+their in-pod listeners (15001 outbound, 15006 inbound plaintext, 15008 HBONE), enrolls their \
+network namespaces with the eBPF redirect, obtains their certificates from the CA, and carries \
+their connections to other nodes' proxies over mTLS.\n\n\
+The registry is a YAML file (--registry-source file, the default: the local mesh) or the \
+Kubernetes API (--registry-source kubernetes): pods of --node (field selector spec.nodeName), \
+namespaces, services, endpointslices and authorizationpolicies, watched; a pod is meshed when its \
+annotation sockmesh.io/mesh is \"enabled\" or its namespace's label sockmesh.io/mesh is \
+\"enabled\" (the pod's \"disabled\" wins); the proxy writes each pod's annotation \
+sockmesh.io/status (server-side apply, field manager sockmesh-node) and Warning Events on \
+failures. Readiness (:15021/healthz/ready) says not ready until the API is synced, and once no \
+list/watch succeeded for --api-stale-seconds; the last known state keeps being served.\n\n\
+Example, in a Kubernetes DaemonSet (POD_NAME, POD_NAMESPACE and NODE_NAME from the downward API; \
+the token projected for audience sockmesh-ca):\n  \
+mesh-proxy --registry-source kubernetes --node \"$NODE_NAME\" \\\n    \
+--ca 10.96.0.12:15012 --ca-server-name mesh-ca.sockmesh.svc \\\n    \
+--ca-bundle /etc/sockmesh/ca/trust-bundle.pem \\\n    \
+--token-file /var/run/secrets/sockmesh/token \\\n    \
+--cgroup /sys/fs/cgroup --cni-socket /var/run/sockmesh/cni.sock\n\n\
+Example, against a test API server with a kubeconfig file:\n  \
+mesh-proxy --registry-source kubernetes --kubeconfig /run/sockmesh/kube/kubeconfig \\\n    \
+--node node-a --pod-name mesh-proxy-node-a --pod-namespace sockmesh ...\n\n\
 Example (what `mesh up` runs in each node namespace):\n  \
 mesh-proxy --node node-a --registry /run/sockmesh/demo/registry.yaml \\\n    \
 --ca 10.77.0.254:15012 --ca-bundle /run/sockmesh/demo/ca/trust-bundle.pem \\\n    \
@@ -35,12 +53,33 @@ mesh-proxy --node node-a --registry /run/sockmesh/demo/registry.yaml \\\n    \
 --cgroup /sys/fs/cgroup/unified/sockmesh-demo/node-node-a --pin-root /sys/fs/bpf/sockmesh-demo-node-a"
 )]
 struct Args {
-    /// This node's name in the registry.
+    /// This node's name in the registry (Kubernetes: the Node, the pods'
+    /// spec.nodeName).
     #[arg(long)]
     node: String,
-    /// Registry file (nodes, pods, services, policies); re-read when it changes.
+    /// Where workloads come from: `file` (--registry) or `kubernetes`
+    /// (the API server: see --kubeconfig).
+    #[arg(long, default_value = "file", value_name = "file|kubernetes")]
+    registry_source: SourceKind,
+    /// Registry file (nodes, pods, services, policies); re-read when it
+    /// changes. Required with --registry-source file, refused otherwise.
     #[arg(long)]
-    registry: PathBuf,
+    registry: Option<PathBuf>,
+    /// kubeconfig for --registry-source kubernetes. Unset: $KUBECONFIG,
+    /// ~/.kube/config, then the in-cluster service account.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// The proxy's own pod (never meshed), with --pod-namespace.
+    #[arg(long, env = "POD_NAME")]
+    pod_name: Option<String>,
+    /// The namespace of the proxy's own pod.
+    #[arg(long, env = "POD_NAMESPACE")]
+    pod_namespace: Option<String>,
+    /// Seconds without a successful list/watch of the Kubernetes API after
+    /// which readiness reports the registry stale (its last state stays in
+    /// force: nothing is unenrolled because the API is unreachable).
+    #[arg(long, default_value_t = 60)]
+    api_stale_seconds: u64,
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
     /// Address of the CA's signing port.
@@ -52,7 +91,8 @@ struct Args {
     /// PEM roots that verify the CA (its trust bundle file).
     #[arg(long)]
     ca_bundle: PathBuf,
-    /// This node's CA token file.
+    /// This node's CA token file, read again for every request to the CA
+    /// (a projected ServiceAccount token rotates).
     #[arg(long)]
     token_file: PathBuf,
     /// cgroup v2 directory holding this node's pods and this proxy.
@@ -133,7 +173,12 @@ fn main() -> std::process::ExitCode {
     };
     let cfg = Config {
         node: args.node,
+        registry_source: args.registry_source,
         registry: args.registry,
+        kubeconfig: args.kubeconfig,
+        pod_name: args.pod_name,
+        pod_namespace: args.pod_namespace,
+        api_stale_after: Duration::from_secs(args.api_stale_seconds),
         trust_domain: args.trust_domain,
         ca_addr: args.ca,
         ca_server_name: args.ca_server_name,

@@ -10,7 +10,6 @@ use parking_lot::Mutex;
 
 use mesh_core::admin as admin_api;
 use mesh_core::identity::SystemClock;
-use mesh_core::registry::FileRegistry;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
@@ -22,11 +21,13 @@ use tracing::{error, info, warn};
 
 use crate::admin::{self, AdminState, Door};
 use crate::config::Config;
+use crate::config::SourceKind;
 use crate::identity::{
-    CaClientConfig, CertManager, CertManagerConfig, HttpsCaClient, load_pem_certs,
+    CaClientConfig, CertManager, CertManagerConfig, HttpsCaClient, Token, load_pem_certs,
 };
 use crate::metrics::{self, FlowSource, TcpMetrics};
 use crate::proxy::NodeProxy;
+use crate::registry::{KubeSource, RegistrySource, kube_client};
 
 #[derive(Debug, thiserror::Error)]
 #[error("{what}: {reason}")]
@@ -87,12 +88,12 @@ pub fn run(cfg: Config, log: LogControl) -> Result<(), RunError> {
         .set_redirect(false)
         .map_err(|e| fail("eBPF flow mode", e))?;
     info!(mode = %datapath.mode(), pins = %datapath.pin_dir().display(), "data path ready");
-    let registry = FileRegistry::load(&cfg.registry).map_err(|e| fail("registry", e))?;
+    let registry = open_registry(&cfg, &control_rt)?;
     let anchors = load_pem_certs(&cfg.ca_bundle).map_err(|e| fail("--ca-bundle", e))?;
-    let token = std::fs::read_to_string(&cfg.token_file)
-        .map_err(|e| fail(format!("--token-file {}", cfg.token_file.display()), e))?
-        .trim()
-        .to_owned();
+    // Checked now, then read again for every request (a projected
+    // ServiceAccount token rotates).
+    let token = Token::File(cfg.token_file.clone());
+    token.current().map_err(|e| fail("--token-file", e))?;
     let client = HttpsCaClient::new(CaClientConfig::new(
         cfg.ca_addr,
         &cfg.ca_server_name,
@@ -162,7 +163,11 @@ pub fn run(cfg: Config, log: LogControl) -> Result<(), RunError> {
             tokio::spawn(admin::serve(l, door, state.clone(), watch.clone()));
         }
         let problems = node.reconcile().await;
-        info!(node = %cfg.node, pods = node.enrolled_pods().len(), problems = problems.len(), "node proxy up");
+        node.report_status().await;
+        info!(node = %cfg.node, source = %cfg.registry_source, pods = node.enrolled_pods().len(), problems = problems.len(), "node proxy up");
+        if let Some(why) = node.registry.not_ready() {
+            info!(status = %why, "waiting for the Kubernetes API; nothing is enrolled until every kind is listed once");
+        }
         if let Some(path) = &cfg.cni_socket {
             let l = crate::cni::bind(path).map_err(|e| fail(format!("--cni-socket {}", path.display()), e))?;
             let fail_open = path.parent().unwrap_or(std::path::Path::new("/")).join("fail-open");
@@ -175,13 +180,25 @@ pub fn run(cfg: Config, log: LogControl) -> Result<(), RunError> {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(|e| fail("SIGTERM handler", e))?;
         let mut tick = tokio::time::interval(cfg.registry_poll);
+        // The Kubernetes source says when its view changed; the file is
+        // polled on the tick.
+        let mut changes = node.registry.changes();
+        let mut synced = node.registry.settled();
         loop {
             tokio::select! {
                 _ = term.recv() => break,
                 _ = tokio::signal::ctrl_c() => break,
+                Some(generation) = next_change(&mut changes) => {
+                    if !synced && node.registry.settled() {
+                        synced = true;
+                        info!(generation, pods = node.registry.snapshot().pods.len(), "Kubernetes API synced");
+                    }
+                    node.reconcile().await;
+                    report(&node).await;
+                }
                 _ = tick.tick() => {
                     node.notes.drain();
-                    match node.registry.reload_if_changed() {
+                    match node.registry.refresh() {
                         Ok(true) => { node.reconcile().await; }
                         Ok(false) => {
                             // Retry pods that failed to enroll (CA down, ...).
@@ -189,6 +206,7 @@ pub fn run(cfg: Config, log: LogControl) -> Result<(), RunError> {
                         }
                         Err(e) => warn!(error = %e, "registry not reloaded; keeping the last good one"),
                     }
+                    report(&node).await;
                 }
             }
         }
@@ -210,6 +228,59 @@ pub fn run(cfg: Config, log: LogControl) -> Result<(), RunError> {
     data_rt.shutdown_timeout(std::time::Duration::from_secs(1));
     info!("stopped");
     Ok(())
+}
+
+/// The registry source `--registry-source` names: the file, or watchers on
+/// the Kubernetes API (started on `rt`, where they run).
+fn open_registry(cfg: &Config, rt: &tokio::runtime::Runtime) -> Result<RegistrySource, RunError> {
+    match cfg.registry_source {
+        SourceKind::File => {
+            let path = cfg
+                .registry
+                .as_deref()
+                .ok_or_else(|| fail("--registry", "missing"))?;
+            RegistrySource::file(path).map_err(|e| fail("registry", e))
+        }
+        SourceKind::Kubernetes => rt.block_on(async {
+            let client = kube_client(cfg.kubeconfig.as_deref())
+                .await
+                .map_err(|e| fail("registry", e))?;
+            info!(node = %cfg.node, "watching the Kubernetes API for this node's pods");
+            Ok(RegistrySource::kubernetes(KubeSource::start(
+                client,
+                &cfg.kube_settings(),
+            )))
+        }),
+    }
+}
+
+/// The next generation of the Kubernetes view; never for the file source
+/// (or once the source is gone).
+async fn next_change(changes: &mut Option<tokio::sync::watch::Receiver<u64>>) -> Option<u64> {
+    let Some(rx) = changes else {
+        return std::future::pending().await;
+    };
+    match rx.changed().await {
+        Ok(()) => Some(*rx.borrow_and_update()),
+        Err(_) => {
+            *changes = None;
+            None
+        }
+    }
+}
+
+/// Writes the pods' status back (Kubernetes) and logs what was written.
+async fn report(node: &NodeProxy) {
+    if let Some(done) = node.report_status().await
+        && (done.written > 0 || done.failed > 0)
+    {
+        info!(
+            written = done.written,
+            unchanged = done.unchanged,
+            failed = done.failed,
+            "pod status written back"
+        );
+    }
 }
 
 fn wanted(node: &NodeProxy) -> usize {
@@ -304,6 +375,26 @@ impl Collector for Health {
     }
 }
 
+/// The registry's source and, for Kubernetes, its health (`/config_dump`).
+fn registry_dump(registry: &RegistrySource) -> serde_json::Value {
+    match registry.kube() {
+        None => json!({"source": registry.kind()}),
+        Some(k) => {
+            let h = k.registry.health();
+            json!({
+                "source": registry.kind(),
+                "synced": h.synced,
+                "stale": h.stale,
+                "since_contact_ms": h.since_contact.as_millis() as u64,
+                "last_error": h.last_error,
+                "lists": h.lists,
+                "generation": k.registry.view().generation,
+                "problems": k.registry.view().problems.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            })
+        }
+    }
+}
+
 struct Admin {
     node: Arc<NodeProxy>,
     registry: prometheus_client::registry::Registry,
@@ -319,16 +410,16 @@ impl AdminState for Admin {
             "app_redirect": dp.redirect().unwrap_or(false),
             "pins": dp.pin_dir(),
             "policies": self.node.policies.read().len(),
+            "registry": registry_dump(&self.node.registry),
         })
     }
 
     fn workloads(&self) -> serde_json::Value {
-        let snap = self.node.registry.snapshot();
-        let pods = snap
-            .pods
-            .iter()
-            .filter(|p| p.node == self.node.cfg.node)
-            .map(|p| {
+        let pods = self
+            .node
+            .outcomes()
+            .into_iter()
+            .map(|(p, outcome)| {
                 let key = format!("{}/{}", p.namespace, p.name);
                 let e = self.node.enrolled(&key);
                 admin_api::Workload {
@@ -342,10 +433,13 @@ impl AdminState for Admin {
                     netns_cookie: e.as_ref().map(|e| e.cookie),
                     listeners: e.map(|e| e.listeners.iter().map(ToString::to_string).collect()),
                     labels: p.labels.clone(),
+                    reason: outcome.reason().map(str::to_owned),
+                    message: outcome.message(),
+                    fault: outcome.is_fault(),
                     pod: key,
                 }
             })
-            .collect();
+            .collect::<Vec<_>>();
         json!(admin_api::Workloads {
             node: self.node.cfg.node.clone(),
             pods,
@@ -429,7 +523,7 @@ impl AdminState for Admin {
 
     fn ready(&self) -> Result<(), admin::NotReady> {
         let snap = self.node.registry.snapshot();
-        let mut missing = Vec::new();
+        let mut missing: Vec<String> = self.node.registry.not_ready().into_iter().collect();
         for p in self.node.wanted_pods(&snap) {
             let key = format!("{}/{}", p.namespace, p.name);
             match self.node.enrolled(&key) {

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use mesh_core::identity::Identity;
 use parking_lot::{Mutex, RwLock};
 
+use crate::pod_status::Fault;
 use crate::workloads::EnrolledPod;
 
 /// The enrolled pods. Written by the control plane (enroll, update,
@@ -96,7 +97,10 @@ pub struct Backoff {
 struct Failure {
     attempts: u32,
     next: Instant,
+    fault: Fault,
     error: String,
+    /// A new failure not yet reported (as a Kubernetes Event).
+    unreported: bool,
 }
 
 /// What a failure means for the log.
@@ -131,14 +135,18 @@ impl Backoff {
 
     /// Records a failure of `key` at `now`; the next try is due after
     /// `base * 2^(attempts - 1)`, at most `max`.
-    pub fn failed(&self, key: &str, error: &str, now: Instant) -> Retry {
+    pub fn failed(&self, key: &str, fault: Fault, error: &str, now: Instant) -> Retry {
         let mut failing = self.failing.lock();
         let f = failing.entry(key.to_owned()).or_insert(Failure {
             attempts: 0,
             next: now,
+            fault,
             error: String::new(),
+            unreported: false,
         });
         let news = f.attempts == 0 || f.error != error;
+        f.unreported |= news;
+        f.fault = fault;
         f.attempts = f.attempts.saturating_add(1);
         let after = self
             .base
@@ -151,6 +159,28 @@ impl Backoff {
             attempts: f.attempts,
             after,
         }
+    }
+
+    /// The last failure of `key`, while it waits for a retry.
+    pub fn failure(&self, key: &str) -> Option<(Fault, String)> {
+        self.failing
+            .lock()
+            .get(key)
+            .map(|f| (f.fault, f.error.clone()))
+    }
+
+    /// The failures that are news (a first failure, or a different error)
+    /// and were not taken yet, by key; each is taken once.
+    pub fn take_news(&self) -> Vec<(String, Fault, String)> {
+        let mut failing = self.failing.lock();
+        failing
+            .iter_mut()
+            .filter(|(_, f)| f.unreported)
+            .map(|(k, f)| {
+                f.unreported = false;
+                (k.clone(), f.fault, f.error.clone())
+            })
+            .collect()
     }
 
     /// Forgets `key`'s failures (it enrolled, or it is gone).
@@ -173,6 +203,8 @@ impl Backoff {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    const CA: Fault = Fault::CertificateRefused;
+    const EF: Fault = Fault::EnrollmentFailed;
 
     #[test]
     fn a_failing_pod_waits_twice_as_long_each_time_up_to_the_cap() {
@@ -180,7 +212,7 @@ mod tests {
         let t0 = Instant::now();
         assert!(b.due("default/web", t0));
         let waits: Vec<_> = (0..6)
-            .map(|_| b.failed("default/web", "CA down", t0).after)
+            .map(|_| b.failed("default/web", CA, "CA down", t0).after)
             .collect();
         assert_eq!(
             waits,
@@ -198,10 +230,16 @@ mod tests {
     fn only_a_new_error_is_news() {
         let b = Backoff::default();
         let t0 = Instant::now();
-        assert!(b.failed("p", "CA down", t0).news);
-        assert!(!b.failed("p", "CA down", t0).news);
-        assert!(b.failed("p", "no netns", t0).news);
+        assert!(b.failed("p", CA, "CA down", t0).news);
+        assert!(!b.failed("p", CA, "CA down", t0).news);
+        assert_eq!(b.take_news(), [("p".to_owned(), CA, "CA down".to_owned())]);
+        assert!(!b.failed("p", CA, "CA down", t0).news);
+        assert_eq!(b.take_news(), [], "a repeat is not news");
+        assert!(b.failed("p", EF, "no netns", t0).news);
+        assert_eq!(b.failure("p"), Some((EF, "no netns".to_owned())));
+        assert_eq!(b.take_news(), [("p".to_owned(), EF, "no netns".to_owned())]);
         b.retain(|k| k != "p");
-        assert!(b.failed("p", "no netns", t0).news);
+        assert_eq!(b.failure("p"), None);
+        assert!(b.failed("p", EF, "no netns", t0).news);
     }
 }

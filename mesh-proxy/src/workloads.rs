@@ -59,6 +59,16 @@ pub enum EnrollError {
     Closed { pod: String },
 }
 
+impl EnrollError {
+    /// What kind of failure this is, for the pod's status.
+    pub fn fault(&self) -> crate::pod_status::Fault {
+        match self {
+            EnrollError::Certificate { .. } => crate::pod_status::Fault::CertificateRefused,
+            _ => crate::pod_status::Fault::EnrollmentFailed,
+        }
+    }
+}
+
 impl From<mesh_ebpf::Error> for EnrollError {
     fn from(e: mesh_ebpf::Error) -> Self {
         EnrollError::Datapath(Box::new(e))
@@ -161,6 +171,12 @@ impl NodeProxy {
     pub async fn reconcile(self: &Arc<Self>) -> Vec<String> {
         // One at a time: the run loop and the CNI socket both call this.
         let _one = self.cni.reconciling().await;
+        // A Kubernetes source that has not listed everything once is a
+        // partial view (pods without their namespaces): enrolling against it
+        // could unenroll pods their namespace opts in. Wait for the whole.
+        if !self.registry.settled() {
+            return vec!["registry: Kubernetes API not synced yet; nothing reconciled".into()];
+        }
         let snap = self.registry.snapshot();
         *self.policies.write() = Arc::new(policy_set(&snap));
         let wanted: BTreeMap<String, Pod> = self
@@ -198,7 +214,7 @@ impl NodeProxy {
             match done {
                 Ok(()) => self.retry.succeeded(&key),
                 Err(e) => {
-                    let r = self.retry.failed(&key, &e.to_string(), now);
+                    let r = self.retry.failed(&key, e.fault(), &e.to_string(), now);
                     if r.news {
                         warn!(pod = %key, error = %e, retry_in = ?r.after, "enrollment failed; the pod's traffic stays captured and refused (fail closed)");
                     } else {

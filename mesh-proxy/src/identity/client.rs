@@ -48,6 +48,65 @@ pub enum CaClientError {
     Timeout { addr: SocketAddr, after: Duration },
     #[error("CA client configuration: {0}")]
     Config(String),
+    #[error("CA token file {}: {reason}", path.display())]
+    Token {
+        path: std::path::PathBuf,
+        reason: String,
+    },
+}
+
+/// The node's credential for the CA.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Token {
+    /// A fixed value.
+    Value(String),
+    /// A file read again for every request (trimmed), so a projected
+    /// ServiceAccount token the kubelet rotates is picked up.
+    File(std::path::PathBuf),
+}
+
+impl From<String> for Token {
+    fn from(value: String) -> Self {
+        Token::Value(value)
+    }
+}
+
+/// Longest token file read (a projected token is ~1 KiB).
+const MAX_TOKEN_BYTES: u64 = 64 * 1024;
+
+impl Token {
+    /// The value to send now.
+    pub fn current(&self) -> Result<String, CaClientError> {
+        match self {
+            Token::Value(v) => Ok(v.clone()),
+            Token::File(path) => {
+                use std::io::Read;
+                let bad = |reason: String| CaClientError::Token {
+                    path: path.clone(),
+                    reason,
+                };
+                let mut text = String::new();
+                std::fs::File::open(path)
+                    .map_err(|e| bad(e.to_string()))?
+                    .take(MAX_TOKEN_BYTES + 1)
+                    .read_to_string(&mut text)
+                    .map_err(|e| bad(e.to_string()))?;
+                if text.len() as u64 > MAX_TOKEN_BYTES {
+                    return Err(bad(format!("longer than {MAX_TOKEN_BYTES} bytes")));
+                }
+                let token = text.trim();
+                if token.is_empty() {
+                    return Err(bad("empty".into()));
+                }
+                if let Some(c) = token.chars().find(|c| c.is_control() || c.is_whitespace()) {
+                    return Err(bad(format!(
+                        "holds {c:?}: not one token (whitespace or a control character inside)"
+                    )));
+                }
+                Ok(token.to_owned())
+            }
+        }
+    }
 }
 
 pub type CaFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, CaClientError>> + Send + 'a>>;
@@ -70,7 +129,7 @@ pub struct CaClientConfig {
     /// Roots that vouch for the CA's TLS certificate (the trust bundle file).
     pub trust_anchors: Vec<CertificateDer<'static>>,
     /// This node's credential, sent as `Authorization: Bearer`.
-    pub token: String,
+    pub token: Token,
     /// Bound on one whole call (connect, handshake, request, response).
     pub timeout: Duration,
     /// Time the CA's certificate is judged by.
@@ -94,13 +153,13 @@ impl CaClientConfig {
         address: SocketAddr,
         server_name: &str,
         trust_anchors: Vec<CertificateDer<'static>>,
-        token: String,
+        token: impl Into<Token>,
     ) -> Self {
         CaClientConfig {
             address,
             server_name: server_name.to_owned(),
             trust_anchors,
-            token,
+            token: token.into(),
             timeout: Duration::from_secs(10),
             clock: Arc::new(SystemClock),
         }
@@ -167,6 +226,7 @@ impl HttpsCaClient {
         body: Option<Vec<u8>>,
     ) -> Result<Bytes, CaClientError> {
         let addr = self.config.address;
+        let token = self.config.token.current()?;
         let tcp =
             tokio::net::TcpStream::connect(addr)
                 .await
@@ -197,10 +257,7 @@ impl HttpsCaClient {
             .method(method)
             .uri(path)
             .header(header::HOST, self.config.server_name.as_str())
-            .header(
-                header::AUTHORIZATION,
-                format!("Bearer {}", self.config.token),
-            );
+            .header(header::AUTHORIZATION, format!("Bearer {token}"));
         if body.is_some() {
             req = req.header(header::CONTENT_TYPE, "application/json");
         }

@@ -5,12 +5,13 @@
 //! # async fn demo() -> anyhow::Result<()> {
 //! use std::sync::Arc;
 //! use mesh_core::identity::{Identity, SystemClock};
-//! use mesh_proxy::identity::{CaClientConfig, CertManager, CertManagerConfig, HttpsCaClient, load_pem_certs};
+//! use mesh_proxy::identity::{CaClientConfig, CertManager, CertManagerConfig, HttpsCaClient, Token, load_pem_certs};
 //!
 //! let anchors = load_pem_certs(std::path::Path::new("/run/sockmesh/ca/trust-bundle.pem"))?;
-//! let token = std::fs::read_to_string("/run/sockmesh/ca/node-tokens/node-1.token")?;
+//! // Read again for every request: a projected token rotates.
+//! let token = Token::File("/run/sockmesh/ca/node-tokens/node-1.token".into());
 //! let client = HttpsCaClient::new(CaClientConfig::new(
-//!     "10.0.0.1:15012".parse()?, "mesh-ca", anchors.clone(), token.trim().to_owned()))?;
+//!     "10.0.0.1:15012".parse()?, "mesh-ca", anchors.clone(), token))?;
 //! let certs = CertManager::new(Arc::new(client), Arc::new(SystemClock),
 //!     CertManagerConfig::new("cluster.local"), anchors);
 //! let (_stop, stop_rx) = tokio::sync::watch::channel(false);
@@ -38,7 +39,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
-pub use client::{CaClient, CaClientConfig, CaClientError, CaFuture, HttpsCaClient};
+pub use client::{CaClient, CaClientConfig, CaClientError, CaFuture, HttpsCaClient, Token};
 pub use manager::{
     CertError, CertManager, CertManagerConfig, CertState, KeyAlgorithm, WorkloadCert,
 };

@@ -54,12 +54,18 @@ impl NodeProxy {
     }
 }
 
-/// Istio's workload label for a pod: its `app` label, else its name.
-fn workload_name(p: &Pod) -> String {
-    p.labels
-        .get("app")
-        .cloned()
-        .unwrap_or_else(|| p.name.clone())
+/// Istio's `*_workload` label for a pod: the controller that owns it
+/// (a Deployment through its ReplicaSet, a StatefulSet, DaemonSet, Job,
+/// CronJob: Kubernetes' ownerReferences), else its app label, else its
+/// name (a file-registry pod has no owner: its `app` label, as before).
+pub fn workload_name(p: &Pod) -> String {
+    p.workload_name().to_owned()
+}
+
+/// Istio's `*_app` label: `app.kubernetes.io/name`, else `app`; empty
+/// when the pod has neither.
+pub fn app_name(p: &Pod) -> String {
+    p.app().unwrap_or_default().to_owned()
 }
 
 impl NodeProxy {
@@ -72,7 +78,7 @@ impl NodeProxy {
             destination_workload: workload_name(&dst.pod),
             destination_workload_namespace: dst.pod.namespace.clone(),
             destination_principal: dst.identity.to_string(),
-            destination_app: dst.pod.labels.get("app").cloned().unwrap_or_default(),
+            destination_app: app_name(&dst.pod),
             connection_security_policy: "none".into(),
             ..FlowLabels::default()
         };
@@ -88,7 +94,7 @@ impl NodeProxy {
             if let Some(src) = snap.pod_by_ip(source_ip) {
                 l.source_workload = workload_name(src);
                 l.source_workload_namespace = src.namespace.clone();
-                l.source_app = src.labels.get("app").cloned().unwrap_or_default();
+                l.source_app = app_name(src);
             }
         }
         Some(l)
@@ -111,15 +117,10 @@ impl FlowResolver for NodeProxy {
         let src = self.by_cookie(f.netns)?.spec();
         let snap = self.registry.snapshot();
         let mut l = FlowLabels {
-            source_workload: src
-                .pod
-                .labels
-                .get("app")
-                .cloned()
-                .unwrap_or_else(|| src.pod.name.clone()),
+            source_workload: workload_name(&src.pod),
             source_workload_namespace: src.pod.namespace.clone(),
             source_principal: src.identity.to_string(),
-            source_app: src.pod.labels.get("app").cloned().unwrap_or_default(),
+            source_app: app_name(&src.pod),
             ..FlowLabels::default()
         };
         let dst_pod = match snap.service_by_vip(f.original_dst.ip()) {
@@ -140,18 +141,14 @@ impl FlowResolver for NodeProxy {
         match dst_pod {
             Some(p) => {
                 if l.destination_workload.is_empty() {
-                    l.destination_workload = p
-                        .labels
-                        .get("app")
-                        .cloned()
-                        .unwrap_or_else(|| p.name.clone());
+                    l.destination_workload = workload_name(p);
                 }
                 l.destination_workload_namespace = p.namespace.clone();
                 l.destination_principal = p
                     .identity(&self.cfg.trust_domain)
                     .map(|i| i.to_string())
                     .unwrap_or_default();
-                l.destination_app = p.labels.get("app").cloned().unwrap_or_default();
+                l.destination_app = app_name(p);
                 l.connection_security_policy = "mutual_tls".into();
             }
             // Outside the mesh: one series for every such address, as Istio
@@ -159,5 +156,62 @@ impl FlowResolver for NodeProxy {
             None => l = l.unknown_destination(),
         }
         Some(l)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use mesh_core::opt_in::{MeshDecision, OptedInBy};
+    use mesh_core::registry::WorkloadRef;
+
+    fn pod(labels: &[(&str, &str)], workload: Option<(&str, &str)>) -> Pod {
+        Pod {
+            namespace: "shop".into(),
+            name: "cart-7d9f8-x2x4q".into(),
+            uid: "u1".into(),
+            node: "node-a".into(),
+            service_account: "cart".into(),
+            ips: vec!["10.0.0.1".parse().unwrap()],
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            netns: None,
+            annotations: Default::default(),
+            host_network: false,
+            workload: workload.map(|(kind, name)| WorkloadRef {
+                kind: kind.into(),
+                name: name.into(),
+            }),
+            mesh: MeshDecision::Meshed(OptedInBy::PodAnnotation),
+        }
+    }
+
+    #[test]
+    fn the_owning_controller_names_the_workload_then_istios_app_labels_then_the_pod() {
+        // A Deployment's pod (mesh-kube resolved its ReplicaSet): the
+        // Deployment, whatever the labels say.
+        let p = pod(
+            &[("app", "cart-legacy"), ("app.kubernetes.io/name", "cart")],
+            Some(("Deployment", "cart")),
+        );
+        assert_eq!(workload_name(&p), "cart");
+        assert_eq!(app_name(&p), "cart", "app.kubernetes.io/name before app");
+        let p = pod(&[("app", "db")], Some(("StatefulSet", "db-primary")));
+        assert_eq!(workload_name(&p), "db-primary");
+        assert_eq!(app_name(&p), "db");
+        // No owner (a bare pod, or the file registry): the app label, as
+        // the file source always did...
+        let p = pod(&[("app", "web")], None);
+        assert_eq!(workload_name(&p), "web");
+        assert_eq!(app_name(&p), "web");
+        let p = pod(&[("app.kubernetes.io/name", "shop-ui"), ("app", "x")], None);
+        assert_eq!(workload_name(&p), "shop-ui");
+        // ...else the pod's name; no app label is an empty one.
+        let p = pod(&[("version", "v2")], None);
+        assert_eq!(workload_name(&p), "cart-7d9f8-x2x4q");
+        assert_eq!(app_name(&p), "");
     }
 }

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize};
 
 use mesh_core::identity::Identity;
 use mesh_core::policy::{self, PolicySet};
-use mesh_core::registry::{FileRegistry, Pod, Snapshot};
+use mesh_core::registry::{Pod, Snapshot};
 use mesh_ebpf::netns::PodSockets;
 use mesh_ebpf::{Datapath, OrigDstReader, PROXY_MARK};
 use parking_lot::{Mutex, RwLock};
@@ -68,7 +68,8 @@ pub struct NodeProxy {
     pub datapath: Mutex<Datapath>,
     /// The data path's own original-destination lookups (no lock).
     pub(crate) orig: OrigDstReader,
-    pub registry: FileRegistry,
+    /// The file or the Kubernetes source: both serve the same snapshot.
+    pub registry: crate::registry::RegistrySource,
     pub certs: CertManager,
     pub policies: RwLock<Arc<PolicySet>>,
     pub pool: Pool<MeshConnector>,
@@ -98,7 +99,7 @@ impl NodeProxy {
     pub fn new(
         cfg: Config,
         datapath: Datapath,
-        registry: FileRegistry,
+        registry: crate::registry::RegistrySource,
         certs: CertManager,
         data: tokio::runtime::Handle,
         drain: crate::drain::Watch,
@@ -173,8 +174,8 @@ impl NodeProxy {
         }
     }
 
-    /// Copies both ways between the source's `down` and the destination's
-    /// `up` until both are closed, with the tunnels' copy buffer:
+    /// Copies both ways between the source's `down` and a tunnel `up`
+    /// until both are closed, with the tunnels' copy buffer:
     /// `(source -> destination, destination -> source)` bytes.
     pub(crate) async fn splice(
         &self,
