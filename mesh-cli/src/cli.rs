@@ -77,9 +77,14 @@ pub enum Command {
     #[command(after_help = "\
 Examples:
   mesh up                     # demo: 2 nodes, default/{client,web,web-2}, other/iperf, one DENY policy
+                              # (default/legacy stays out of the mesh: annotation sockmesh.io/mesh: disabled)
   mesh up --nodes 4           # the demo on 4 nodes (more web pods)
   mesh up -f mesh.yaml --name lab
                               # your own nodes, pods, services and `policies:`
+  mesh up --kubernetes --name kube
+                              # the cluster path: a Kubernetes API server (kube-fake) holds the
+                              # pods, services and policies; the CA uses TokenReview, the proxies
+                              # watch the API, pods enroll through mesh-cni (ADD per pod)
 
 Without -f, the web pods run `python3 -m http.server 8080`, other/iperf runs
 `iperf3 -s`, and the policy `default/deny-other-to-web` denies namespace
@@ -189,6 +194,15 @@ pub struct UpArgs {
     /// How long to wait for each proxy to become ready, in seconds.
     #[arg(long, default_value_t = 60, value_name = "SECONDS")]
     pub ready_timeout: u64,
+
+    /// Run the Kubernetes path: a fake API server (kube-fake) on the first
+    /// node holds nodes, namespaces, pods, services, EndpointSlices and
+    /// policies; the CA runs `mesh-ca cluster` (TokenReview); the proxies
+    /// read the API (`--registry-source kubernetes`) and each pod enrolls
+    /// through mesh-cni ADD, as in a cluster. Its kubeconfig is
+    /// <state>/control/kubeconfig (run kubectl inside the first node's netns).
+    #[arg(long)]
+    pub kubernetes: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -564,4 +578,3 @@ mod tests {
             assert_eq!(cli.name, "x2", "{argv:?}");
         }
     }
-

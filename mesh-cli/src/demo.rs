@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use mesh_local::{Node, Pod, Service, ServicePort, Topology};
+use mesh_core::opt_in::{DISABLED, ENABLED, MESH_KEY};
+use mesh_local::{Namespace, Node, Pod, Service, ServicePort, Topology};
 
 /// The policy of the demo: namespace `other` may not reach `app: web`.
 pub const DEMO_POLICY: &str = "\
@@ -30,7 +31,10 @@ pub fn node_name(i: usize) -> String {
 /// The demo on `nodes` nodes (1-26): default/client and default/web-2 on
 /// the first node, default/web on the second, other/iperf on the last,
 /// and one more web pod (`web-3`, ...) on each further node. Services:
-/// default/web (8080) and other/iperf (5201).
+/// default/web (8080) and other/iperf (5201). Both namespaces opt in by
+/// their `sockmesh.io/mesh=enabled` label; default/legacy (first node)
+/// stays out on purpose, by its `sockmesh.io/mesh: disabled` annotation,
+/// so `mesh status` shows a pod out of the mesh by choice.
 pub fn topology(nodes: usize) -> Topology {
     let nodes = nodes.clamp(1, 26);
     let pod = |ns: &str, name: &str, node: usize, sa: &str, app: &str| Pod {
@@ -41,13 +45,19 @@ pub fn topology(nodes: usize) -> Topology {
         service_account: sa.into(),
         ips: Vec::new(),
         labels: BTreeMap::from([("app".to_owned(), app.to_owned())]),
+        annotations: BTreeMap::new(),
     };
+    let mut legacy = pod("default", "legacy", 0, "legacy", "legacy");
+    legacy
+        .annotations
+        .insert(MESH_KEY.to_owned(), DISABLED.to_owned());
     let second = 1.min(nodes - 1);
     let mut pods = vec![
         pod("default", "client", 0, "client", "client"),
         pod("default", "web", second, "web", "web"),
         pod("default", "web-2", 0, "web", "web"),
         pod("other", "iperf", nodes - 1, "iperf", "iperf"),
+        legacy,
     ];
     for i in 2..nodes {
         pods.push(pod("default", &format!("web-{}", i + 1), i, "web", "web"));
@@ -69,6 +79,13 @@ pub fn topology(nodes: usize) -> Topology {
             service("default", "web", 8080),
             service("other", "iperf", 5201),
         ],
+        namespaces: ["default", "other"]
+            .into_iter()
+            .map(|name| Namespace {
+                name: name.into(),
+                labels: BTreeMap::from([(MESH_KEY.to_owned(), ENABLED.to_owned())]),
+            })
+            .collect(),
     }
 }
 
@@ -160,15 +177,32 @@ mod tests {
                 "default/client@node-a",
                 "default/web@node-b",
                 "default/web-2@node-a",
-                "other/iperf@node-b"
+                "other/iperf@node-b",
+                "default/legacy@node-a",
             ]
+        );
+        // The namespaces opt in; legacy stays out by its own choice.
+        let out: Vec<_> = two
+            .pods
+            .iter()
+            .filter(|p| !two.decision(p).is_meshed())
+            .map(|p| (p.name.as_str(), two.decision(p)))
+            .collect();
+        assert_eq!(
+            out,
+            [(
+                "legacy",
+                mesh_core::opt_in::MeshDecision::NotMeshed(
+                    mesh_core::opt_in::NotMeshed::PodDisabled
+                )
+            )]
         );
         let one = topology(1);
         one.validate("test").unwrap();
         assert!(one.pods.iter().all(|p| p.node == "node-a"));
         let four = topology(4);
         four.validate("test").unwrap();
-        assert_eq!(four.pods.len(), 6);
+        assert_eq!(four.pods.len(), 7);
         assert!(
             four.pods
                 .iter()

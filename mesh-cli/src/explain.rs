@@ -522,6 +522,7 @@ mod tests {
             node: "node-b".into(),
             service_account: "iperf".into(),
             labels: Default::default(),
+            annotations: Default::default(),
             ip: "10.77.2.3".parse().unwrap(),
             ip6: None,
             netns: "x".into(),

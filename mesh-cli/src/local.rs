@@ -172,13 +172,22 @@ pub fn up(name: &str, args: &UpArgs) -> Result<()> {
         ready_timeout: Duration::from_secs(args.ready_timeout.max(1)),
         ..ControlOptions::default()
     };
-    mesh.start_control(&bins, &control, &mut |s| steps.say(s))
-        .with_context(|| {
-            format!(
-                "starting the control plane (logs in {})",
-                mesh.state_dir().join("control").display()
-            )
-        })?;
+    let started = if args.kubernetes {
+        mesh.start_kube_control(
+            &bins,
+            &control,
+            &mesh_local::kube::KubeOptions::default(),
+            &mut |s| steps.say(s),
+        )
+    } else {
+        mesh.start_control(&bins, &control, &mut |s| steps.say(s))
+    };
+    started.with_context(|| {
+        format!(
+            "starting the control plane (logs in {})",
+            mesh.state_dir().join("control").display()
+        )
+    })?;
     check("starting the control plane")?;
     let namespaces = hosts::write_all(&mesh)?;
     steps.say(&format!(
@@ -472,6 +481,32 @@ pub fn state_dir(name: &str) -> PathBuf {
 
 /// `mesh supervise ...` (the arguments after `supervise`): parses them and
 /// runs [`supervise`]; the exit code.
+/// `mesh kube-api --listen ADDR --control SOCKET` (hidden): the Kubernetes
+/// mode's API server (kube-fake), run by `mesh up --kubernetes` on the
+/// first node; `mesh down` ends it.
+pub fn kube_api_main() -> std::process::ExitCode {
+    use clap::Parser;
+    #[derive(Debug, Parser)]
+    #[command(name = "mesh kube-api")]
+    struct KubeApiArgs {
+        /// Address to serve the API on (plain HTTP).
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// Unix socket for the test hooks (cut watches, 410, outage, tokens).
+        #[arg(long)]
+        control: std::path::PathBuf,
+    }
+    let argv = std::iter::once(OsString::from("mesh kube-api")).chain(std::env::args_os().skip(2));
+    let args = KubeApiArgs::parse_from(argv);
+    match mesh_local::kube::serve_api(args.listen, &args.control) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{} mesh-kube-api: {e}", log_time());
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 pub fn supervise_main() -> std::process::ExitCode {
     use clap::Parser;
     let argv = std::iter::once(OsString::from("mesh supervise")).chain(std::env::args_os().skip(2));

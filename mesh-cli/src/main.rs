@@ -6,5 +6,9 @@ fn main() -> std::process::ExitCode {
     if std::env::args_os().nth(1).is_some_and(|a| a == "supervise") {
         return mesh_cli::local::supervise_main();
     }
+    // `mesh kube-api` (hidden): the API server of `mesh up --kubernetes`.
+    if std::env::args_os().nth(1).is_some_and(|a| a == "kube-api") {
+        return mesh_cli::local::kube_api_main();
+    }
     mesh_cli::main()
 }

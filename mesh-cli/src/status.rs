@@ -25,7 +25,19 @@ pub struct Status {
     pub nodes: Vec<NodeStatus>,
     pub pods: Vec<PodStatus>,
     pub policies: Vec<PolicyStatus>,
+    /// Kubernetes mode (`mesh up --kubernetes`): the API server.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<KubeStatus>,
     pub problems: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct KubeStatus {
+    /// `http://<addr>`, inside the first node's netns.
+    pub api: String,
+    pub kubeconfig: String,
+    /// Whether the API server answered `GET /version`.
+    pub reachable: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -78,6 +90,10 @@ pub struct PodStatus {
     pub cert_valid: Option<bool>,
     pub cert_not_after: Option<u64>,
     pub cert_error: Option<String>,
+    /// Kubernetes mode: the pod's `sockmesh.io/status` annotation, as its
+    /// node proxy wrote it (`None`: not written yet).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status_annotation: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -177,8 +193,10 @@ pub fn collect(mesh: &Mesh) -> Status {
             redirection_mode: mode,
         });
     }
-    // The opt-in rule's decision for each pod, from the registry the proxies read.
-    let decisions: std::collections::HashMap<String, mesh_core::opt_in::MeshDecision> =
+    // The opt-in rule's decision for each pod, from the registry the proxies
+    // read (file mode), else from the mesh's state (the pods' annotations
+    // and the namespaces' labels, as the harness wrote them to the API).
+    let mut decisions: std::collections::HashMap<String, mesh_core::opt_in::MeshDecision> =
         std::fs::read_to_string(mesh.control_registry())
             .ok()
             .and_then(|text| {
@@ -192,7 +210,36 @@ pub fn collect(mesh: &Mesh) -> Status {
             })
             .unwrap_or_default();
     for p in &st.pods {
+        decisions
+            .entry(p.key())
+            .or_insert_with(|| state_decision(st, p));
+    }
+    let kube = st.kube.as_ref();
+    if let Some(k) = kube {
+        let reachable = matches!(
+            mesh.kube_request("GET", "/version", None, None),
+            Ok((200, _))
+        );
+        if !reachable {
+            s.problems.push(format!(
+                "the Kubernetes API server at http://{} does not answer (log {})",
+                k.api,
+                mesh.control_log("kube-api").display()
+            ));
+        }
+        s.kubernetes = Some(KubeStatus {
+            api: format!("http://{}", k.api),
+            kubeconfig: k.kubeconfig.display().to_string(),
+            reachable,
+        });
+    }
+    for p in &st.pods {
         let key = p.key();
+        let status_annotation = if s.kubernetes.as_ref().is_some_and(|k| k.reachable) {
+            mesh.pod_status_annotation(&key).ok().flatten()
+        } else {
+            None
+        };
         let opted_out = match decisions.get(&key) {
             Some(mesh_core::opt_in::MeshDecision::NotMeshed(why)) => serde_json::to_value(why)
                 .ok()
@@ -243,10 +290,48 @@ pub fn collect(mesh: &Mesh) -> Status {
             cert_valid: cert.map(|c| c.valid),
             cert_not_after: cert.and_then(|c| c.not_after),
             cert_error: cert.and_then(|c| c.last_error.clone()),
+            status_annotation,
         });
     }
-    s.policies = policies(&mesh.control_registry());
+    s.policies = if kube.is_some() {
+        kube_policies(mesh)
+    } else {
+        policies(&mesh.control_registry())
+    };
     s
+}
+
+/// The opt-in rule over the state: the pod's annotation, its namespace's
+/// label (a namespace the state does not list counts as `enabled`).
+fn state_decision(
+    st: &mesh_local::State,
+    p: &mesh_local::PodInfo,
+) -> mesh_core::opt_in::MeshDecision {
+    use mesh_core::opt_in::{ENABLED, MESH_KEY, OptInFacts, decide};
+    let namespace = match st.namespaces.get(&p.namespace) {
+        Some(labels) => labels.get(MESH_KEY).map(String::as_str),
+        None => Some(ENABLED),
+    };
+    decide(OptInFacts {
+        pod: p.annotations.get(MESH_KEY).map(String::as_str),
+        namespace,
+        host_network: false,
+        mesh_component: false,
+    })
+}
+
+/// Kubernetes mode: the AuthorizationPolicies in the API.
+fn kube_policies(mesh: &Mesh) -> Vec<PolicyStatus> {
+    let path = "/apis/security.sockmesh.io/v1/authorizationpolicies";
+    let Ok(Some(list)) = mesh.kube_get(path) else {
+        return Vec::new();
+    };
+    let Ok(items) = serde_norway::to_value(&list["items"]) else {
+        return Vec::new();
+    };
+    let mut doc = serde_norway::Mapping::new();
+    doc.insert("policies".into(), items);
+    policies_of(&serde_norway::Value::Mapping(doc))
 }
 
 /// The policies of the registry file the proxies read.
@@ -257,6 +342,11 @@ pub fn policies(registry: &std::path::Path) -> Vec<PolicyStatus> {
     let Ok(doc) = serde_norway::from_str::<serde_norway::Value>(&text) else {
         return Vec::new();
     };
+    policies_of(&doc)
+}
+
+/// The policies of a registry document (its `policies:` list).
+fn policies_of(doc: &serde_norway::Value) -> Vec<PolicyStatus> {
     let Some(list) = doc["policies"].as_sequence() else {
         return Vec::new();
     };
@@ -397,6 +487,24 @@ pub fn render(s: &Status, now_ms: u64, paint: &Paint) -> String {
     }
     out.push_str(&pods.render(paint));
     out.push('\n');
+    if let Some(k) = &s.kubernetes {
+        out.push_str(&format!(
+            "Kubernetes API {} ({}; kubeconfig {}). Each pod's sockmesh.io/status, as its node proxy wrote it:\n",
+            k.api,
+            if k.reachable { "answering" } else { "NOT ANSWERING" },
+            k.kubeconfig
+        ));
+        let mut ann = Table::new(&["POD", "SOCKMESH.IO/STATUS"]);
+        for p in &s.pods {
+            let text = p
+                .status_annotation
+                .as_ref()
+                .map_or_else(|| "(not written yet)".to_owned(), |v| v.to_string());
+            ann.styled([(p.pod.clone(), Style::Plain), (text, Style::Plain)]);
+        }
+        out.push_str(&ann.render(paint));
+        out.push('\n');
+    }
     if s.policies.is_empty() {
         out.push_str("No policies: every connection between meshed pods is allowed.\n");
     } else {
@@ -530,6 +638,7 @@ mod tests {
                     cert_valid: Some(true),
                     cert_not_after: Some(1000 + 86_400),
                     cert_error: None,
+                    status_annotation: None,
                 },
                 PodStatus {
                     pod: "default/web".into(),
@@ -541,6 +650,7 @@ mod tests {
                     cert_valid: None,
                     cert_not_after: None,
                     cert_error: None,
+                    status_annotation: None,
                 },
             ],
             policies: vec![PolicyStatus {
@@ -550,6 +660,7 @@ mod tests {
                 selector: "app=web".into(),
                 rules: 1,
             }],
+            kubernetes: None,
             problems: vec!["node node-b: mesh-proxy is not running: exited 1, restarting".into()],
         };
         let got = render(&s, 1_000_000, &Paint::off());

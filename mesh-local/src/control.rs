@@ -27,6 +27,11 @@ impl Binaries {
     pub fn supervisor(&self) -> PathBuf {
         self.proxy.with_file_name("mesh")
     }
+
+    /// The CNI plugin, next to `mesh-proxy`.
+    pub fn cni(&self) -> PathBuf {
+        self.proxy.with_file_name("mesh-cni")
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -96,6 +101,18 @@ pub fn http(
     path: &str,
     timeout: Duration,
 ) -> std::io::Result<(u16, String)> {
+    http_request(netns, method, addr, path, None, timeout)
+}
+
+/// [`http`] with a request body: `(content type, body)`.
+pub fn http_request(
+    netns: &Path,
+    method: &str,
+    addr: SocketAddr,
+    path: &str,
+    body: Option<(&str, &str)>,
+    timeout: Duration,
+) -> std::io::Result<(u16, String)> {
     let file = std::fs::File::open(netns)?;
     let method = http::Method::from_bytes(method.as_bytes()).map_err(std::io::Error::other)?;
     std::thread::scope(|s| {
@@ -108,7 +125,7 @@ pub fn http(
                 .enable_all()
                 .build()?;
             rt.block_on(async {
-                tokio::time::timeout(timeout, exchange(tcp, method, addr, path))
+                tokio::time::timeout(timeout, exchange_with(tcp, method, addr, path, body))
                     .await
                     .map_err(|_| {
                         std::io::Error::new(
@@ -123,12 +140,13 @@ pub fn http(
     })
 }
 
-/// One request on `tcp`, and its answer.
-async fn exchange(
+/// One request on `tcp` (with a body: `(content type, body)`), and its answer.
+async fn exchange_with(
     tcp: TcpStream,
     method: http::Method,
     addr: SocketAddr,
     path: &str,
+    body: Option<(&str, &str)>,
 ) -> std::io::Result<(u16, String)> {
     use http_body_util::BodyExt;
     let bad = |e: &dyn std::fmt::Display| std::io::Error::other(format!("{addr}{path}: {e}"));
@@ -137,11 +155,17 @@ async fn exchange(
         .await
         .map_err(|e| bad(&e))?;
     tokio::spawn(conn);
-    let request = http::Request::builder()
+    let mut request = http::Request::builder()
         .method(method)
         .uri(path)
-        .header(http::header::HOST, addr.to_string())
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .header(http::header::HOST, addr.to_string());
+    if let Some((content_type, _)) = body {
+        request = request.header(http::header::CONTENT_TYPE, content_type);
+    }
+    let request = request
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.map(|(_, b)| b.to_owned()).unwrap_or_default(),
+        )))
         .map_err(|e| bad(&e))?;
     let answer = send.send_request(request).await.map_err(|e| bad(&e))?;
     let status = answer.status().as_u16();
@@ -175,7 +199,7 @@ impl Mesh {
                 json!({
                     "namespace": p.namespace, "name": p.name, "uid": p.uid, "node": p.node,
                     "service_account": p.service_account, "ips": ips, "labels": p.labels,
-                    "netns": p.netns_path(),
+                    "annotations": p.annotations, "netns": p.netns_path(),
                 })
             })
             .collect();
@@ -195,6 +219,13 @@ impl Mesh {
             "pods": pods,
             "services": services,
         });
+        if !st.namespaces.is_empty() {
+            doc["namespaces"] = st
+                .namespaces
+                .iter()
+                .map(|(name, labels)| json!({"name": name, "labels": labels}))
+                .collect();
+        }
         if let Some(v) = policies.and_then(|p| serde_json::to_value(p).ok()) {
             doc["policies"] = v;
         }
@@ -447,6 +478,9 @@ impl Mesh {
             argv.push("--cni-socket".into());
             argv.push(self.cni_socket(node).display().to_string());
         }
+        if self.state().kube.is_some() {
+            return self.kube_proxy_argv(node, argv);
+        }
         Ok(argv)
     }
 
@@ -647,7 +681,7 @@ pub fn log_tail(log: &Path, n: usize) -> String {
 }
 
 /// Polls `ok` every 50 ms until it holds or `timeout` passes.
-fn wait_for(
+pub(crate) fn wait_for(
     timeout: Duration,
     what: &str,
     log: &Path,
@@ -693,7 +727,7 @@ mod tests {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
-            .block_on(exchange(tcp, http::Method::GET, addr, "/flows"))
+            .block_on(exchange_with(tcp, http::Method::GET, addr, "/flows", None))
     }
 
     #[test]

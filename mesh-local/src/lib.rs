@@ -25,6 +25,7 @@ mod cgroup;
 mod command;
 pub mod control;
 pub mod ipam;
+pub mod kube;
 mod mesh;
 pub mod names;
 mod preflight;
@@ -44,7 +45,7 @@ use std::time::Duration;
 pub use mesh::{Mesh, up};
 pub use state::{NodeInfo, PodInfo, ServiceInfo, State};
 pub use teardown::{DownReport, down};
-pub use topology::{Node, Pod, Service, ServicePort, Topology, TopologyError};
+pub use topology::{Namespace, Node, Pod, Service, ServicePort, Topology, TopologyError};
 
 /// Where the harness keeps things, and its limits.
 #[derive(Debug, Clone)]

@@ -184,37 +184,7 @@ fn plan(mesh: &str, t: &Topology, ipv6: bool, options: &Options) -> Result<State
     }
     let mut pods = Vec::with_capacity(t.pods.len());
     for p in &t.pods {
-        let node = nodes
-            .iter()
-            .find(|n| n.name == p.node)
-            .ok_or_else(|| Error::Names(format!("pod {}/{}: no node", p.namespace, p.name)))?;
-        let ip = p.ips.iter().find_map(|ip| match ip {
-            IpAddr::V4(v4) => Some(*v4),
-            IpAddr::V6(_) => None,
-        });
-        let ip6 = p.ips.iter().find_map(|ip| match ip {
-            IpAddr::V6(v6) => Some(*v6),
-            IpAddr::V4(_) => None,
-        });
-        let ip = ip.ok_or_else(|| {
-            Error::Names(format!("pod {}/{}: no IPv4 address", p.namespace, p.name))
-        })?;
-        pods.push(PodInfo {
-            namespace: p.namespace.clone(),
-            name: p.name.clone(),
-            uid: p.uid.clone().unwrap_or_default(),
-            node: p.node.clone(),
-            service_account: p.service_account.clone(),
-            labels: p.labels.clone(),
-            ip,
-            ip6,
-            netns: names::pod_netns(mesh, &p.namespace, &p.name),
-            interface: names::POD_IF.into(),
-            veth: names::pod_veth(&p.namespace, &p.name),
-            cgroup: node
-                .pods_cgroup
-                .join(names::pod_cgroup(&p.namespace, &p.name)),
-        });
+        pods.push(plan_pod(mesh, &nodes, p)?);
     }
     let services = t
         .services
@@ -282,7 +252,52 @@ fn plan(mesh: &str, t: &Topology, ipv6: bool, options: &Options) -> Result<State
         nodes,
         pods,
         services,
+        namespaces: t
+            .namespaces
+            .iter()
+            .map(|n| (n.name.clone(), n.labels.clone()))
+            .collect(),
+        kube: None,
         created: Created::default(),
+    })
+}
+
+/// A pod's names and addresses (its uid and addresses already resolved).
+pub(crate) fn plan_pod(
+    mesh: &str,
+    nodes: &[NodeInfo],
+    p: &crate::topology::Pod,
+) -> Result<PodInfo, Error> {
+    let node = nodes
+        .iter()
+        .find(|n| n.name == p.node)
+        .ok_or_else(|| Error::Names(format!("pod {}/{}: no node", p.namespace, p.name)))?;
+    let ip = p.ips.iter().find_map(|ip| match ip {
+        IpAddr::V4(v4) => Some(*v4),
+        IpAddr::V6(_) => None,
+    });
+    let ip6 = p.ips.iter().find_map(|ip| match ip {
+        IpAddr::V6(v6) => Some(*v6),
+        IpAddr::V4(_) => None,
+    });
+    let ip =
+        ip.ok_or_else(|| Error::Names(format!("pod {}/{}: no IPv4 address", p.namespace, p.name)))?;
+    Ok(PodInfo {
+        namespace: p.namespace.clone(),
+        name: p.name.clone(),
+        uid: p.uid.clone().unwrap_or_default(),
+        node: p.node.clone(),
+        service_account: p.service_account.clone(),
+        labels: p.labels.clone(),
+        annotations: p.annotations.clone(),
+        ip,
+        ip6,
+        netns: names::pod_netns(mesh, &p.namespace, &p.name),
+        interface: names::POD_IF.into(),
+        veth: names::pod_veth(&p.namespace, &p.name),
+        cgroup: node
+            .pods_cgroup
+            .join(names::pod_cgroup(&p.namespace, &p.name)),
     })
 }
 
@@ -620,6 +635,65 @@ impl Builder<'_> {
 }
 
 impl Mesh {
+    /// Makes one more pod on a mesh that is up (its netns, veth, routes
+    /// and cgroup), as a container runtime's network setup would; records
+    /// it in the state. `p` is planned ([`plan_pod`]).
+    pub(crate) fn build_pod(&mut self, p: PodInfo) -> Result<(), Error> {
+        if self.state.pod(&p.namespace, &p.name).is_some() {
+            return Err(Error::Names(format!(
+                "pod {}: already in the mesh",
+                p.key()
+            )));
+        }
+        self.state.pods.push(p);
+        let i = self.state.pods.len() - 1;
+        let mut noop = |_: Progress| {};
+        let mut builder = Builder {
+            state: self.state.clone(),
+            options: &self.options,
+            path: self.options.state_file(&self.state.mesh),
+            report: &mut noop,
+        };
+        let r = builder.pod(i);
+        self.state = builder.state;
+        r
+    }
+
+    /// Removes pod `namespace/name` made by [`Mesh::build_pod`] or `up`:
+    /// kills its processes, deletes its netns (and with it its veth) and
+    /// cgroup, and forgets it.
+    pub(crate) fn unbuild_pod(&mut self, namespace: &str, name: &str) -> Result<(), Error> {
+        let p = self
+            .state
+            .pod(namespace, name)
+            .cloned()
+            .ok_or_else(|| Error::Unknown {
+                mesh: self.state.mesh.clone(),
+                what: "pod",
+                name: format!("{namespace}/{name}"),
+            })?;
+        cgroup::kill_tree(&p.cgroup, self.options.kill_timeout)?;
+        cgroup::remove_tree(&p.cgroup, self.options.kill_timeout)?;
+        let node_netns = self.state.node(&p.node).map(|n| n.netns.clone());
+        if let Some(n) = node_netns {
+            // Gone with the pod's netns already, normally.
+            let _ = ip(
+                &["-n", &n, "link", "del", &p.veth],
+                self.options.command_timeout,
+            );
+        }
+        ip(&["netns", "del", &p.netns], self.options.command_timeout)?;
+        let c = &mut self.state.created;
+        c.netns.retain(|n| n != &p.netns);
+        c.veths
+            .retain(|v| v.name != p.veth || v.peer != format!("{}/{}", p.netns, p.interface));
+        c.cgroups.retain(|g| g != &p.cgroup);
+        self.state
+            .pods
+            .retain(|q| !(q.namespace == namespace && q.name == name));
+        self.state.save(&self.options.state_file(&self.state.mesh))
+    }
+
     /// The mesh `mesh` as another process built it (for `mesh exec`,
     /// `mesh status`). Dropping it leaves the mesh up.
     pub fn open(mesh: &str, options: &Options) -> Result<Mesh, Error> {

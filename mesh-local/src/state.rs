@@ -31,6 +31,13 @@ pub struct State {
     pub nodes: Vec<NodeInfo>,
     pub pods: Vec<PodInfo>,
     pub services: Vec<ServiceInfo>,
+    /// Labels of the namespaces the topology lists (the opt-in rule reads
+    /// `sockmesh.io/mesh`; a namespace not here counts as `enabled`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    /// Set when the mesh runs in Kubernetes mode (`mesh up --kubernetes`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kube: Option<crate::kube::KubeInfo>,
     /// What was created, in creation order.
     pub created: Created,
 }
@@ -154,6 +161,8 @@ pub struct PodInfo {
     pub service_account: String,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
     pub ip: Ipv4Addr,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip6: Option<Ipv6Addr>,

@@ -18,6 +18,10 @@
 //!     service_account: web
 //!     labels: {app: web}
 //!     ips: [10.77.2.10]          # optional: assigned from the node's pod CIDR
+//!     annotations: {sockmesh.io/mesh: disabled}   # optional: opts this pod out
+//! namespaces:                    # optional: labels; the opt-in rule reads
+//!   - name: default              # `sockmesh.io/mesh` (a namespace not listed
+//!     labels: {sockmesh.io/mesh: enabled}   # counts as `enabled`)
 //! services:
 //!   - namespace: default
 //!     name: web
@@ -61,6 +65,19 @@ pub struct Topology {
     pub pods: Vec<Pod>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<Service>,
+    /// Namespaces with labels. The opt-in rule
+    /// ([`mesh_core::opt_in::decide`]) reads their `sockmesh.io/mesh`
+    /// label; a namespace not listed counts as labelled `enabled`, as in
+    /// the registry file.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<Namespace>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Namespace {
+    pub name: String,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -82,6 +99,10 @@ pub struct Pod {
     pub ips: Vec<IpAddr>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// `sockmesh.io/mesh: enabled|disabled` opts the pod in or out (the
+    /// pod's value overrides its namespace's label).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -113,6 +134,16 @@ struct RawFile {
     pods: Vec<RawPod>,
     #[serde(default)]
     services: Vec<RawService>,
+    #[serde(default)]
+    namespaces: Vec<RawNamespace>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNamespace {
+    name: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -135,6 +166,8 @@ struct RawPod {
     ips: Vec<String>,
     #[serde(default)]
     labels: BTreeMap<String, String>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -205,6 +238,7 @@ impl Topology {
                 service_account: p.service_account,
                 ips,
                 labels: p.labels,
+                annotations: p.annotations,
             });
         }
         let mut services = Vec::with_capacity(raw.services.len());
@@ -240,6 +274,14 @@ impl Topology {
                 .collect(),
             pods,
             services,
+            namespaces: raw
+                .namespaces
+                .into_iter()
+                .map(|n| Namespace {
+                    name: n.name,
+                    labels: n.labels,
+                })
+                .collect(),
         };
         topology.validate(origin)?;
         Ok(topology)
@@ -259,6 +301,7 @@ impl Topology {
             nodes: self.nodes.clone(),
             pods: self.pods.clone(),
             services: Vec::new(),
+            namespaces: self.namespaces.clone(),
         };
         registry.to_yaml()
     }
@@ -274,6 +317,7 @@ impl Topology {
             service_account: sa.into(),
             ips: Vec::new(),
             labels: BTreeMap::from([("app".to_owned(), app.to_owned())]),
+            annotations: BTreeMap::new(),
         };
         Topology {
             nodes: vec![
@@ -300,7 +344,26 @@ impl Topology {
                 }],
                 selector: BTreeMap::from([("app".to_owned(), "web".to_owned())]),
             }],
+            namespaces: Vec::new(),
         }
+    }
+
+    /// Whether pod `p` is in the mesh by the one opt-in rule
+    /// ([`mesh_core::opt_in::decide`]): its `sockmesh.io/mesh` annotation,
+    /// else its namespace's label (a namespace not listed counts as
+    /// `enabled`, as in the registry file).
+    pub fn decision(&self, p: &Pod) -> mesh_core::opt_in::MeshDecision {
+        use mesh_core::opt_in::{ENABLED, MESH_KEY, OptInFacts, decide};
+        let namespace = match self.namespaces.iter().find(|n| n.name == p.namespace) {
+            Some(n) => n.labels.get(MESH_KEY).map(String::as_str),
+            None => Some(ENABLED),
+        };
+        decide(OptInFacts {
+            pod: p.annotations.get(MESH_KEY).map(String::as_str),
+            namespace,
+            host_network: false,
+            mesh_component: false,
+        })
     }
 
     /// Checks names and references (addresses are checked when they are
@@ -377,6 +440,19 @@ impl Topology {
                 ));
             }
         }
+        let mut namespaces = BTreeSet::new();
+        for n in &self.namespaces {
+            let what = format!("namespace {:?}", n.name);
+            dns1123_label(&n.name).map_err(|r| invalid(what.clone(), r.into()))?;
+            if !namespaces.insert(n.name.as_str()) {
+                return Err(invalid(what, "listed twice".into()));
+            }
+            check_mesh_value(&n.labels, "label").map_err(|r| invalid(what, r))?;
+        }
+        for p in &self.pods {
+            check_mesh_value(&p.annotations, "annotation")
+                .map_err(|r| invalid(format!("pod {}/{}", p.namespace, p.name), r))?;
+        }
         let mut services = BTreeSet::new();
         for s in &self.services {
             let what = format!("service {}/{}", s.namespace, s.name);
@@ -417,6 +493,18 @@ impl Topology {
                     .iter()
                     .all(|(k, v)| p.labels.get(k) == Some(v))
         })
+    }
+}
+
+/// `sockmesh.io/mesh`, when set, is `enabled` or `disabled`: a typo must
+/// not silently leave a pod out of (or in) the mesh.
+fn check_mesh_value(map: &BTreeMap<String, String>, what: &str) -> Result<(), String> {
+    use mesh_core::opt_in::{DISABLED, ENABLED, MESH_KEY};
+    match map.get(MESH_KEY) {
+        Some(v) if v != ENABLED && v != DISABLED => Err(format!(
+            "{what} {MESH_KEY}: {v:?}: must be \"{ENABLED}\" or \"{DISABLED}\""
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -495,6 +583,21 @@ services:
                 GOOD.replace("[10.77.2.10]", "[10.77.2.10, 10.77.2.11]"),
                 "10.77.2.11",
             ),
+            (
+                format!("{GOOD}namespaces: [{{name: default}}, {{name: default}}]\n"),
+                "listed twice",
+            ),
+            (
+                format!("{GOOD}namespaces: [{{name: other, labels: {{sockmesh.io/mesh: yes}}}}]\n"),
+                "\"yes\"",
+            ),
+            (
+                GOOD.replace(
+                    "labels: {app: web}",
+                    "annotations: {sockmesh.io/mesh: enable}",
+                ),
+                "\"enable\"",
+            ),
             ("nodes: 3".to_string(), "nodes"),
             ("pods: []".to_string(), "at least one node"),
         ];
@@ -502,6 +605,55 @@ services:
             let err = parse(&text).unwrap_err().to_string();
             assert!(err.starts_with("topology mesh.yaml: "), "{err}");
             assert!(err.contains(want), "{err:?} lacks {want:?}");
+        }
+    }
+
+    #[test]
+    fn the_opt_in_rule_reads_annotations_and_namespace_labels() {
+        use mesh_core::opt_in::{MeshDecision, NotMeshed, OptedInBy};
+        let text = format!(
+            "{GOOD}namespaces: [{{name: quiet, labels: {{sockmesh.io/mesh: disabled}}}}]\n"
+        )
+        .replace(
+            "labels: {app: web}",
+            "labels: {app: web}\n    annotations: {sockmesh.io/mesh: disabled}",
+        )
+        .replace(
+            "  - namespace: default\n    name: client",
+            "  - namespace: quiet\n    name: client",
+        );
+        let t = parse(&text).unwrap();
+        // Printed and read again, the same.
+        assert_eq!(parse(&t.to_yaml()).unwrap(), t);
+        let web = &t.pods[0];
+        assert_eq!(
+            t.decision(web),
+            MeshDecision::NotMeshed(NotMeshed::PodDisabled)
+        );
+        // `quiet` is labelled disabled: not opted in.
+        assert_eq!(
+            t.decision(&t.pods[1]),
+            MeshDecision::NotMeshed(NotMeshed::NotOptedIn)
+        );
+        let mut on = t.pods[1].clone();
+        on.annotations
+            .insert("sockmesh.io/mesh".into(), "enabled".into());
+        assert_eq!(
+            t.decision(&on),
+            MeshDecision::Meshed(OptedInBy::PodAnnotation)
+        );
+        // The registry file reads the same decisions.
+        let mut with_uids = t.clone();
+        for p in &mut with_uids.pods {
+            p.uid.get_or_insert_with(|| format!("uid-{}", p.name));
+        }
+        let snap = mesh_core::registry::Snapshot::parse(
+            Path::new("registry.yaml"),
+            &with_uids.registry_yaml(),
+        )
+        .unwrap();
+        for (p, r) in t.pods.iter().zip(&snap.pods) {
+            assert_eq!(t.decision(p), r.mesh, "{}", p.name);
         }
     }
 

@@ -94,6 +94,40 @@ impl TestMesh {
         Ok(TestMesh { mesh, bins, opts })
     }
 
+    /// A mesh of `topology` in Kubernetes mode (`mesh up --kubernetes`):
+    /// the API server, the CA in cluster mode, the proxies on the
+    /// Kubernetes source, every pod enrolled through mesh-cni ADD.
+    pub fn up_kube(
+        tag: &str,
+        topology: &Topology,
+        opts: ControlOptions,
+        kube: &mesh_local::kube::KubeOptions,
+    ) -> Result<Self> {
+        crate::require_privileges();
+        let name = format!("{tag}{}", std::process::id() % 100_000);
+        let bins = bins()?;
+        ensure!(
+            bins.cni().exists(),
+            "{} is not built: run `cargo build --bins`",
+            bins.cni().display()
+        );
+        let _ = mesh_local::down(&name, &mesh_local::Options::default());
+        let mut mesh = mesh_local::up(
+            &name,
+            topology,
+            &mesh_local::Options::default(),
+            &mut |_| {},
+        )?;
+        mesh.start_kube_control(&bins, &opts, kube, &mut |_| {})
+            .with_context(|| {
+                format!(
+                    "Kubernetes control plane; logs under {}",
+                    mesh.state_dir().display()
+                )
+            })?;
+        Ok(TestMesh { mesh, bins, opts })
+    }
+
     pub fn ip(&self, pod: &str) -> Result<String> {
         Ok(self.mesh.pod(pod)?.ip.to_string())
     }

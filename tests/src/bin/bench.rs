@@ -241,6 +241,7 @@ fn mesh(json_out: Option<String>) -> Result<()> {
             service_account: "plain".into(),
             ips: Vec::new(),
             labels: [("sockmesh.io/mesh".to_owned(), "disabled".to_owned())].into(),
+            annotations: Default::default(),
         });
     }
     let mut mesh = mesh_local::up(
