@@ -7,6 +7,7 @@
 
 pub mod e2e;
 pub mod flowdata;
+pub mod kube_bench;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};

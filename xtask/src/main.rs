@@ -103,7 +103,9 @@ enum Cmd {
     Bench {
         /// `redirect` (sk_msg vs loopback TCP), `mesh` (pod to pod on the
         /// local mesh vs plain TCP), `hbone` (the tunnel on loopback, per
-        /// rustls provider), `ca` (certificate signing) or `all`.
+        /// rustls provider), `ca` (certificate signing), `kube` (the
+        /// Kubernetes mode: pod created / annotation flipped -> enrolled,
+        /// p50/p99 over 200 pods) or `all`.
         #[arg(default_value = "all")]
         what: String,
     },
@@ -459,7 +461,7 @@ fn soak(root: &Path, minutes: f64, workers: usize, max_mib: u64) -> Result<()> {
 fn bench(root: &Path, what: &str) -> Result<()> {
     let out_dir = target_dir(root).join("bench");
     std::fs::create_dir_all(&out_dir)?;
-    const ALL: [&str; 4] = ["redirect", "mesh", "hbone", "ca"];
+    const ALL: [&str; 5] = ["redirect", "mesh", "hbone", "ca", "kube"];
     let chosen: Vec<&str> = match what {
         "all" => ALL.to_vec(),
         w if ALL.contains(&w) => vec![w],
@@ -468,14 +470,17 @@ fn bench(root: &Path, what: &str) -> Result<()> {
             ALL.join(", ")
         ),
     };
-    if chosen.iter().any(|w| *w == "redirect" || *w == "mesh") {
+    if chosen
+        .iter()
+        .any(|w| *w == "redirect" || *w == "mesh" || *w == "kube")
+    {
         println!("bench: building release binaries...");
         build_release(&[])?;
     }
     for w in chosen {
         let json = out_dir.join(format!("{w}.json"));
         match w {
-            "redirect" | "mesh" => sh(Command::new(
+            "redirect" | "mesh" | "kube" => sh(Command::new(
                 target_dir(root).join("release/sockmesh-bench"),
             )
             .arg(w)

@@ -52,7 +52,11 @@ fn main() -> Result<()> {
     match what.as_str() {
         "redirect" => {}
         "mesh" => return mesh(json_out),
-        _ => bail!("unknown benchmark {what:?}: `redirect` or `mesh`"),
+        "kube" => {
+            let rest: Vec<String> = json_out.into_iter().chain(argv).collect();
+            return sockmesh_tests::kube_bench::run(&rest);
+        }
+        _ => bail!("unknown benchmark {what:?}: `redirect`, `mesh` or `kube`"),
     }
     let probe = std::env::current_exe()?.with_file_name("sockmesh-probe");
     let mut sb = Sandbox::new(&probe)?;
