@@ -475,7 +475,10 @@ fn bench(root: &Path, what: &str) -> Result<()> {
         .any(|w| *w == "redirect" || *w == "mesh" || *w == "kube")
     {
         println!("bench: building release binaries...");
-        build_release(&[])?;
+        // mesh-cli: `mesh supervise` runs each node's proxy (and `mesh
+        // kube-api` the Kubernetes mode's API server); mesh-cni: the
+        // Kubernetes mode enrolls pods through it.
+        build_release(&["mesh-cli", "mesh-cni"])?;
     }
     for w in chosen {
         let json = out_dir.join(format!("{w}.json"));
