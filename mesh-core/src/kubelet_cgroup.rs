@@ -178,6 +178,21 @@ pub fn detect(mount: &Path, choice: &Choice, own: Option<&str>) -> Result<Attach
     })
 }
 
+/// `mesh-proxy --cgroup VALUE --cgroup-root ROOT`: an absolute directory
+/// is taken as it is; `kubelet`, `kubelet:systemd`, `kubelet:cgroupfs` or a
+/// relative path are looked up under ROOT (the host's cgroup mount) with
+/// [`detect`], checked against this process's own cgroup.
+pub fn resolve_flag(value: &Path, root: &Path) -> Result<PathBuf, CgroupError> {
+    if value.is_absolute() {
+        return Ok(value.to_owned());
+    }
+    let choice: Choice = value.to_string_lossy().parse()?;
+    let own = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|t| own_path(&t));
+    detect(root, &choice, own.as_deref()).map(|a| a.dir)
+}
+
 /// `path` is `dir` or below it (whole components).
 fn inside(path: &str, dir: &str) -> bool {
     path == dir
@@ -258,6 +273,27 @@ mod tests {
         assert_eq!(a.driver, Driver::Cgroupfs);
         let a = detect(t.path(), &Choice::Driver(Driver::Systemd), None).unwrap();
         assert_eq!(a.cgroup_path, "/kubepods.slice");
+    }
+
+    #[test]
+    fn the_proxy_flag_takes_a_path_as_is_and_looks_kubelet_up() {
+        let t = unified();
+        cg(t.path(), "kubepods");
+        let abs = t.path().join("kubepods");
+        assert_eq!(resolve_flag(&abs, Path::new("/nonexistent")).unwrap(), abs);
+        // This test process is not in a kubepods cgroup: only a private
+        // cgroup namespace (own path `/`) or a host without kubelet lets
+        // the lookup through, so name the cgroup the way the check wants.
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        match resolve_flag(Path::new("kubelet"), t.path()) {
+            Ok(dir) => assert_eq!(dir, abs),
+            Err(CgroupError::NotHoldingSelf { own: o, .. }) => {
+                assert_eq!(Some(o), own_path(&own))
+            }
+            Err(e) => panic!("{e}"),
+        }
+        let e = resolve_flag(Path::new("kubelet:crio"), t.path()).unwrap_err();
+        assert!(matches!(e, CgroupError::BadChoice(_)), "{e}");
     }
 
     #[test]

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
+mod image;
+
 use anyhow::{Context, Result, bail, ensure};
 use clap::{Parser, Subcommand};
 
@@ -36,8 +38,15 @@ const APT_PACKAGES: &[&str] = &[
     "containerd",
     "runc",
     "busybox-static",
+    // checkov's venv (./x setup installs checkov from PyPI into target/).
+    "python3-venv",
+    // `./x image`: static binaries (ring's C for the musl target) and `file`.
+    "musl-tools",
+    "file",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// checkov, pinned: a new release brings new checks.
+const CHECKOV_VERSION: &str = "3.3.30";
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 
 #[derive(Parser)]
@@ -98,6 +107,15 @@ enum Cmd {
         #[arg(long, default_value_t = 256)]
         max_mib: u64,
     },
+    /// The container images (deploy/images/*.Dockerfile) without a Docker
+    /// daemon: static musl binaries, each in an OCI image layout archive
+    /// under target/images/ (`ctr images import`, `podman load`). With
+    /// --check, a containerd of its own (temp dirs, its own netns) imports
+    /// and runs each one with --version.
+    Image {
+        #[arg(long)]
+        check: bool,
+    },
     /// Benchmarks (release builds), printed as tables and written as JSON
     /// under target/bench/.
     Bench {
@@ -127,6 +145,7 @@ fn main() -> Result<()> {
             max_mib,
         } => soak(&root, minutes, workers, max_mib),
         Cmd::Fuzz { seconds, target } => fuzz(&root, seconds, target.as_deref()),
+        Cmd::Image { check } => image::image(&root, &target_dir(&root), check),
     }
 }
 
@@ -242,6 +261,24 @@ fn setup() -> Result<()> {
         println!("setup: installing cargo-nextest (cargo install --locked)");
         sh(cargo().args(["install", "cargo-nextest", "--locked"]))?;
         did.push("cargo-nextest".into());
+    }
+
+    // checkov (PyPI), the manifest scanner mesh-cli's tests run on deploy/:
+    // in a venv of its own under target/, never in the system's Python.
+    let venv = target_dir(Path::new(".")).join("checkov");
+    let checkov = venv.join("bin/checkov");
+    if output(Command::new(&checkov).arg("--version")).is_none_or(|v| v.trim() != CHECKOV_VERSION) {
+        println!(
+            "setup: installing checkov {CHECKOV_VERSION} (pip, into {})",
+            venv.display()
+        );
+        sh(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+        sh(Command::new(venv.join("bin/pip")).args([
+            "install",
+            "-q",
+            &format!("checkov=={CHECKOV_VERSION}"),
+        ]))?;
+        did.push(format!("checkov {CHECKOV_VERSION} in {}", venv.display()));
     }
 
     // 4. bpffs.
