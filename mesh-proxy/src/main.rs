@@ -95,9 +95,16 @@ struct Args {
     /// (a projected ServiceAccount token rotates).
     #[arg(long)]
     token_file: PathBuf,
-    /// cgroup v2 directory holding this node's pods and this proxy.
-    #[arg(long)]
+    /// cgroup v2 directory holding this node's pods and this proxy; or, in
+    /// a cluster, `kubelet` (the kubelet's pod cgroup, kubepods.slice or
+    /// kubepods, under --cgroup-root), `kubelet:systemd`, `kubelet:cgroupfs`,
+    /// or a path relative to --cgroup-root. Never one that misses the
+    /// proxy's own pod.
+    #[arg(long, value_name = "DIR|kubelet")]
     cgroup: PathBuf,
+    /// Where the host's cgroup2 tree is mounted (for --cgroup kubelet).
+    #[arg(long, default_value = "/sys/fs/cgroup", value_name = "DIR")]
+    cgroup_root: PathBuf,
     /// bpffs directory for this node's pinned programs and maps.
     #[arg(long, default_value = "/sys/fs/bpf/sockmesh")]
     pin_root: PathBuf,
@@ -171,6 +178,13 @@ fn main() -> std::process::ExitCode {
         }),
         current: Mutex::new(args.log.clone()),
     };
+    let cgroup = match mesh_core::kubelet_cgroup::resolve_flag(&args.cgroup, &args.cgroup_root) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mesh-proxy: --cgroup {}: {e}", args.cgroup.display());
+            return std::process::ExitCode::from(2);
+        }
+    };
     let cfg = Config {
         node: args.node,
         registry_source: args.registry_source,
@@ -184,7 +198,7 @@ fn main() -> std::process::ExitCode {
         ca_server_name: args.ca_server_name,
         ca_bundle: args.ca_bundle,
         token_file: args.token_file,
-        cgroup: args.cgroup,
+        cgroup,
         pin_root: args.pin_root,
         admin_addr: args.admin,
         metrics_addr: args.metrics,
