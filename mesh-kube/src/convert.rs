@@ -121,42 +121,14 @@ pub fn workload_of(
     })
 }
 
-/// Why a pod with no address yet is skipped.
-pub const NO_IP_YET: &str = "no IP yet (status.podIPs is empty)";
-
-/// A Pod as the mesh sees it, or why it is skipped (no node yet, no IP
-/// yet, finished, a bad address). `namespace` is the pod's Namespace when
-/// the registry has it (its labels carry the namespace opt-in).
+/// A Pod as the mesh sees it, or why it is skipped (no node yet,
+/// finished, a bad address). A pod with no IP yet is served with no
+/// addresses: the CNI plugin hands its netns and addresses to the node
+/// proxy before the kubelet writes `status.podIPs`, and enrollment (its
+/// certificate included) must not wait for that. `namespace` is the pod's
+/// Namespace when the registry has it (its labels carry the namespace
+/// opt-in).
 pub fn pod(
-    k: &K8sPod,
-    namespace: Option<&Namespace>,
-    components: &Components,
-) -> Result<Pod, ObjectProblem> {
-    let p = pod_any_ips(k, namespace, components)?;
-    if p.ips.is_empty() {
-        return Err(problem(
-            &object_name("pod", &p.namespace, &p.name),
-            NO_IP_YET,
-        ));
-    }
-    Ok(p)
-}
-
-/// A pod [`pod`] skips only because it has no IP yet, as far as it is
-/// known (`ips` empty): the node proxy reports its status meanwhile.
-/// `None` for every other pod.
-pub fn pod_without_ip(
-    k: &K8sPod,
-    namespace: Option<&Namespace>,
-    components: &Components,
-) -> Option<Pod> {
-    pod_any_ips(k, namespace, components)
-        .ok()
-        .filter(|p| p.ips.is_empty())
-}
-
-/// [`pod`], with an empty address list allowed.
-fn pod_any_ips(
     k: &K8sPod,
     namespace: Option<&Namespace>,
     components: &Components,

@@ -103,10 +103,6 @@ pub struct View {
     endpoints: HashMap<(String, String), Vec<Endpoint>>,
     /// Objects skipped, with why.
     pub problems: Vec<ObjectProblem>,
-    /// Pods skipped only because they have no IP yet (also in
-    /// `problems`), with what else is known of them (`ips` empty), sorted:
-    /// the node proxy reports their status meanwhile.
-    pub waiting: Vec<Pod>,
     /// Bumped when the snapshot changes.
     pub generation: u64,
 }
@@ -510,7 +506,6 @@ async fn rebuild_loop(shared: Arc<Shared>) {
         let mut current = shared.view.write().unwrap_or_else(PoisonError::into_inner);
         if current.snapshot.snapshot() == view.snapshot.snapshot()
             && current.problems == view.problems
-            && current.waiting == view.waiting
             && current.generation > 0
         {
             continue;
@@ -532,24 +527,18 @@ fn build(shared: &Shared) -> View {
         .collect();
     let mut problems = Vec::new();
     let mut pods: Vec<Pod> = Vec::new();
-    let mut waiting: Vec<Pod> = Vec::new();
     for p in stores.pods.state() {
         let ns = p
             .metadata
             .namespace
             .as_deref()
             .and_then(|n| namespaces.get(n));
-        let ns = ns.map(|n| n.as_ref());
-        match convert::pod(&p, ns, &shared.config.components) {
+        match convert::pod(&p, ns.map(|n| n.as_ref()), &shared.config.components) {
             Ok(pod) => pods.push(pod),
-            Err(e) => {
-                problems.push(e);
-                waiting.extend(convert::pod_without_ip(&p, ns, &shared.config.components));
-            }
+            Err(e) => problems.push(e),
         }
     }
     pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-    waiting.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     let mut services: Vec<Service> = Vec::new();
     for s in stores.services.state() {
         match convert::service(&s) {
@@ -624,7 +613,6 @@ fn build(shared: &Shared) -> View {
         snapshot: Arc::new(IndexedSnapshot::new(snapshot)),
         endpoints,
         problems,
-        waiting,
         generation: 0,
     }
 }

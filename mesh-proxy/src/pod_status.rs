@@ -153,7 +153,7 @@ pub fn mode_name(mode: &mesh_ebpf::Mode) -> &'static str {
 /// What the proxy knows of one pod, from which [`outcome`] decides.
 #[derive(Debug, Clone, Default)]
 pub struct Facts {
-    /// The pod has no IP yet (it is not in the snapshot).
+    /// The pod has no IP yet (neither in the API nor from CNI).
     pub no_ip: bool,
     /// The node proxy knows the pod's network namespace (from the file or
     /// from CNI).
@@ -194,24 +194,19 @@ pub fn outcome(pod: &Pod, facts: &Facts) -> Outcome {
     Outcome::Enrolling
 }
 
-/// Every pod of `node` the registry knows (those without an IP yet
-/// too), sorted by key, with where it stands; `facts(pod, no_ip)` says
-/// what enrollment knows of it.
+/// Every pod of `node` the registry knows, sorted by key, with where it
+/// stands; `facts(pod)` says what enrollment knows of it.
 pub fn outcomes(
     registry: &RegistrySource,
     node: &str,
-    facts: impl Fn(&Pod, bool) -> Facts,
+    facts: impl Fn(&Pod) -> Facts,
 ) -> Vec<(Pod, Outcome)> {
     let snap = registry.snapshot();
     let mut out: Vec<(Pod, Outcome)> = snap
         .pods
         .iter()
         .filter(|p| p.node == node)
-        .map(|p| (p.clone(), outcome(p, &facts(p, false))))
-        .chain(registry.waiting_pods(node).into_iter().map(|p| {
-            let o = outcome(&p, &facts(&p, true));
-            (p, o)
-        }))
+        .map(|p| (p.clone(), outcome(p, &facts(p))))
         .collect();
     out.sort_by(|(a, _), (b, _)| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     out
@@ -267,11 +262,13 @@ pub async fn report(
 
 impl NodeProxy {
     /// What enrollment knows of `pod`.
-    fn facts(&self, pod: &Pod, no_ip: bool) -> Facts {
+    fn facts(&self, pod: &Pod) -> Facts {
         let key = format!("{}/{}", pod.namespace, pod.name);
+        // CNI may know the netns and the addresses before the API does.
+        let placed = self.cni.place(pod);
         Facts {
-            no_ip,
-            has_netns: pod.netns.is_some() || self.cni.place(pod).is_some(),
+            no_ip: placed.as_ref().unwrap_or(pod).ips.is_empty(),
+            has_netns: pod.netns.is_some() || placed.is_some(),
             enrolled: self.enrolled(&key).map(|e| e.spec().identity.to_string()),
             failure: self.retry.failure(&key),
             own_pod: self.cfg.pod_namespace.as_deref() == Some(pod.namespace.as_str())
@@ -281,9 +278,7 @@ impl NodeProxy {
 
     /// Every pod of this node the registry knows, with where it stands.
     pub fn outcomes(&self) -> Vec<(Pod, Outcome)> {
-        outcomes(&self.registry, &self.cfg.node, |p, no_ip| {
-            self.facts(p, no_ip)
-        })
+        outcomes(&self.registry, &self.cfg.node, |p| self.facts(p))
     }
 
     /// Writes the pods' status back (Kubernetes source; see [`report`]).

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use mesh_core::registry::{FileRegistry, IndexedSnapshot, Pod, RegistryError, WorkloadRegistry};
+use mesh_core::registry::{FileRegistry, IndexedSnapshot, RegistryError, WorkloadRegistry};
 use mesh_kube::{Components, KubeConfig, KubeRegistry, PodScope, StatusWriter};
 use tokio::sync::watch;
 
@@ -242,22 +242,6 @@ impl RegistrySource {
             ));
         }
         None
-    }
-
-    /// Pods of `node` that the source knows but left out of the snapshot
-    /// because they have no IP yet (Kubernetes only).
-    pub fn waiting_pods(&self, node: &str) -> Vec<Pod> {
-        match self {
-            RegistrySource::File(_) => Vec::new(),
-            RegistrySource::Kubernetes(k) => k
-                .registry
-                .view()
-                .waiting
-                .iter()
-                .filter(|p| p.node == node)
-                .cloned()
-                .collect(),
-        }
     }
 }
 

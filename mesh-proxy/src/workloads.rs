@@ -59,6 +59,18 @@ pub enum EnrollError {
     Closed { pod: String },
 }
 
+/// Whether `a` and `b` differ at most in the `sockmesh.io/status`
+/// annotation, which the proxy writes itself and nothing below reads (so
+/// writing it back does not update every pod in place once more).
+fn same_pod(a: &Pod, b: &Pod) -> bool {
+    let strip = |p: &Pod| {
+        let mut p = p.clone();
+        p.annotations.remove(mesh_core::opt_in::STATUS_ANNOTATION);
+        p
+    };
+    a == b || strip(a) == strip(b)
+}
+
 impl EnrollError {
     /// What kind of failure this is, for the pod's status.
     pub fn fault(&self) -> crate::pod_status::Fault {
@@ -191,7 +203,10 @@ impl NodeProxy {
         let now = Instant::now();
         for (key, pod) in wanted {
             let current = self.enrolled(&key);
-            if current.as_ref().is_some_and(|e| e.spec().pod == pod) {
+            if current
+                .as_ref()
+                .is_some_and(|e| same_pod(&e.spec().pod, &pod))
+            {
                 continue;
             }
             if !self.retry.due(&key, now) {

@@ -283,10 +283,10 @@ async fn each_pods_status_is_written_back_once_with_its_reason_and_faults_raise_
             (Fault::EnrollmentFailed, "no netns".to_owned()),
         ),
     ]);
-    let facts = |p: &Pod, no_ip: bool| {
+    let facts = |p: &Pod| {
         let key = format!("{}/{}", p.namespace, p.name);
         Facts {
-            no_ip,
+            no_ip: p.ips.is_empty(),
             has_netns: key == "shop/starting",
             enrolled: (key == "shop/cart")
                 .then(|| "spiffe://cluster.local/ns/shop/sa/sa-cart".to_owned()),
@@ -312,7 +312,7 @@ async fn each_pods_status_is_written_back_once_with_its_reason_and_faults_raise_
             "shop/starting",
             "sockmesh/mesh-proxy-a"
         ],
-        "this node's pods only, the one without an IP too"
+        "this node's pods only, the one without an IP yet too"
     );
     let news: Vec<(String, Fault, String)> = failures
         .iter()
@@ -397,9 +397,9 @@ async fn each_pods_status_is_written_back_once_with_its_reason_and_faults_raise_
     assert_eq!(api.requests("create", "events"), 2);
 
     // A failure that cleared before it was reported raises no Event.
-    let cleared = |p: &Pod, no_ip: bool| Facts {
+    let cleared = |p: &Pod| Facts {
         failure: None,
-        ..facts(p, no_ip)
+        ..facts(p)
     };
     let outcomes = pod_status::outcomes(&kube, "node-a", cleared);
     pod_status::report(&kube, &outcomes, "ebpf", news)
