@@ -103,6 +103,11 @@ enum Cmd {
         /// echo each) and report the rate.
         #[arg(long)]
         connections: Option<usize>,
+        /// With `--connections`: this many client threads, each opening
+        /// its share one after another (a client that is not the
+        /// bottleneck of the rate it measures).
+        #[arg(long, default_value_t = 1)]
+        parallel: usize,
         /// Open this many connections, print `held`, keep them open until a
         /// line arrives on stdin.
         #[arg(long)]
@@ -234,9 +239,18 @@ fn main() -> Result<()> {
             rounds,
             stream,
             connections,
+            parallel,
             idle,
             mark,
-        } => load(to, size, rounds, stream, connections, idle, mark)?,
+        } => load(
+            to,
+            size,
+            rounds,
+            stream,
+            (connections, parallel),
+            idle,
+            mark,
+        )?,
         Cmd::Connect {
             to,
             mark,
@@ -440,23 +454,39 @@ fn load(
     size: usize,
     rounds: usize,
     stream: Option<u64>,
-    connections: Option<usize>,
+    (connections, parallel): (Option<usize>, usize),
     idle: Option<usize>,
     mark: bool,
 ) -> Result<()> {
     use std::io::Read;
     use std::time::Instant;
     if let Some(n) = connections {
+        let threads = parallel.clamp(1, n.max(1));
         let start = Instant::now();
-        for i in 0..n {
-            let mut c = dial(to, mark, None)?;
-            c.set_nodelay(true)?;
-            c.set_read_timeout(Some(IO_TIMEOUT))?;
-            c.write_all(b"x")?;
-            let mut b = [0u8; 1];
-            c.read_exact(&mut b)
-                .with_context(|| format!("connection {i}"))?;
-        }
+        std::thread::scope(|scope| -> Result<()> {
+            let workers: Vec<_> = (0..threads)
+                .map(|t| {
+                    // Thread t opens connections t, t + threads, ...
+                    scope.spawn(move || -> Result<()> {
+                        for i in (t..n).step_by(threads) {
+                            let mut c = dial(to, mark, None)?;
+                            c.set_nodelay(true)?;
+                            c.set_read_timeout(Some(IO_TIMEOUT))?;
+                            c.write_all(b"x")?;
+                            let mut b = [0u8; 1];
+                            c.read_exact(&mut b)
+                                .with_context(|| format!("connection {i}"))?;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            for w in workers {
+                w.join()
+                    .map_err(|_| anyhow::anyhow!("a connection thread panicked"))??;
+            }
+            Ok(())
+        })?;
         let secs = start.elapsed().as_secs_f64();
         emit(
             json!({"event": "connections", "count": n, "seconds": secs, "per_second": n as f64 / secs}),
