@@ -127,6 +127,7 @@ enrolled, a certificate not valid).")]
 Examples:
   mesh top                           # refreshes every second; Ctrl-C quits
   mesh top --sort bytes
+  mesh top --sort rtt                # the slowest workload pair first (RTT p99 across the fabric)
   mesh top --once                    # one snapshot (rates measured over --interval)
   mesh top --once -o json | jq '.flows[] | select(.bytes_sent > 0)'")]
     Top(TopArgs),
@@ -245,6 +246,9 @@ pub enum SortKey {
     Bytes,
     /// Age (newest first).
     Age,
+    /// p99 round-trip time of the flow's tunnels across the fabric
+    /// (slowest first): the slow pair is on top.
+    Rtt,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -157,6 +157,22 @@ fn text(v: &Value) -> String {
 }
 
 /// The proxy's answer, rendered: verdict first, then one section per layer.
+/// The path's RTT line: the kernel's histogram of the pod's tunnels to
+/// the endpoint.
+fn path_rtt(rtt: &Value) -> String {
+    match serde_json::from_value::<mesh_core::admin::PathRtt>(rtt.clone()) {
+        Ok(r) => format!(
+            "p50 {}, p99 {} over {} samples; {} segments retransmitted, {} RTOs (kernel histogram of the tunnels)",
+            crate::top::micros(Some(r.p50_us)),
+            crate::top::micros(Some(r.p99_us)),
+            r.samples,
+            r.retransmits,
+            r.rtos
+        ),
+        Err(_) => "no sample yet (no tunnel from this pod to the endpoint is open)".into(),
+    }
+}
+
 pub fn render(x: &Value, asked: Option<&str>, paint: &Paint) -> String {
     let mut out = String::new();
     let label = |out: &mut String, l: &str, v: String| {
@@ -297,6 +313,7 @@ pub fn render(x: &Value, asked: Option<&str>, paint: &Paint) -> String {
                     text(&route["expected_identity"])
                 ),
             );
+            more(&mut out, "RTT", path_rtt(&x["rtt"]));
         }
         "passthrough" => {
             label(
@@ -593,7 +610,9 @@ mod tests {
                       "expected_identity": "spiffe://cluster.local/ns/default/sa/web", "destination_node": "node-b"},
             "policy": {"allowed": false, "policy": "default/deny-other-to-web", "rule": 0,
                        "reason": "DENY policy default/deny-other-to-web rule 0 matched"},
-            "flows": [{"cookie": 77, "app_socket": "10.77.2.3:41000", "bytes_sent": 0, "bytes_received": 0, "closed": true, "age_ms": 1200}]
+            "flows": [{"cookie": 77, "app_socket": "10.77.2.3:41000", "bytes_sent": 0, "bytes_received": 0, "closed": true, "age_ms": 1200}],
+            "rtt": {"tunnel": "4099/out/10.77.2.2", "buckets": [0, 0, 0, 0, 0, 0, 12], "p50_us": 90, "p99_us": 127,
+                    "samples": 12, "retransmits": 0, "rtos": 0}
         });
         let got = render(
             &x,
@@ -613,6 +632,7 @@ ROUTE        mesh via Service web.default.svc.cluster.local: endpoint default/we
              endpoints  default/web, default/web-2 (picked per connection; this is one of them)
              tunnel     HBONE (HTTP/2 CONNECT 10.77.2.2:8080) over mTLS to 10.77.2.2:15008
              peer ID    spiffe://cluster.local/ns/default/sa/web (checked in the TLS handshake)
+             RTT        p50 90us, p99 127us over 12 samples; 0 segments retransmitted, 0 RTOs (kernel histogram of the tunnels)
 POLICY       DENIED by default/deny-other-to-web, rule 0
              reason     DENY policy default/deny-other-to-web rule 0 matched
 FLOWS        1 in the kernel's flow map:

@@ -1,6 +1,8 @@
 //! `mesh top`: the flows of every node's kernel flow map (through each
 //! proxy's `GET /flows`), with byte rates from the difference between two
-//! samples, sorted, redrawn in place on a terminal.
+//! samples and the round-trip time of the tunnels that carry them (the
+//! kernel's histograms), sorted, redrawn in place on a terminal; then the
+//! same RTT per workload pair.
 
 use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
@@ -18,6 +20,7 @@ use crate::failure::{Failure, code, require_root};
 use crate::paint::{Paint, Style};
 use crate::table::Table;
 use crate::units;
+use mesh_core::admin::PathRtt;
 
 /// Every node's flows at one moment.
 #[derive(Debug, Clone)]
@@ -47,6 +50,66 @@ impl Row {
     }
     fn rate(&self) -> f64 {
         self.rate_sent.unwrap_or(0.0) + self.rate_received.unwrap_or(0.0)
+    }
+    fn rtt_p99(&self) -> Option<u64> {
+        self.flow.rtt.as_ref().map(|r| r.p99_us)
+    }
+}
+
+/// The RTT of one workload pair, as one reporter sees it: every tunnel
+/// of its flows merged once.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Pair {
+    pub direction: String,
+    pub source_workload: String,
+    pub destination_workload: String,
+    pub flows: usize,
+    pub rtt: PathRtt,
+}
+
+/// Workload pairs of `rows` with an RTT, slowest (p99) first.
+pub fn pairs(rows: &[Row]) -> Vec<Pair> {
+    let mut by: std::collections::BTreeMap<(&str, &str, &str), Vec<&PathRtt>> = Default::default();
+    for r in rows {
+        if let Some(rtt) = &r.flow.rtt {
+            by.entry((
+                r.flow.direction.as_str(),
+                r.flow.source_workload.as_str(),
+                r.flow.destination_workload.as_str(),
+            ))
+            .or_default()
+            .push(rtt);
+        }
+    }
+    let mut out: Vec<Pair> = by
+        .into_iter()
+        .filter_map(|((d, s, t), rtts)| {
+            Some(Pair {
+                direction: d.to_owned(),
+                source_workload: s.to_owned(),
+                destination_workload: t.to_owned(),
+                flows: rtts.len(),
+                rtt: PathRtt::merge(rtts)?,
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| {
+        b.rtt
+            .p99_us
+            .cmp(&a.rtt.p99_us)
+            .then(a.source_workload.cmp(&b.source_workload))
+            .then(a.destination_workload.cmp(&b.destination_workload))
+    });
+    out
+}
+
+/// `85us`, `1.2ms`, `3.40s`; `-` when unknown.
+pub fn micros(us: Option<u64>) -> String {
+    match us {
+        None => "-".into(),
+        Some(us) if us < 1000 => format!("{us}us"),
+        Some(us) if us < 1_000_000 => format!("{:.1}ms", us as f64 / 1000.0),
+        Some(us) => format!("{:.2}s", us as f64 / 1e6),
     }
 }
 
@@ -122,6 +185,8 @@ pub fn sort(rows: &mut [Row], key: SortKey) {
             SortKey::Rate => b.rate().total_cmp(&a.rate()),
             SortKey::Bytes => b.bytes().cmp(&a.bytes()),
             SortKey::Age => a.flow.age_ms.cmp(&b.flow.age_ms),
+            // Slowest first; flows without a tunnel RTT last.
+            SortKey::Rtt => b.rtt_p99().cmp(&a.rtt_p99()),
         };
         primary
             .then(b.bytes().cmp(&a.bytes()))
@@ -178,6 +243,8 @@ pub fn render(rows: &[Row], paint: &Paint) -> String {
         "SENT/s>",
         "RECV/s>",
         "AGE>",
+        "RTT p50>",
+        "RTT p99>",
         "STATE",
     ]);
     for r in rows {
@@ -201,6 +268,8 @@ pub fn render(rows: &[Row], paint: &Paint) -> String {
             (units::rate(r.rate_sent), Style::Cyan),
             (units::rate(r.rate_received), Style::Cyan),
             (units::age_ms(f.age_ms), Style::Plain),
+            (micros(f.rtt.as_ref().map(|r| r.p50_us)), Style::Plain),
+            (micros(f.rtt.as_ref().map(|r| r.p99_us)), Style::Plain),
             if f.closed {
                 ("closed".into(), Style::Dim)
             } else {
@@ -223,6 +292,45 @@ pub fn render(rows: &[Row], paint: &Paint) -> String {
         units::bytes(t.bytes_received),
         units::rate(Some(t.rate_received)),
     ));
+    let pairs = pairs(rows);
+    if !pairs.is_empty() {
+        let mut table = Table::new(&[
+            "SOURCE",
+            "DESTINATION",
+            "REPORTER",
+            "FLOWS>",
+            "RTT p50>",
+            "RTT p99>",
+            "SAMPLES>",
+            "RETRANS>",
+        ]);
+        for p in &pairs {
+            let reporter = if p.direction == "inbound" {
+                "destination"
+            } else {
+                "source"
+            };
+            table.styled([
+                (workload(&p.source_workload), Style::Plain),
+                (workload(&p.destination_workload), Style::Plain),
+                (reporter.to_owned(), Style::Dim),
+                (p.flows.to_string(), Style::Plain),
+                (micros(Some(p.rtt.p50_us)), Style::Cyan),
+                (micros(Some(p.rtt.p99_us)), Style::Cyan),
+                (p.rtt.samples.to_string(), Style::Dim),
+                (
+                    p.rtt.retransmits.to_string(),
+                    if p.rtt.retransmits > 0 {
+                        Style::Yellow
+                    } else {
+                        Style::Plain
+                    },
+                ),
+            ]);
+        }
+        out.push('\n');
+        out.push_str(&table.render(paint));
+    }
     out
 }
 
@@ -285,6 +393,7 @@ pub fn run(name: &str, args: &TopArgs) -> Result<()> {
                 "mesh": name,
                 "interval_s": args.interval,
                 "flows": r,
+                "pairs": pairs(&r),
                 "totals": totals(&r),
                 "errors": cur.errors,
             });
@@ -297,6 +406,7 @@ pub fn run(name: &str, args: &TopArgs) -> Result<()> {
                     SortKey::Rate => "rate",
                     SortKey::Bytes => "bytes",
                     SortKey::Age => "age",
+                    SortKey::Rtt => "RTT p99",
                 };
                 frame.push_str(&paint.bold(&format!(
                     "mesh top: {name}, every {:.1}s, sorted by {sort}, refresh {} (Ctrl-C quits)",
@@ -337,6 +447,7 @@ mod tests {
             age_ms,
             closed,
             srtt_us: 40,
+            rtt: None,
             direction: "outbound".into(),
             destination_pod: Some("default/web-1".into()),
         }
@@ -387,6 +498,55 @@ mod tests {
         assert_eq!((t.flows, t.open, t.bytes_sent), (3, 2, 5110));
     }
 
+    fn rtt(tunnel: &str, us: &[u64], retransmits: u64) -> Option<PathRtt> {
+        let mut b = vec![0u64; 32];
+        for &v in us {
+            b[63 - v.max(1).leading_zeros() as usize] += 1;
+        }
+        PathRtt::from_buckets(tunnel.into(), &b, retransmits, 0)
+    }
+
+    #[test]
+    fn sort_by_rtt_puts_the_slow_pair_first_and_pairs_merge_each_tunnel_once() {
+        let mut fast = flow(1, 10, 10, 100, false);
+        fast.rtt = rtt("7/out/10.77.2.2", &[100; 10], 0);
+        let mut fast2 = flow(2, 10, 10, 100, false);
+        fast2.rtt = fast.rtt.clone(); // same tunnel
+        let mut slow = flow(3, 10, 10, 100, false);
+        slow.destination_workload = "other/iperf".into();
+        slow.rtt = rtt("7/out/10.77.2.3", &[20_000; 10], 5);
+        let none = flow(4, 1 << 30, 10, 100, false);
+        let mut r: Vec<Row> = [fast, fast2, slow, none]
+            .into_iter()
+            .map(|f| Row {
+                node: "node-a".into(),
+                flow: f,
+                rate_sent: None,
+                rate_received: None,
+            })
+            .collect();
+        sort(&mut r, SortKey::Rtt);
+        assert_eq!(
+            r.iter().map(|r| r.flow.cookie).collect::<Vec<_>>(),
+            [3, 1, 2, 4]
+        );
+        let p = pairs(&r);
+        assert_eq!(p.len(), 2);
+        assert_eq!(p[0].destination_workload, "other/iperf");
+        assert_eq!(p[0].rtt.retransmits, 5);
+        assert_eq!(
+            (p[1].flows, p[1].rtt.samples),
+            (2, 10),
+            "one tunnel, counted once"
+        );
+        assert!((64..128).contains(&p[1].rtt.p50_us), "{:?}", p[1].rtt);
+        let text = render(&r, &Paint::off());
+        assert!(text.contains("REPORTER"), "{text}");
+        assert_eq!(micros(Some(85)), "85us");
+        assert_eq!(micros(Some(1200)), "1.2ms");
+        assert_eq!(micros(None), "-");
+    }
+
     #[test]
     fn top_table_snapshot() {
         let mut passthrough = flow(9, 0, 0, 61_000, true);
@@ -397,7 +557,10 @@ mod tests {
         let r = vec![
             Row {
                 node: "node-a".into(),
-                flow: flow(4113, 3 << 20, 1536, 4200, false),
+                flow: Flow {
+                    rtt: rtt("7/out/10.77.2.2", &[100; 10], 2),
+                    ..flow(4113, 3 << 20, 1536, 4200, false)
+                },
                 rate_sent: Some(1048576.0),
                 rate_received: Some(512.0),
             },
@@ -410,10 +573,13 @@ mod tests {
         ];
         let got = render(&r, &Paint::off());
         let want = "\
-FLOW  NODE    SOURCE          DESTINATION  ORIGINAL DST      SOURCE ID             DESTINATION ID     SECURITY      SENT  RECEIVED      SENT/s   RECV/s    AGE  STATE
-4113  node-a  default/client  default/web  10.77.240.1:8080  ns/default/sa/client  ns/default/sa/web  mTLS      3.00 MiB  1.50 KiB  1.00 MiB/s  512 B/s   4.2s  open
-   9  node-b  default/client  -            192.0.2.1:443     ns/default/sa/client  -                  none           0 B       0 B           -        -  1m01s  closed
+FLOW  NODE    SOURCE          DESTINATION  ORIGINAL DST      SOURCE ID             DESTINATION ID     SECURITY      SENT  RECEIVED      SENT/s   RECV/s    AGE  RTT p50  RTT p99  STATE
+4113  node-a  default/client  default/web  10.77.240.1:8080  ns/default/sa/client  ns/default/sa/web  mTLS      3.00 MiB  1.50 KiB  1.00 MiB/s  512 B/s   4.2s     91us    127us  open
+   9  node-b  default/client  -            192.0.2.1:443     ns/default/sa/client  -                  none           0 B       0 B           -        -  1m01s        -        -  closed
 2 flows (1 open); sent 3.00 MiB (1.00 MiB/s), received 1.50 KiB (512 B/s)
+
+SOURCE          DESTINATION  REPORTER  FLOWS  RTT p50  RTT p99  SAMPLES  RETRANS
+default/client  default/web  source        1     91us    127us       10        2
 ";
         assert_eq!(got, want, "got:\n{got}");
         assert!(render(&[], &Paint::off()).starts_with("no flows"));

@@ -632,7 +632,8 @@ pub struct HistEntry {
     pub key: HistKey,
     pub kind: HistKind,
     pub netns: u64,
-    /// This end's pod address (`None` for flow durations).
+    /// This end's pod address (`None` for flow durations); IPv4-mapped
+    /// addresses as IPv4.
     pub local: Option<IpAddr>,
     /// The other end: the peer pod (tunnels) or the original destination.
     pub remote: IpAddr,
@@ -660,8 +661,11 @@ fn hist_entry(key: HistKey, per_cpu: &[TcpHist]) -> Option<HistEntry> {
         key,
         kind,
         netns: key.netns,
-        local: (kind != HistKind::FlowDuration).then(|| ip_from_words(key.family, key.local_ip)),
-        remote: ip_from_words(key.family, key.remote_ip),
+        // A dual-stack listener's tunnels carry IPv4 peers as
+        // `::ffff:a.b.c.d`: shown (and joined to pods) as `a.b.c.d`.
+        local: (kind != HistKind::FlowDuration)
+            .then(|| ip_from_words(key.family, key.local_ip).to_canonical()),
+        remote: ip_from_words(key.family, key.remote_ip).to_canonical(),
         hist,
     })
 }

@@ -94,6 +94,9 @@ pub struct Config {
     pub dial_timeout: Duration,
     /// Unix socket where mesh-cni hands over new pods (off when unset).
     pub cni_socket: Option<PathBuf>,
+    /// Whether the kernel records the TCP RTT, retransmit and duration
+    /// histograms (`sockmesh_tcp_*`; `Datapath::set_histograms`).
+    pub tcp_histograms: bool,
 }
 
 /// [`Config::api_stale_after`] unless told otherwise.
@@ -302,6 +305,7 @@ mod tests {
             h2: crate::hbone::H2Config::default(),
             dial_timeout: DEFAULT_DIAL_TIMEOUT,
             cni_socket: None,
+            tcp_histograms: true,
         }
     }
 

@@ -126,6 +126,18 @@ impl NodeProxy {
                 age_ms: mesh_ebpf::age(f.start_ns).as_millis() as u64,
             })
             .collect();
+        // The path's RTT: the kernel's histogram of the tunnels from this
+        // pod to the endpoint pod (None until a tunnel carried something).
+        let path_rtt = match (&r, &enrolled) {
+            (Route::Mesh { dst: dpod, .. }, Some(e)) => {
+                let rtts = self.tunnel_rtts();
+                dpod.ips.iter().find_map(|ip| {
+                    rtts.get(&(e.cookie, *ip, mesh_ebpf::HistKind::TunnelOut))
+                        .cloned()
+                })
+            }
+            _ => None,
+        };
         let verdict = if enrolled.is_none() {
             format!(
                 "{key} is not enrolled on {}: its connections are captured but refused (fail closed)",
@@ -174,6 +186,7 @@ impl NodeProxy {
                 "reason": d.reason,
             })),
             "flows": pod_flows,
+            "rtt": path_rtt,
         }))
     }
 }

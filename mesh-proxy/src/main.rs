@@ -155,6 +155,13 @@ struct Args {
     /// (e.g. /var/run/sockmesh/cni.sock). Off by default.
     #[arg(long)]
     cni_socket: Option<PathBuf>,
+    /// Kernel TCP histograms (tunnel RTT, retransmits, connection
+    /// durations: the sockmesh_tcp_* metrics, `mesh top` RTT): `on` or
+    /// `off`. Off, the kernel records nothing and new tunnels get no
+    /// per-ACK callback (e.g. `--tcp-histograms off` to measure the cost).
+    #[arg(long, value_name = "on|off", default_value = "on",
+          value_parser = clap::builder::BoolishValueParser::new())]
+    tcp_histograms: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -219,6 +226,7 @@ fn main() -> std::process::ExitCode {
         h2: mesh_proxy::hbone::H2Config::default(),
         dial_timeout: mesh_proxy::config::DEFAULT_DIAL_TIMEOUT,
         cni_socket: args.cni_socket,
+        tcp_histograms: args.tcp_histograms,
     };
     match run(cfg, log) {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -39,6 +39,7 @@
 //! or OpenMetrics, as the scraper's `Accept` header asks.
 
 mod labels;
+pub mod latency;
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -1240,7 +1241,7 @@ mod tests {
     /// Netns 1 is this node's; the destination workload is named after the
     /// port; destinations on port 443 are outside the mesh.
     #[derive(Default)]
-    struct ByPort {
+    pub(super) struct ByPort {
         gone: Mutex<HashSet<String>>,
     }
     impl FlowResolver for ByPort {
@@ -1362,7 +1363,7 @@ mod tests {
     /// promtool may report is the one that comes from reading OpenMetrics
     /// as text: a counter family `x` declared by `# TYPE x counter` has its
     /// samples named `x_total`, which promtool calls `x_total no help text`.
-    fn promtool_accepts(body: &str, format: Format) {
+    pub(super) fn promtool_accepts(body: &str, format: Format) {
         let child = Command::new("promtool")
             .args(["check", "metrics"])
             .stdin(std::process::Stdio::piped())

@@ -87,6 +87,9 @@ pub fn run(cfg: Config, log: LogControl) -> Result<(), RunError> {
     datapath
         .set_redirect(false)
         .map_err(|e| fail("eBPF flow mode", e))?;
+    datapath
+        .set_histograms(cfg.tcp_histograms)
+        .map_err(|e| fail("--tcp-histograms", e))?;
     info!(mode = %datapath.mode(), pins = %datapath.pin_dir().display(), "data path ready");
     let registry = open_registry(&cfg, &control_rt)?;
     let anchors = load_pem_certs(&cfg.ca_bundle).map_err(|e| fail("--ca-bundle", e))?;
@@ -139,6 +142,16 @@ pub fn run(cfg: Config, log: LogControl) -> Result<(), RunError> {
     );
     let mut registry = prometheus_client::registry::Registry::default();
     registry.register_collector(Box::new(tcp_metrics.clone()));
+    // The kernel's RTT/duration histograms, through their own map handle.
+    let hist_table = node
+        .datapath
+        .lock()
+        .hist_table()
+        .map_err(|e| fail("open the histogram map", e))?;
+    registry.register_collector(Box::new(metrics::latency::TcpLatency::new(
+        Box::new(hist_table),
+        node.clone(),
+    )));
     registry.register_collector(Box::new(Health(node.clone())));
     if cfg.cni_socket.is_some() {
         registry.register_collector(Box::new(crate::cni::Metrics(node.cni.clone())));
@@ -451,6 +464,7 @@ impl AdminState for Admin {
     }
 
     fn flows(&self) -> serde_json::Value {
+        let rtts = self.node.tunnel_rtts();
         let flows: Vec<_> = self
             .node
             .flows()
@@ -484,6 +498,7 @@ impl AdminState for Admin {
                     age_ms: mesh_ebpf::age(f.start_ns).as_millis() as u64,
                     closed: f.is_closed(),
                     srtt_us: f.srtt_us.into(),
+                    rtt: self.node.flow_rtt(&f, &rtts),
                 }
             })
             .collect();
