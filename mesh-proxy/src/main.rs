@@ -29,8 +29,9 @@ their in-pod listeners (15001 outbound, 15006 inbound plaintext, 15008 HBONE), e
 network namespaces with the eBPF redirect, obtains their certificates from the CA, and carries \
 their connections to other nodes' proxies over mTLS.\n\n\
 The registry is a YAML file (--registry-source file, the default: the local mesh) or the \
-Kubernetes API (--registry-source kubernetes): pods of --node (field selector spec.nodeName), \
-namespaces, services, endpointslices and authorizationpolicies, watched; a pod is meshed when its \
+Kubernetes API (--registry-source kubernetes): pods, namespaces, services, endpointslices and \
+authorizationpolicies, watched (pods of every node: routing needs them; the pods of --node are \
+enrolled); a pod is meshed when its \
 annotation sockmesh.io/mesh is \"enabled\" or its namespace's label sockmesh.io/mesh is \
 \"enabled\" (the pod's \"disabled\" wins); the proxy writes each pod's annotation \
 sockmesh.io/status (server-side apply, field manager sockmesh-node) and Warning Events on \
@@ -42,7 +43,7 @@ mesh-proxy --registry-source kubernetes --node \"$NODE_NAME\" \\\n    \
 --ca 10.96.0.12:15012 --ca-server-name mesh-ca.sockmesh.svc \\\n    \
 --ca-bundle /etc/sockmesh/ca/trust-bundle.pem \\\n    \
 --token-file /var/run/secrets/sockmesh/token \\\n    \
---cgroup /sys/fs/cgroup --cni-socket /var/run/sockmesh/cni.sock\n\n\
+--cgroup kubelet --cni-socket /var/run/sockmesh/cni.sock\n\n\
 Example, against a test API server with a kubeconfig file:\n  \
 mesh-proxy --registry-source kubernetes --kubeconfig /run/sockmesh/kube/kubeconfig \\\n    \
 --node node-a --pod-name mesh-proxy-node-a --pod-namespace sockmesh ...\n\n\

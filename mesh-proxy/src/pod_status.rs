@@ -283,13 +283,12 @@ impl NodeProxy {
 
     /// Writes the pods' status back (Kubernetes source; see [`report`]).
     pub async fn report_status(&self) -> Option<Reconciled> {
+        if self.registry.kube().is_none() || !self.registry.settled() {
+            return None;
+        }
         let mode = mode_name(self.datapath.lock().mode());
         let outcomes = self.outcomes();
-        let news = if self.registry.kube().is_some() && self.registry.settled() {
-            self.retry.take_news()
-        } else {
-            Vec::new()
-        };
+        let news = self.retry.take_news();
         report(&self.registry, &outcomes, mode, news).await
     }
 }

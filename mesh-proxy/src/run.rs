@@ -201,19 +201,19 @@ pub fn run(cfg: Config, log: LogControl) -> Result<(), RunError> {
             tokio::select! {
                 _ = term.recv() => break,
                 _ = tokio::signal::ctrl_c() => break,
-                Some(generation) = next_change(&mut changes) => {
-                    if !synced && node.registry.settled() {
-                        synced = true;
-                        info!(generation, pods = node.registry.snapshot().pods.len(), "Kubernetes API synced");
-                    }
+                Some(_) = next_change(&mut changes) => {
+                    first_sync(&node, &mut synced);
                     node.reconcile().await;
                     report(&node).await;
                 }
                 _ = tick.tick() => {
                     node.notes.drain();
+                    // The last kind to list may change nothing in the view
+                    // (no policies yet): no change to wake on, so check here.
+                    let now_synced = first_sync(&node, &mut synced);
                     match node.registry.refresh() {
-                        Ok(true) => { node.reconcile().await; }
-                        Ok(false) => {
+                        Ok(changed) if changed || now_synced => { node.reconcile().await; }
+                        Ok(_) => {
                             // Retry pods that failed to enroll (CA down, ...).
                             if node.enrolled_pods().len() < wanted(&node) { node.reconcile().await; }
                         }
@@ -280,6 +280,20 @@ async fn next_change(changes: &mut Option<tokio::sync::watch::Receiver<u64>>) ->
             None
         }
     }
+}
+
+/// Whether the registry just became settled (the Kubernetes source's
+/// first whole view); logs it once.
+fn first_sync(node: &NodeProxy, synced: &mut bool) -> bool {
+    if *synced || !node.registry.settled() {
+        return false;
+    }
+    *synced = true;
+    info!(
+        pods = node.registry.snapshot().pods.len(),
+        "Kubernetes API synced: reconciling"
+    );
+    true
 }
 
 /// Writes the pods' status back (Kubernetes) and logs what was written.
