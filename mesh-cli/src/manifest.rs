@@ -404,20 +404,20 @@ pub fn objects(o: &Options) -> Result<Vec<Object>> {
                     rule(
                         &[""],
                         &["pods", "namespaces", "services"],
-                        &["get", "list", "watch"],
+                        &["list", "watch"],
                     ),
                     rule(
                         &["discovery.k8s.io"],
                         &["endpointslices"],
-                        &["get", "list", "watch"],
+                        &["list", "watch"],
                     ),
                     rule(
                         &["security.sockmesh.io", "security.istio.io"],
                         &["authorizationpolicies"],
-                        &["get", "list", "watch"],
+                        &["list", "watch"],
                     ),
                     rule(&[""], &["pods"], &["patch"]),
-                    rule(&["", "events.k8s.io"], &["events"], &["create", "patch"]),
+                    rule(&[""], &["events"], &["create"]),
                 ]),
                 ..Default::default()
             },
@@ -436,15 +436,13 @@ pub fn objects(o: &Options) -> Result<Vec<Object>> {
                 metadata: meta("sockmesh-ca", None, CA_NAME),
                 rules: Some(vec![
                     rule(&["authentication.k8s.io"], &["tokenreviews"], &["create"]),
-                    rule(
-                        &[""],
-                        &["pods", "namespaces", "services"],
-                        &["get", "list", "watch"],
-                    ),
+                    rule(&[""], &["pods"], &["get", "list", "watch"]),
+                    // Its registry (KubeConfig::for_ca) watches these too.
+                    rule(&[""], &["namespaces", "services"], &["list", "watch"]),
                     rule(
                         &["discovery.k8s.io"],
                         &["endpointslices"],
-                        &["get", "list", "watch"],
+                        &["list", "watch"],
                     ),
                 ]),
                 ..Default::default()
@@ -869,11 +867,18 @@ fn node_daemonset(o: &Options) -> DaemonSet {
                         env: Some(env),
                         ports: Some(vec![port("http-metrics", 15020), port("http-ready", 15021)]),
                         readiness_probe: Some(http_probe("/healthz/ready", 15021)),
+                        // Alive = its readiness port accepts (not ready
+                        // = not yet synced or draining, which is no reason
+                        // to restart it).
                         liveness_probe: Some(Probe {
+                            tcp_socket: Some(TCPSocketAction {
+                                port: IntOrString::Int(15021),
+                                ..Default::default()
+                            }),
                             initial_delay_seconds: Some(10),
                             period_seconds: Some(10),
                             failure_threshold: Some(6),
-                            ..http_probe("/healthz/live", 15021)
+                            ..Default::default()
                         }),
                         resources: Some(resources(("100m", "128Mi"), ("2", "1Gi"))),
                         security_context: Some(locked_down(
