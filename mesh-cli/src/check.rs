@@ -165,9 +165,6 @@ fn pre_checks(args: &CheckArgs) -> Vec<Check> {
             "use a kernel built with CONFIG_DEBUG_INFO_BTF=y (every major distribution's since 2021)",
         )
     });
-    let own = std::fs::read_to_string("/proc/self/cgroup")
-        .ok()
-        .and_then(|t| kubelet_cgroup::own_path(&t));
     match kubelet_cgroup::v2_root(&args.cgroup_root) {
         Ok((root, layout)) => out.push(pass(
             "cgroup v2",
@@ -187,21 +184,21 @@ fn pre_checks(args: &CheckArgs) -> Vec<Check> {
         )),
     }
     out.push(
-        match kubelet_cgroup::detect(&args.cgroup_root, &Choice::Auto, own.as_deref()) {
+        // Not checked against this process's own cgroup: `mesh check --pre`
+        // runs in a node's shell, outside kubepods, where the proxy's pod
+        // will be inside by construction (the proxy checks itself).
+        match kubelet_cgroup::detect(&args.cgroup_root, &Choice::Auto, None) {
             Ok(a) => pass(
                 "proxy cgroup",
                 format!(
-                    "would attach to {} ({} driver{})",
+                    "would attach to {} (the kubelet's {} driver; cgroup {})",
                     a.dir.display(),
                     match a.driver {
                         kubelet_cgroup::Driver::Systemd => "systemd",
                         kubelet_cgroup::Driver::Cgroupfs => "cgroupfs",
                         kubelet_cgroup::Driver::Explicit => "explicit",
                     },
-                    match a.holds_self {
-                        Some(true) => ", holds this process",
-                        _ => "",
-                    }
+                    a.cgroup_path
                 ),
             ),
             Err(e) => fail(

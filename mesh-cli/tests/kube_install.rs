@@ -384,3 +384,144 @@ async fn check_names_the_node_without_a_ready_proxy_and_the_pod_without_status()
     assert_eq!(failed, ["node n2", "pod shop/cart"]);
     assert!(v["checks"][0]["fix"].is_null());
 }
+
+/// `mesh check --pre` on fake cgroup and CNI trees: what the proxy would
+/// attach to, for each kubelet driver and layout, and a failure with its fix.
+#[test]
+fn check_pre_says_which_cgroup_the_proxy_would_attach_to() {
+    let run = |cg: &Path, cni: &Path| -> (Option<i32>, Value) {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_mesh"))
+            .args(["check", "--pre", "-o", "json", "--cgroup-root"])
+            .arg(cg)
+            .arg("--cni-conf-dir")
+            .arg(cni)
+            .output()
+            .unwrap();
+        (o.status.code(), serde_json::from_slice(&o.stdout).unwrap())
+    };
+    let find = |v: &Value, name: &str| -> Value {
+        v["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["check"] == name)
+            .cloned()
+            .unwrap()
+    };
+    let t = tempfile::tempdir().unwrap();
+    let cni = t.path().join("net.d");
+    std::fs::create_dir_all(&cni).unwrap();
+    std::fs::write(cni.join("10-calico.conflist"), "{}").unwrap();
+    let mkcg = |dir: &Path| {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("cgroup.procs"), "").unwrap();
+    };
+    // systemd driver, unified layout.
+    let unified = t.path().join("unified-root");
+    mkcg(&unified);
+    std::fs::write(unified.join("cgroup.controllers"), "cpu").unwrap();
+    mkcg(&unified.join("kubepods.slice"));
+    let (_, v) = run(&unified, &cni);
+    let c = find(&v, "proxy cgroup");
+    assert_eq!(c["ok"], true, "{c}");
+    assert_eq!(
+        c["detail"],
+        format!(
+            "would attach to {} (the kubelet's systemd driver; cgroup /kubepods.slice)",
+            unified.join("kubepods.slice").display()
+        )
+    );
+    assert_eq!(
+        find(&v, "cgroup v2")["detail"],
+        format!("{} (unified layout)", unified.display())
+    );
+    assert!(
+        find(&v, "CNI conf dir")["detail"]
+            .as_str()
+            .unwrap()
+            .ends_with("10-calico.conflist")
+    );
+    // cgroupfs driver, hybrid layout.
+    let hybrid = t.path().join("hybrid-root");
+    std::fs::create_dir_all(hybrid.join("memory")).unwrap();
+    mkcg(&hybrid.join("unified"));
+    mkcg(&hybrid.join("unified/kubepods"));
+    let (_, v) = run(&hybrid, &cni);
+    let c = find(&v, "proxy cgroup");
+    assert!(
+        c["detail"]
+            .as_str()
+            .unwrap()
+            .contains("unified/kubepods (the kubelet's cgroupfs driver"),
+        "{c}"
+    );
+    // No kubelet: the check fails, says what to do, and --pre exits 6.
+    let bare = t.path().join("bare");
+    mkcg(&bare);
+    std::fs::write(bare.join("cgroup.controllers"), "cpu").unwrap();
+    let (code, v) = run(&bare, &t.path().join("no-cni"));
+    assert_eq!(code, Some(6));
+    assert_eq!(v["ok"], false);
+    let c = find(&v, "proxy cgroup");
+    assert_eq!(c["ok"], false);
+    assert!(c["fix"].as_str().unwrap().contains("--proxy-cgroup"), "{c}");
+    assert_eq!(find(&v, "CNI conf dir")["ok"], false);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_monitor_needs_the_operators_crd_and_says_so() {
+    let c = cluster().await;
+    let o = mesh(
+        &c.kubeconfig,
+        &["install", "--no-wait", "--service-monitor"],
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(7));
+    let errs = error_lines(&o);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].contains(
+            "ServiceMonitor sockmesh-system/mesh-node: the cluster has no ServiceMonitor type"
+        ),
+        "{errs:?}"
+    );
+    assert!(
+        errs[0].contains("objects were applied before it"),
+        "{errs:?}"
+    );
+    assert!(text(&o.stderr).contains("hint: install the Prometheus operator first"));
+    // The operator's CRD (the part the fake reads).
+    c.api
+        .create(
+            json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+            "metadata": {"name": "servicemonitors.monitoring.coreos.com"},
+            "spec": {"group": "monitoring.coreos.com", "scope": "Namespaced",
+                "names": {"kind": "ServiceMonitor", "plural": "servicemonitors"},
+                "versions": [{"name": "v1", "served": true, "storage": true}]}}),
+        )
+        .unwrap();
+    let o = mesh(
+        &c.kubeconfig,
+        &["install", "--no-wait", "--service-monitor"],
+    )
+    .await;
+    let out = text(&o.stdout);
+    assert!(o.status.success(), "{out}\n{}", text(&o.stderr));
+    assert!(
+        out.contains("ServiceMonitor sockmesh-system/mesh-node: created"),
+        "{out}"
+    );
+    let sm = c
+        .api
+        .object("monitoring.coreos.com", "servicemonitors", NS, "mesh-node")
+        .unwrap();
+    assert_eq!(sm["spec"]["endpoints"][0]["port"], "http-metrics");
+    // Uninstall removes it even without --service-monitor.
+    let o = mesh(&c.kubeconfig, &["uninstall"]).await;
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(
+        c.api
+            .object("monitoring.coreos.com", "servicemonitors", NS, "mesh-node")
+            .is_none()
+    );
+}
