@@ -243,17 +243,20 @@ fn diff_into(desired: &Value, live: &Value, path: &mut String, out: &mut Vec<Str
     }
 }
 
+/// The object as the cluster has it, or None when it (or its type: a
+/// ServiceMonitor without the Prometheus operator) is not there.
+async fn live(api: &Api<DynamicObject>, name: &str, what: &str) -> Result<Option<DynamicObject>> {
+    match api.get_opt(name).await {
+        Ok(l) => Ok(l),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(None),
+        Err(e) => Err(api_failure(e, what)),
+    }
+}
+
 /// What `apply` would do to `obj` (a GET and a comparison; nothing written).
 async fn plan(client: &Client, obj: &Object) -> Result<Change> {
     let api = api_for(client, obj);
-    let live = match api.get_opt(obj.name()).await {
-        Ok(l) => l,
-        // The type itself is unknown (a ServiceMonitor without the
-        // Prometheus operator): creating it would fail.
-        Err(kube::Error::Api(s)) if s.code == 404 => None,
-        Err(e) => return Err(api_failure(e, &obj.describe())),
-    };
-    let Some(live) = live else {
+    let Some(live) = live(&api, obj.name(), &obj.describe()).await? else {
         return Ok(Change::Created);
     };
     let live = serde_json::to_value(&live).context("the live object as JSON")?;
@@ -267,11 +270,7 @@ async fn plan(client: &Client, obj: &Object) -> Result<Change> {
 
 async fn apply(client: &Client, obj: &Object) -> Result<Change> {
     let api = api_for(client, obj);
-    let before = match api.get_opt(obj.name()).await {
-        Ok(b) => b,
-        Err(kube::Error::Api(s)) if s.code == 404 => None,
-        Err(e) => return Err(api_failure(e, &obj.describe())),
-    };
+    let before = live(&api, obj.name(), &obj.describe()).await?;
     let desired = obj.dynamic()?;
     let after = api
         .patch(
@@ -564,12 +563,7 @@ async fn uninstall_async(args: &UninstallArgs, objects: &[Object]) -> Result<u8>
             None => Api::all_with(client.clone(), &ar),
         };
         if args.dry_run {
-            let exists = match api.get_opt(&name).await {
-                Ok(o) => o.is_some(),
-                Err(kube::Error::Api(s)) if s.code == 404 => false,
-                Err(e) => return Err(api_failure(e, &what)),
-            };
-            if exists {
+            if live(&api, &name, &what).await?.is_some() {
                 writeln!(out, "{what}: would delete")?;
                 deleted += 1;
             } else {

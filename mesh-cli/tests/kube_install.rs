@@ -286,15 +286,8 @@ async fn bad_input_gets_one_clear_line_and_exit_7() {
 
     // A CRD another tool installed, with another schema: not taken over.
     let c = cluster().await;
-    let manifest = std::process::Command::new(env!("CARGO_BIN_EXE_mesh"))
-        .arg("manifest")
-        .output()
-        .unwrap();
-    let docs = yaml_docs(&text(&manifest.stdout));
-    let mut crd = docs
-        .into_iter()
-        .find(|d| d["kind"] == "CustomResourceDefinition")
-        .unwrap();
+    let objects = mesh_cli::manifest::objects(&Default::default()).unwrap();
+    let mut crd = objects.into_iter().find(|o| o.is_crd()).unwrap().value;
     crd["spec"]["scope"] = "Cluster".into();
     c.api.create(crd).unwrap();
     let o = mesh(&c.kubeconfig, &["install", "--no-wait"]).await;
@@ -306,17 +299,6 @@ async fn bad_input_gets_one_clear_line_and_exit_7() {
         "{errs:?}"
     );
     assert!(errs[0].contains("spec.scope"), "{errs:?}");
-}
-
-fn yaml_docs(s: &str) -> Vec<Value> {
-    use serde::Deserialize;
-    serde_norway::Deserializer::from_str(s)
-        .map(Value::deserialize)
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap()
-        .into_iter()
-        .filter(|v| !v.is_null())
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
