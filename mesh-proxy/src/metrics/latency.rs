@@ -23,13 +23,18 @@
 //! Entries are followed by key; an entry whose pod is no longer this
 //! node's (unenrolled) is folded into its series and removed from the
 //! kernel map, so the map holds live pods only and no value ever goes
-//! down. The kernel entries are pinned (they survive a proxy restart);
+//! down. An entry never joined to a pod (its pod left before a scrape saw
+//! it) is removed once it has stayed so for [`UNRESOLVED_GRACE`] (not at
+//! once: right after a restart the proxy may not have re-enrolled its
+//! pods yet). The kernel entries are pinned (they survive a proxy restart);
 //! the folded values of departed pods are kept in memory only.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
+use mesh_core::identity::{Clock, SystemClock};
 use mesh_ebpf::{
     Direction, FlowEntry, HBONE_PORT, HIST_BUCKETS, HistEntry, HistKey, HistKind, TcpHist,
     hist_bucket_max,
@@ -216,10 +221,15 @@ struct Followed {
     last: Latency,
 }
 
+/// How long an entry no pod of this node claims stays in the kernel map.
+pub const UNRESOLVED_GRACE: Duration = Duration::from_secs(600);
+
 #[derive(Default)]
 struct Inner {
     live: HashMap<HistKey, Followed>,
     folded: BTreeMap<SeriesLabels, Latency>,
+    /// Entries never joined to a pod, since when.
+    unresolved: HashMap<HistKey, SystemTime>,
 }
 
 impl Inner {
@@ -236,6 +246,7 @@ pub struct TcpLatency {
     source: Mutex<Box<dyn HistSource>>,
     resolver: Arc<dyn FlowResolver>,
     inner: Mutex<Inner>,
+    clock: Arc<dyn Clock>,
 }
 
 impl std::fmt::Debug for TcpLatency {
@@ -250,7 +261,14 @@ impl TcpLatency {
             source: Mutex::new(source),
             resolver,
             inner: Mutex::new(Inner::default()),
+            clock: Arc::new(SystemClock),
         }
+    }
+
+    /// The clock that dates unresolved entries (tests move it by hand).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// Reads the kernel's histograms now: per series, what departed pods
@@ -287,7 +305,20 @@ impl TcpLatency {
                         tracing::warn!(error = %err, "could not drop a histogram entry");
                     }
                 }
-                (None, None) => {}
+                (None, None) => {
+                    let now = self.clock.now();
+                    let since = *inner.unresolved.entry(e.key).or_insert(now);
+                    if now.duration_since(since).unwrap_or_default() >= UNRESOLVED_GRACE {
+                        match source.forget(&e.key) {
+                            Ok(()) => {
+                                inner.unresolved.remove(&e.key);
+                            }
+                            Err(err) => {
+                                tracing::warn!(error = %err, "could not drop a histogram entry")
+                            }
+                        }
+                    }
+                }
                 (Some(f), Some(_)) => {
                     present.insert(e.key);
                     if now.covers(&f.last) {
@@ -308,12 +339,15 @@ impl TcpLatency {
                 }
                 (None, Some((reporter, l))) => {
                     present.insert(e.key);
+                    inner.unresolved.remove(&e.key);
                     let series = Arc::new(SeriesLabels::new(reporter, &l));
                     inner.live.insert(e.key, Followed { series, last: now });
                 }
             }
         }
         drop(source);
+        let seen: HashSet<HistKey> = entries.iter().map(|e| e.key).collect();
+        inner.unresolved.retain(|k, _| seen.contains(k));
         let gone: Vec<HistKey> = inner
             .live
             .keys()
@@ -619,6 +653,27 @@ mod tests {
         // Gone from the map: still reported, never lower.
         let later = l.snapshot().unwrap();
         assert_eq!(later, after);
+    }
+
+    #[test]
+    fn an_entry_no_pod_claims_is_removed_after_the_grace_only() {
+        let clock = mesh_core::identity::ManualClock::new(SystemTime::UNIX_EPOCH);
+        let shared = Arc::new(Mutex::new(vec![entry(
+            9,
+            HIST_TUNNEL_OUT,
+            "10.0.0.2",
+            &[100],
+            0,
+        )]));
+        let l = TcpLatency::new(Box::new(Fixed(shared.clone())), Arc::new(ByPort::default()))
+            .with_clock(Arc::new(clock.clone()));
+        assert!(l.snapshot().unwrap().is_empty());
+        clock.advance(UNRESOLVED_GRACE / 2);
+        l.snapshot().unwrap();
+        assert_eq!(shared.lock().len(), 1, "removed before the grace");
+        clock.advance(UNRESOLVED_GRACE);
+        l.snapshot().unwrap();
+        assert!(shared.lock().is_empty(), "kept after the grace");
     }
 
     #[test]
