@@ -136,6 +136,12 @@ async fn handshake(
             tls.get_ref().1.protocol_version(),
             Some(rustls::ProtocolVersion::TLSv1_3)
         );
+        // AES-128-GCM first (cheaper per byte than AES-256-GCM; both are
+        // in Istio's profile).
+        assert_eq!(
+            tls.get_ref().1.negotiated_cipher_suite().map(|s| s.suite()),
+            Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+        );
         let peer = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
         tls.write_all(b"ping").await.map_err(|e| e.to_string())?;
         let mut buf = [0u8; 4];

@@ -191,7 +191,7 @@ impl CertManager {
         config: CertManagerConfig,
         initial_roots: Vec<CertificateDer<'static>>,
     ) -> Self {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(super::tls::mesh_provider());
         let bundle = BundleCell::new(TrustBundle::new(initial_roots, &provider));
         CertManager {
             inner: Arc::new(Inner {
