@@ -158,8 +158,8 @@ fn text(v: &Value) -> String {
 
 /// The proxy's answer, rendered: verdict first, then one section per layer.
 /// The path's RTT line: the kernel's histogram of the pod's tunnels to
-/// the endpoint.
-fn path_rtt(rtt: &Value) -> String {
+/// the endpoint (none on one node: no tunnel there).
+fn path_rtt(rtt: &Value, same_node: bool) -> String {
     match serde_json::from_value::<mesh_core::admin::PathRtt>(rtt.clone()) {
         Ok(r) => format!(
             "p50 {}, p99 {} over {} samples; {} segments retransmitted, {} RTOs (kernel histogram of the tunnels)",
@@ -169,7 +169,10 @@ fn path_rtt(rtt: &Value) -> String {
             r.retransmits,
             r.rtos
         ),
-        Err(_) => "no sample yet (no tunnel from this pod to the endpoint is open)".into(),
+        Err(_) if same_node => {
+            "no tunnel: both pods are on this node (the proxy splices them, no fabric hop)".into()
+        }
+        Err(_) => "no sample yet (no tunnel from this pod to the endpoint has opened)".into(),
     }
 }
 
@@ -313,7 +316,8 @@ pub fn render(x: &Value, asked: Option<&str>, paint: &Paint) -> String {
                     text(&route["expected_identity"])
                 ),
             );
-            more(&mut out, "RTT", path_rtt(&x["rtt"]));
+            let same_node = route["destination_node"] == x["node"];
+            more(&mut out, "RTT", path_rtt(&x["rtt"], same_node));
         }
         "passthrough" => {
             label(
@@ -592,6 +596,22 @@ mod tests {
                 .contains("no port 9")
         );
         assert_eq!(encode("default/client"), "default%2Fclient");
+    }
+
+    #[test]
+    fn the_rtt_line_says_why_there_is_none() {
+        let none = serde_json::Value::Null;
+        assert!(
+            path_rtt(&none, true).contains("same node")
+                || path_rtt(&none, true).contains("this node")
+        );
+        assert!(path_rtt(&none, false).starts_with("no sample yet"));
+        let r = serde_json::json!({"tunnel": "1/out/10.0.0.2", "buckets": [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4],
+                                   "p50_us": 1448, "p99_us": 2028, "samples": 4, "retransmits": 3, "rtos": 1});
+        assert_eq!(
+            path_rtt(&r, false),
+            "p50 1.4ms, p99 2.0ms over 4 samples; 3 segments retransmitted, 1 RTOs (kernel histogram of the tunnels)"
+        );
     }
 
     #[test]
