@@ -6,7 +6,10 @@
 //!   record where the app wanted to go.
 //! - `sm_sockops` (sockops): put both ends of app<->proxy loopback connections
 //!   in `sm_socks`, publish the original destination by (netns, port), start
-//!   the flow's accounting, track its TCP state.
+//!   the flow's accounting, track its TCP state; on HBONE tunnel ends (port
+//!   15008) feed the RTT histogram and retransmit/RTO counts of the pod
+//!   pair, and at an app socket's close its flow's duration
+//!   (`sm_tcp_hist`).
 //! - `sm_sk_msg` (sk_msg on `sm_socks`): count the bytes, then redirect each
 //!   send to the peer socket's ingress queue.
 //! - `sm_sk_lookup` (sk_lookup, per pod netns): steer inbound TCP that is not
