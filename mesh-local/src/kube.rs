@@ -902,7 +902,26 @@ impl Mesh {
         }
         let out = crate::command::wait_output(child, Duration::from_secs(60), &what)?;
         let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-        Ok(if out.status.success() { Ok(v) } else { Err(v) })
+        if !out.status.success() {
+            return Ok(Err(v));
+        }
+        if command == "ADD" {
+            // The sandbox's network is up: kubelet reports the pod running
+            // with its addresses.
+            self.report_running(key)?;
+        }
+        Ok(Ok(v))
+    }
+
+    /// Sets pod `key`'s status to running with its addresses (kubelet's
+    /// status update); once is enough, again changes nothing.
+    pub fn report_running(&self, key: &str) -> Result<(), Error> {
+        let p = self.pod(key)?;
+        self.kube_patch(
+            &format!("{}/status", self.pod_path(key)?),
+            &json!({"status": pod_status(p)}),
+        )?;
+        Ok(())
     }
 
     fn cni_binary(&self) -> PathBuf {
@@ -977,6 +996,8 @@ impl Mesh {
         self.state
             .save(&self.options.state_file(&self.state.mesh))?;
         if !cni {
+            // Running, unannounced (it predates the mesh's install).
+            self.report_running(&key)?;
             return Ok(Ok(Value::Null));
         }
         self.cni("ADD", &key)
@@ -1030,13 +1051,21 @@ impl Mesh {
     }
 }
 
-/// A topology pod as a Kubernetes Pod: running, with its addresses, and
-/// owned by a ReplicaSet of the Deployment named after its `app` label.
-fn pod_object(p: &PodInfo) -> Value {
+/// A topology pod as a Kubernetes Pod, as scheduled: `Pending`, no
+/// addresses yet (kubelet reports them once CNI ADD set the network up,
+/// [`pod_status`]), owned by a ReplicaSet of the Deployment named after its
+/// `app` label.
+/// A pod's `status` once its network is up: running, with its addresses
+/// (what kubelet reports after CNI ADD).
+fn pod_status(p: &PodInfo) -> Value {
     let mut ips = vec![json!({"ip": p.ip.to_string()})];
     if let Some(v6) = p.ip6 {
         ips.push(json!({"ip": v6.to_string()}));
     }
+    json!({"phase": "Running", "podIP": p.ip.to_string(), "podIPs": ips})
+}
+
+fn pod_object(p: &PodInfo) -> Value {
     let mut meta = json!({
         "name": p.name, "namespace": p.namespace,
         "labels": p.labels, "annotations": p.annotations,
@@ -1057,7 +1086,7 @@ fn pod_object(p: &PodInfo) -> Value {
         "metadata": meta,
         "spec": {"nodeName": p.node, "serviceAccountName": p.service_account,
                  "containers": [{"name": "app", "image": "sockmesh/local-app"}]},
-        "status": {"phase": "Running", "podIP": p.ip.to_string(), "podIPs": ips},
+        "status": {"phase": "Pending"},
     })
 }
 

@@ -44,6 +44,17 @@ fn pod(ns: &str, name: &str, node: &str, sa: &str) -> mesh_local::Pod {
     }
 }
 
+/// Makes `p` as the runtime does, retrying ADD as kubelet does while the
+/// node proxy has not seen the new Pod in its watch yet.
+fn start_pod(m: &mut TestMesh, p: &mesh_local::Pod) -> Result<()> {
+    let key = format!("{}/{}", p.namespace, p.name);
+    if let Err(e) = m.mesh.add_pod(p, true)? {
+        ensure!(e["code"] == 11, "CNI ADD of {key}: {e}");
+        m.mesh.cni_add_retrying(&key, Duration::from_secs(30))?;
+    }
+    Ok(())
+}
+
 /// Whether `pod` is enrolled by `node`'s proxy (`None`: not listed).
 fn enrolled(m: &TestMesh, node: &str, pod: &str) -> Result<Option<bool>> {
     workload_enrolled(m, node, pod)
@@ -196,10 +207,7 @@ fn pods_follow_the_api_through_cni_annotations_labels_and_watch_failures() -> Re
 
     // A pod created in the API and started by the runtime: enrolled when
     // ADD returns, its first connection over mTLS.
-    let added = m
-        .mesh
-        .add_pod(&pod("default", "new-1", "node-a", "client"), true)?;
-    ensure!(added.is_ok(), "CNI ADD of new-1: {added:?}");
+    start_pod(&mut m, &pod("default", "new-1", "node-a", "client"))?;
     ensure!(
         enrolled(&m, "node-a", "default/new-1")? == Some(true),
         "ADD returned before new-1 was enrolled"
@@ -226,16 +234,15 @@ fn pods_follow_the_api_through_cni_annotations_labels_and_watch_failures() -> Re
     m.mesh.set_namespace_label("other", MESH, Some("enabled"))?;
     wait_enrolled(&m, "node-b", "other/iperf", true)?;
 
-    // Watches cut mid-stream, then 410 Gone on the next ones: the proxies
-    // relist; a pod added and one deleted meanwhile are seen once each.
+    // Watches cut mid-stream, then 410 Gone on the next ones (more than
+    // there are watchers, so every watcher of both proxies and the CA gets
+    // one): the proxies relist; a pod added and one deleted meanwhile are
+    // seen once each.
     let lists = requests(&m, "list", "pods")?;
-    m.mesh.kube_hook(&Hook::ExpireWatches { n: 4 })?;
+    m.mesh.kube_hook(&Hook::ExpireWatches { n: 40 })?;
     m.mesh.kube_hook(&Hook::CutWatches)?;
     m.mesh.delete_pod("default/new-1")?;
-    let added = m
-        .mesh
-        .add_pod(&pod("default", "new-2", "node-b", "web"), true)?;
-    ensure!(added.is_ok(), "CNI ADD of new-2 after the cut: {added:?}");
+    start_pod(&mut m, &pod("default", "new-2", "node-b", "web"))?;
     wait_until(
         "the proxies to relist pods",
         Duration::from_secs(30),
@@ -455,10 +462,7 @@ fn tokens_are_checked_by_token_review_and_the_runtime_fails_closed_and_adopts_ru
     }
     // The right token: a new pod of a new account on B is meshed.
     std::fs::write(&token_b, &good_b)?;
-    let ok = m
-        .mesh
-        .add_pod(&pod("default", "only-b-5", "node-b", "only-b-5"), true)?;
-    ensure!(ok.is_ok(), "ADD with node-b's own token: {ok:?}");
+    start_pod(&mut m, &pod("default", "only-b-5", "node-b", "only-b-5"))?;
     wait_enrolled(&m, "node-b", "default/only-b-5", true)?;
 
     // The runtime with node-a's proxy down: ADD fails closed (code 11),
@@ -501,4 +505,145 @@ fn tokens_are_checked_by_token_review_and_the_runtime_fails_closed_and_adopts_ru
     let _ = sleeper.kill();
     let _ = sleeper.wait();
     r
+}
+
+/// `mesh` itself, with a deadline: its output.
+fn mesh_cli(name: &str, args: &[&str]) -> Result<std::process::Output> {
+    let bin = sockmesh_tests::e2e::probe().with_file_name("mesh");
+    ensure!(
+        bin.is_file(),
+        "{} is not built: cargo build --bins",
+        bin.display()
+    );
+    let mut child = std::process::Command::new(&bin)
+        .arg("--name")
+        .arg(name)
+        .args(args)
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let end = Instant::now() + Duration::from_secs(180);
+    while child.try_wait()?.is_none() {
+        if Instant::now() > end {
+            let _ = child.kill();
+            bail!("`mesh {}` did not finish within 180 s", args.join(" "));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(child.wait_with_output()?)
+}
+
+/// Downs the mesh on drop, even when the test fails.
+struct Down(String);
+
+impl Drop for Down {
+    fn drop(&mut self) {
+        let _ = mesh_local::down(&self.0, &mesh_local::Options::default());
+    }
+}
+
+#[test]
+fn mesh_up_kubernetes_serves_the_demo_and_status_shows_each_pods_status_annotation() -> Result<()> {
+    sockmesh_tests::require_privileges();
+    let name = format!("kc{}", std::process::id() % 100_000);
+    let _ = mesh_local::down(&name, &mesh_local::Options::default());
+    let _down = Down(name.clone());
+    let up = mesh_cli(&name, &["up", "--kubernetes"])?;
+    let text = String::from_utf8_lossy(&up.stdout);
+    ensure!(
+        up.status.success() && text.contains("Kubernetes API server") && text.contains("CNI ADD"),
+        "mesh up --kubernetes: {}\n{text}\n{}",
+        up.status,
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let curl = mesh_cli(
+        &name,
+        &[
+            "exec",
+            "default/client",
+            "--",
+            "curl",
+            "-sS",
+            "-m",
+            "10",
+            "http://web:8080/",
+        ],
+    )?;
+    ensure!(
+        String::from_utf8_lossy(&curl.stdout).contains("hello from default/web"),
+        "curl through the mesh: {curl:?}"
+    );
+    // The demo's deny policy, read from the API, refuses other -> web.
+    let denied = mesh_cli(
+        &name,
+        &[
+            "exec",
+            "other/iperf",
+            "--",
+            "curl",
+            "-sS",
+            "-m",
+            "5",
+            "http://web.default:8080/",
+        ],
+    )?;
+    ensure!(
+        !denied.status.success(),
+        "other/iperf reached web: {denied:?}"
+    );
+
+    // Status: every pod's annotation as its proxy wrote it; legacy's
+    // opt-out is a choice (exit 0, no problem).
+    let mut st = Value::Null;
+    wait_until(
+        "mesh status to show every pod's annotation",
+        Duration::from_secs(30),
+        || {
+            let o = mesh_cli(&name, &["status", "-o", "json"])?;
+            st = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+            Ok(o.status.success()
+                && st["pods"]
+                    .as_array()
+                    .is_some_and(|ps| ps.iter().all(|p| p["status_annotation"].is_object())))
+        },
+    )
+    .with_context(|| format!("last status: {st:#}"))?;
+    ensure!(st["kubernetes"]["reachable"] == true, "{st:#}");
+    ensure!(
+        st["problems"].as_array().is_some_and(Vec::is_empty),
+        "{st:#}"
+    );
+    let pods = st["pods"].as_array().context("pods")?;
+    let by = |k: &str| {
+        pods.iter()
+            .find(|p| p["pod"] == k)
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    let legacy = by("default/legacy");
+    ensure!(
+        legacy["opted_out"] == "pod-disabled"
+            && legacy["status_annotation"]["reason"] == "pod-disabled",
+        "legacy: {legacy:#}"
+    );
+    let web = by("default/web");
+    ensure!(
+        web["meshed"] == true && web["status_annotation"]["meshed"] == true,
+        "web: {web:#}"
+    );
+    let table = mesh_cli(&name, &["status"])?;
+    let table = String::from_utf8_lossy(&table.stdout);
+    ensure!(
+        table.contains("SOCKMESH.IO/STATUS") && table.contains("no (pod-disabled)"),
+        "status:\n{table}"
+    );
+    let down = mesh_cli(&name, &["down"])?;
+    ensure!(down.status.success(), "mesh down: {down:?}");
+    ensure!(
+        !mesh_local::Options::default().state_dir(&name).exists(),
+        "mesh down left the state directory"
+    );
+    Ok(())
 }
