@@ -422,7 +422,12 @@ where
         next: None,
     };
     tokio::spawn(async move {
-        let stream = reflector::reflector(writer, watcher::watcher(api, config).backoff(backoff));
+        // managedFields are most of a stored object and nothing here reads
+        // them (the node proxy holds every pod of the cluster).
+        let watch = watcher::watcher(api, config)
+            .modify(|o: &mut K| o.meta_mut().managed_fields = None)
+            .backoff(backoff);
+        let stream = reflector::reflector(writer, watch);
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
             match event {
