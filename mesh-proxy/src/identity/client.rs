@@ -352,3 +352,41 @@ impl CaClient for HttpsCaClient {
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_file_is_read_each_time_and_bad_ones_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        let token = Token::File(path.clone());
+        let err = |t: &Token| t.current().unwrap_err().to_string();
+        assert!(err(&token).contains(&path.display().to_string()), "missing");
+        std::fs::write(&path, "one\n").unwrap();
+        assert_eq!(token.current().unwrap(), "one");
+        std::fs::write(&path, "two").unwrap();
+        assert_eq!(token.current().unwrap(), "two", "read again, not cached");
+        for (content, why) in [
+            ("".to_owned(), "empty"),
+            ("a\tb".to_owned(), "not one token"),
+            ("x\u{1b}[2Jy".to_owned(), "not one token"),
+            (
+                "t".repeat(MAX_TOKEN_BYTES as usize + 1),
+                "longer than 65536 bytes",
+            ),
+        ] {
+            std::fs::write(&path, &content).unwrap();
+            let e = err(&token);
+            assert!(
+                e.starts_with(&format!("CA token file {}: ", path.display())),
+                "{e}"
+            );
+            assert!(e.contains(why), "{e}");
+            assert!(e.len() < 200, "the error never carries the token: {e}");
+        }
+        assert_eq!(Token::from("v".to_owned()).current().unwrap(), "v");
+    }
+}
