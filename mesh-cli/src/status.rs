@@ -210,9 +210,7 @@ pub fn collect(mesh: &Mesh) -> Status {
             })
             .unwrap_or_default();
     for p in &st.pods {
-        decisions
-            .entry(p.key())
-            .or_insert_with(|| state_decision(st, p));
+        decisions.entry(p.key()).or_insert_with(|| st.decision(p));
     }
     let kube = st.kube.as_ref();
     if let Some(k) = kube {
@@ -299,25 +297,6 @@ pub fn collect(mesh: &Mesh) -> Status {
         policies(&mesh.control_registry())
     };
     s
-}
-
-/// The opt-in rule over the state: the pod's annotation, its namespace's
-/// label (a namespace the state does not list counts as `enabled`).
-fn state_decision(
-    st: &mesh_local::State,
-    p: &mesh_local::PodInfo,
-) -> mesh_core::opt_in::MeshDecision {
-    use mesh_core::opt_in::{ENABLED, MESH_KEY, OptInFacts, decide};
-    let namespace = match st.namespaces.get(&p.namespace) {
-        Some(labels) => labels.get(MESH_KEY).map(String::as_str),
-        None => Some(ENABLED),
-    };
-    decide(OptInFacts {
-        pod: p.annotations.get(MESH_KEY).map(String::as_str),
-        namespace,
-        host_network: false,
-        mesh_component: false,
-    })
 }
 
 /// Kubernetes mode: the AuthorizationPolicies in the API.

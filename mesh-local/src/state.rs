@@ -202,6 +202,12 @@ pub fn netns_path(name: &str) -> PathBuf {
 }
 
 impl State {
+    /// Whether pod `p` is in the mesh by the one opt-in rule (its
+    /// annotations, its namespace's labels; see [`crate::topology::opt_in`]).
+    pub fn decision(&self, p: &PodInfo) -> mesh_core::opt_in::MeshDecision {
+        crate::topology::opt_in(&p.annotations, self.namespaces.get(&p.namespace))
+    }
+
     /// Reads a state file; `Ok(None)` when there is none.
     pub fn load(path: &Path) -> Result<Option<State>, Error> {
         let Some(state) = read_json::<State>(path, "read state")? else {

@@ -353,17 +353,8 @@ impl Topology {
     /// else its namespace's label (a namespace not listed counts as
     /// `enabled`, as in the registry file).
     pub fn decision(&self, p: &Pod) -> mesh_core::opt_in::MeshDecision {
-        use mesh_core::opt_in::{ENABLED, MESH_KEY, OptInFacts, decide};
-        let namespace = match self.namespaces.iter().find(|n| n.name == p.namespace) {
-            Some(n) => n.labels.get(MESH_KEY).map(String::as_str),
-            None => Some(ENABLED),
-        };
-        decide(OptInFacts {
-            pod: p.annotations.get(MESH_KEY).map(String::as_str),
-            namespace,
-            host_network: false,
-            mesh_component: false,
-        })
+        let ns = self.namespaces.iter().find(|n| n.name == p.namespace);
+        opt_in(&p.annotations, ns.map(|n| &n.labels))
     }
 
     /// Checks names and references (addresses are checked when they are
@@ -494,6 +485,27 @@ impl Topology {
                     .all(|(k, v)| p.labels.get(k) == Some(v))
         })
     }
+}
+
+/// The one opt-in rule ([`mesh_core::opt_in::decide`]) for a local-mesh
+/// pod: its annotations, and its namespace's labels (`None`: a namespace
+/// the mesh does not list, which counts as labelled `enabled`, as in the
+/// registry file).
+pub fn opt_in(
+    annotations: &BTreeMap<String, String>,
+    namespace_labels: Option<&BTreeMap<String, String>>,
+) -> mesh_core::opt_in::MeshDecision {
+    use mesh_core::opt_in::{ENABLED, MESH_KEY, OptInFacts, decide};
+    let namespace = match namespace_labels {
+        Some(labels) => labels.get(MESH_KEY).map(String::as_str),
+        None => Some(ENABLED),
+    };
+    decide(OptInFacts {
+        pod: annotations.get(MESH_KEY).map(String::as_str),
+        namespace,
+        host_network: false,
+        mesh_component: false,
+    })
 }
 
 /// `sockmesh.io/mesh`, when set, is `enabled` or `disabled`: a typo must

@@ -62,6 +62,18 @@ pub fn soak_topology() -> Topology {
         svc.selector = [("app".to_owned(), "iperf".to_owned())].into();
         topo.services.push(svc);
     }
+    // A pod opted out of the mesh on the other node: the passthrough path
+    // (plain TCP from the client's pod, spliced by its proxy).
+    topo.pods.push(mesh_local::Pod {
+        namespace: "default".into(),
+        name: "plain".into(),
+        uid: None,
+        node: "node-b".into(),
+        service_account: "plain".into(),
+        ips: Vec::new(),
+        labels: Default::default(),
+        annotations: [("sockmesh.io/mesh".to_owned(), "disabled".to_owned())].into(),
+    });
     topo
 }
 
@@ -79,19 +91,27 @@ impl TestMesh {
 
     /// A mesh of `topology` (names prefixed by `tag` and this process).
     pub fn up_with(tag: &str, topology: &Topology, opts: ControlOptions) -> Result<Self> {
+        let (mut mesh, bins) = Self::namespaces(tag, topology)?;
+        mesh.start_control(&bins, &opts, &mut |_| {})
+            .with_context(|| format!("control plane; logs under {}", mesh.state_dir().display()))?;
+        Ok(TestMesh { mesh, bins, opts })
+    }
+
+    /// The fabric, nodes and pods of `topology` (names prefixed by `tag`
+    /// and this process; a leftover of that name removed first), no
+    /// control plane yet.
+    fn namespaces(tag: &str, topology: &Topology) -> Result<(Mesh, Binaries)> {
         crate::require_privileges();
         let name = format!("{tag}{}", std::process::id() % 100_000);
         let bins = bins()?;
         let _ = mesh_local::down(&name, &mesh_local::Options::default());
-        let mut mesh = mesh_local::up(
+        let mesh = mesh_local::up(
             &name,
             topology,
             &mesh_local::Options::default(),
             &mut |_| {},
         )?;
-        mesh.start_control(&bins, &opts, &mut |_| {})
-            .with_context(|| format!("control plane; logs under {}", mesh.state_dir().display()))?;
-        Ok(TestMesh { mesh, bins, opts })
+        Ok((mesh, bins))
     }
 
     /// A mesh of `topology` in Kubernetes mode (`mesh up --kubernetes`):
@@ -103,21 +123,12 @@ impl TestMesh {
         opts: ControlOptions,
         kube: &mesh_local::kube::KubeOptions,
     ) -> Result<Self> {
-        crate::require_privileges();
-        let name = format!("{tag}{}", std::process::id() % 100_000);
-        let bins = bins()?;
+        let (mut mesh, bins) = Self::namespaces(tag, topology)?;
         ensure!(
             bins.cni().exists(),
             "{} is not built: run `cargo build --bins`",
             bins.cni().display()
         );
-        let _ = mesh_local::down(&name, &mesh_local::Options::default());
-        let mut mesh = mesh_local::up(
-            &name,
-            topology,
-            &mesh_local::Options::default(),
-            &mut |_| {},
-        )?;
         mesh.start_kube_control(&bins, &opts, kube, &mut |_| {})
             .with_context(|| {
                 format!(
