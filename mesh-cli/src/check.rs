@@ -234,9 +234,8 @@ fn pre_checks(args: &CheckArgs) -> Vec<Check> {
 }
 
 fn bpffs(dir: &Path) -> Check {
-    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
     match nix::sys::statfs::statfs(dir) {
-        Ok(s) if s.filesystem_type().0 == BPF_FS_MAGIC => {
+        Ok(s) if s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC => {
             pass("bpffs", format!("{} is a bpf file system", dir.display()))
         }
         Ok(_) => fail(

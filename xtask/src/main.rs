@@ -265,7 +265,9 @@ fn setup() -> Result<()> {
 
     // checkov (PyPI), the manifest scanner mesh-cli's tests run on deploy/:
     // in a venv of its own under target/, never in the system's Python.
-    let venv = target_dir(Path::new(".")).join("checkov");
+    // Always target/checkov (mesh-cli's test looks there), whatever
+    // CARGO_TARGET_DIR says.
+    let venv = PathBuf::from("target/checkov");
     let checkov = venv.join("bin/checkov");
     if output(Command::new(&checkov).arg("--version")).is_none_or(|v| v.trim() != CHECKOV_VERSION) {
         println!(
