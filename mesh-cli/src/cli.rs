@@ -149,12 +149,6 @@ Examples:
   mesh certs web -o json")]
     Certs(CertsArgs),
 
-    /// Print the version.
-    #[command(after_help = "Example:\n  mesh version -o json")]
-    Version(VersionArgs),
-
-    /// Print a shell completion script.
-    #[command(after_help = "\
     /// Print every Kubernetes object sockmesh installs, as YAML (what deploy/sockmesh.yaml holds).
     #[command(after_help = crate::install::MANIFEST_HELP)]
     Manifest(ManifestArgs),
@@ -171,6 +165,12 @@ Examples:
     #[command(after_help = crate::check::CHECK_HELP)]
     Check(CheckArgs),
 
+    /// Print the version.
+    #[command(after_help = "Example:\n  mesh version -o json")]
+    Version(VersionArgs),
+
+    /// Print a shell completion script.
+    #[command(after_help = "\
 Examples:
   mesh completions bash > /etc/bash_completion.d/mesh
   mesh completions zsh > \"${fpath[1]}/_mesh\"")]
@@ -306,24 +306,6 @@ pub struct CertsArgs {
     pub output: OutputArg,
 }
 
-#[derive(Debug, Clone, Args)]
-pub struct VersionArgs {
-    #[command(flatten)]
-    pub output: OutputArg,
-}
-
-/// `mesh supervise`: not a user command (hidden from `mesh --help`). The
-/// local mesh starts one per node, where the proxy runs; it runs the proxy
-/// and restarts it when it crashes (see `mesh_local::supervise`). `main`
-/// dispatches on it before parsing [`Cli`]; `mesh_local::supervise::Config::to_args`
-/// writes this command line.
-#[derive(Debug, Clone, Parser)]
-#[command(
-    name = "mesh supervise",
-    hide = true,
-    about = "Run a node's proxy and restart it when it crashes (started by `mesh up`)",
-    after_help = "Example (as the local mesh starts it):\n  mesh supervise --node node-a --record R --hold H --kick K --mesh-state S -- mesh-proxy ..."
-)]
 /// What the manifests are built with (`mesh manifest` and `mesh install`).
 #[derive(Debug, Clone, Args)]
 pub struct ManifestOptions {
@@ -433,6 +415,24 @@ pub struct CheckArgs {
     pub output: OutputArg,
 }
 
+#[derive(Debug, Clone, Args)]
+pub struct VersionArgs {
+    #[command(flatten)]
+    pub output: OutputArg,
+}
+
+/// `mesh supervise`: not a user command (hidden from `mesh --help`). The
+/// local mesh starts one per node, where the proxy runs; it runs the proxy
+/// and restarts it when it crashes (see `mesh_local::supervise`). `main`
+/// dispatches on it before parsing [`Cli`]; `mesh_local::supervise::Config::to_args`
+/// writes this command line.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "mesh supervise",
+    hide = true,
+    about = "Run a node's proxy and restart it when it crashes (started by `mesh up`)",
+    after_help = "Example (as the local mesh starts it):\n  mesh supervise --node node-a --record R --hold H --kick K --mesh-state S -- mesh-proxy ..."
+)]
 pub struct SuperviseArgs {
     /// The node whose proxy this is.
     #[arg(long)]
@@ -539,14 +539,6 @@ mod tests {
     }
 
     #[test]
-    fn usage_errors_exit_2() {
-        let e = Cli::try_parse_from(["mesh", "top", "--sort", "nope"]).unwrap_err();
-        assert_eq!(e.exit_code(), 2);
-        let e = Cli::try_parse_from(["mesh", "explain"]).unwrap_err();
-        assert_eq!(e.exit_code(), 2);
-    }
-}
-    #[test]
     fn global_options_work_after_any_verb() {
         let cli = Cli::parse_from(["mesh", "down", "--name", "x1"]);
         let Command::Down(a) = &cli.command else {
@@ -582,3 +574,12 @@ mod tests {
             assert_eq!(cli.name, "x2", "{argv:?}");
         }
     }
+
+    #[test]
+    fn usage_errors_exit_2() {
+        let e = Cli::try_parse_from(["mesh", "top", "--sort", "nope"]).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        let e = Cli::try_parse_from(["mesh", "explain"]).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+    }
+}
