@@ -14,6 +14,12 @@ Get started (as root):
   mesh explain other/iperf web.default:8080        # why is this connection refused?
   mesh down
 
+In a Kubernetes cluster (the current kubeconfig context):
+  mesh check --pre                                 # on a node: can it run the proxy?
+  mesh install                                     # then: kubectl label ns NS sockmesh.io/mesh=enabled
+  mesh check                                       # CA, every node proxy, every opted-in pod
+  mesh uninstall
+
 Exit codes (scripts can rely on them):
   0  success
   1  failure (the message says what failed and the value that made it fail);
@@ -35,7 +41,7 @@ Colors only on a terminal; NO_COLOR=1 turns them off.";
 #[command(
     name = "mesh",
     version,
-    about = "sockmesh: a sidecarless service mesh; this command runs a whole mesh on one Linux machine",
+    about = "sockmesh: a sidecarless service mesh; this command runs a whole mesh on one Linux machine, or installs and checks one in a Kubernetes cluster",
     after_help = ROOT_HELP,
     propagate_version = true
 )]
