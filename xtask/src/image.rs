@@ -214,18 +214,39 @@ pub fn image(root: &Path, target_dir: &Path, check: bool) -> Result<()> {
     Ok(())
 }
 
-/// A containerd of our own, in a netns of our own, removed on drop.
+/// A containerd of our own, in a netns of our own, with its containers in
+/// a cgroup subtree of our own; all removed on drop.
 struct Containerd {
     netns: String,
     dir: PathBuf,
+    /// The subtree's name, directly under the cgroup root(s).
+    cgroup: String,
     child: std::process::Child,
+}
+
+/// The cgroup hierarchies' mount points (v2, or v1 controllers and
+/// `unified` on a hybrid host): where runc makes a container's cgroups.
+fn cgroup_mounts() -> Vec<PathBuf> {
+    let root = Path::new("/sys/fs/cgroup");
+    if root.join("cgroup.controllers").exists() {
+        return vec![root.to_owned()];
+    }
+    std::fs::read_dir(root)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| p.join("cgroup.procs").exists())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 impl Drop for Containerd {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        // containerd's shims and mounts under our root.
+        // The snapshots' mounts (a failed run's task and container were
+        // deleted through ctr, which ends their shims).
         let _ = Command::new("sh")
             .arg("-c")
             .arg(format!(
@@ -233,6 +254,18 @@ impl Drop for Containerd {
                 self.dir.display()
             ))
             .status();
+        for m in cgroup_mounts() {
+            let sub = m.join(&self.cgroup);
+            if let Ok(children) = std::fs::read_dir(&sub) {
+                for c in children
+                    .filter_map(|e| e.ok())
+                    .filter(|e| e.path().is_dir())
+                {
+                    let _ = std::fs::remove_dir(c.path());
+                }
+            }
+            let _ = std::fs::remove_dir(&sub);
+        }
         let _ = Command::new("ip")
             .args(["netns", "del", &self.netns])
             .status();
@@ -243,6 +276,7 @@ impl Drop for Containerd {
 impl Containerd {
     fn start() -> Result<Self> {
         let netns = format!("sm-image-{}", std::process::id());
+        let cgroup = format!("sockmesh-image-{}", std::process::id());
         let dir = std::env::temp_dir().join(format!("sockmesh-image-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         sh(Command::new("ip").args(["netns", "add", &netns]))?;
@@ -255,14 +289,22 @@ impl Containerd {
             ),
         )?;
         let log = std::fs::File::create(dir.join("containerd.log"))?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &netns, "containerd", "--config"])
+        // nsenter, not `ip netns exec`: that one also remounts /sys, and
+        // runc then finds no cgroup mount.
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/var/run/netns/{netns}"))
+            .args(["--", "containerd", "--config"])
             .arg(&config)
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
             .context("start containerd")?;
-        let c = Containerd { netns, dir, child };
+        let c = Containerd {
+            netns,
+            dir,
+            cgroup,
+            child,
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         while c.ctr(&["version"]).is_err() {
             ensure!(
@@ -277,18 +319,107 @@ impl Containerd {
 
     fn ctr(&self, args: &[&str]) -> Result<String> {
         let sock = self.dir.join("containerd.sock");
-        sh(Command::new("ip")
-            .args(["netns", "exec", &self.netns, "ctr", "--address"])
+        sh(Command::new("ctr")
+            .arg("--address")
             .arg(&sock)
+            .args(["--namespace", "sockmesh"])
             .args(args))
     }
 }
 
+/// The binary `bin` out of an image archive, as a runtime unpacks it:
+/// index.json -> manifest -> the layer -> the file.
+fn unpack(archive: &Path, bin: &str, into: &Path) -> Result<PathBuf> {
+    let work = into.join(format!("{bin}.oci"));
+    std::fs::create_dir_all(&work)?;
+    sh(Command::new("tar")
+        .arg("-xf")
+        .arg(archive)
+        .arg("-C")
+        .arg(&work))?;
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(work.join("index.json"))?)?;
+    let blob = |digest: &str| {
+        work.join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:"))
+    };
+    let manifest_digest = index["manifests"][0]["digest"]
+        .as_str()
+        .context("index: no manifest")?;
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(blob(manifest_digest))?)?;
+    let layer = manifest["layers"][0]["digest"]
+        .as_str()
+        .context("manifest: no layer")?;
+    sh(Command::new("tar")
+        .arg("-xf")
+        .arg(blob(layer))
+        .arg("-C")
+        .arg(into)
+        .arg(bin))?;
+    Ok(into.join(bin))
+}
+
+/// The images' `mesh`, `mesh-ca` and `mesh-proxy`, unpacked, bring up a
+/// one-node local mesh (real netns, eBPF, the proxy enrolling the demo
+/// pods) and serve a request through it; `mesh down` always follows.
+fn local_mesh_check(archives: &[(String, String, PathBuf)]) -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("sockmesh-image-bins-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    for (name, bin, file) in archives {
+        if ["mesh", "mesh-ca", "mesh-proxy"].contains(&name.as_str()) {
+            unpack(file, bin, &dir)?;
+        }
+    }
+    let mesh = dir.join("mesh");
+    let start = Instant::now();
+    let result = (|| -> Result<String> {
+        sh(Command::new(&mesh).args(["up", "--name", "imgcheck", "--nodes", "1"]))?;
+        sh(Command::new(&mesh).args(["status", "--name", "imgcheck"]))?;
+        sh(Command::new(&mesh).args([
+            "exec",
+            "--name",
+            "imgcheck",
+            "default/client",
+            "--",
+            "curl",
+            "-sS",
+            "-m",
+            "5",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "http://web:8080/",
+        ]))
+    })();
+    let down = sh(Command::new(&mesh).args(["down", "--name", "imgcheck"]));
+    let _ = std::fs::remove_dir_all(&dir);
+    let code = result.context("the images' binaries on a local mesh node")?;
+    down.context("mesh down after the image check")?;
+    ensure!(
+        code.trim() == "200",
+        "client -> web through the image's proxy answered {code:?}"
+    );
+    println!(
+        "image: the images' mesh, mesh-ca and mesh-proxy ran a one-node local mesh: client -> web answered 200 ({:.1}s)",
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 fn run_check(archives: &[(String, String, PathBuf)]) -> Result<()> {
+    local_mesh_check(archives)?;
     let c = Containerd::start()?;
     for (name, bin, file) in archives {
         let reference = format!("{PREFIX}/{name}:{}", version());
-        c.ctr(&["images", "import", &file.display().to_string()])?;
+        c.ctr(&[
+            "images",
+            "import",
+            "--snapshotter",
+            "native",
+            &file.display().to_string(),
+        ])?;
         let id = format!("check-{name}");
         let start = Instant::now();
         let out = c.ctr(&[
@@ -298,7 +429,12 @@ fn run_check(archives: &[(String, String, PathBuf)]) -> Result<()> {
             &id,
             &format!("/{bin}"),
             "--version",
-        ])?;
+        ]);
+        if out.is_err() {
+            let _ = c.ctr(&["tasks", "rm", "-f", &id]);
+            let _ = c.ctr(&["containers", "rm", &id]);
+        }
+        let out = out?;
         ensure!(
             out.contains(version()),
             "{reference}: `{bin} --version` printed {out:?}, not the version {}",
