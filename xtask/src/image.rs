@@ -17,12 +17,14 @@ use sha2::{Digest, Sha256};
 
 pub const MUSL: &str = "x86_64-unknown-linux-musl";
 
-/// (image name, binary, package).
-pub const IMAGES: &[(&str, &str, &str)] = &[
-    ("mesh-ca", "mesh-ca", "mesh-ca"),
-    ("mesh-cni", "mesh-cni", "mesh-cni"),
-    ("mesh-proxy", "mesh-proxy", "mesh-proxy"),
-    ("mesh", "mesh", "mesh-cli"),
+/// (image name, binary, package, user): the user as in the Dockerfile's
+/// USER (the CA runs unprivileged; the proxy and the CNI installer as root,
+/// with the capabilities the DaemonSet grants).
+pub const IMAGES: &[(&str, &str, &str, &str)] = &[
+    ("mesh-ca", "mesh-ca", "mesh-ca", "10001"),
+    ("mesh-cni", "mesh-cni", "mesh-cni", "0"),
+    ("mesh-proxy", "mesh-proxy", "mesh-proxy", "0"),
+    ("mesh", "mesh", "mesh-cli", "65534"),
 ];
 
 pub const PREFIX: &str = "localhost/sockmesh";
@@ -88,7 +90,12 @@ fn sha256(b: &[u8]) -> String {
 
 /// The OCI layout of an image whose one layer holds `/<binary>` and an
 /// empty `/tmp`, as a tar archive. Returns (archive, manifest digest).
-pub fn oci_archive(name: &str, binary_name: &str, binary: &[u8]) -> Result<(Vec<u8>, String)> {
+pub fn oci_archive(
+    name: &str,
+    binary_name: &str,
+    user: &str,
+    binary: &[u8],
+) -> Result<(Vec<u8>, String)> {
     let mut layer = Vec::new();
     tar_entry(&mut layer, "tmp/", 0o1777, None)?;
     tar_entry(&mut layer, binary_name, 0o755, Some(binary))?;
@@ -99,6 +106,7 @@ pub fn oci_archive(name: &str, binary_name: &str, binary: &[u8]) -> Result<(Vec<
         "os": "linux",
         "config": {
             "Entrypoint": [format!("/{binary_name}")],
+            "User": user,
             "Env": ["PATH=/"],
             "WorkingDir": "/",
             "Labels": {"org.opencontainers.image.title": name, "org.opencontainers.image.version": version()},
@@ -170,7 +178,7 @@ pub fn image(root: &Path, target_dir: &Path, check: bool) -> Result<()> {
     build
         .current_dir(root)
         .args(["build", "--release", "--target", MUSL]);
-    for (_, bin, pkg) in IMAGES {
+    for (_, bin, pkg, _) in IMAGES {
         build.args(["-p", pkg, "--bin", bin]);
     }
     let st = build.status().context("spawn cargo build")?;
@@ -179,7 +187,7 @@ pub fn image(root: &Path, target_dir: &Path, check: bool) -> Result<()> {
     let out_dir = target_dir.join("images");
     std::fs::create_dir_all(&out_dir)?;
     let mut archives = Vec::new();
-    for (name, bin, _) in IMAGES {
+    for (name, bin, _, user) in IMAGES {
         let path = bins.join(bin);
         // The release profile keeps line tables (for the benchmarks'
         // profiles); an image carries none.
@@ -196,7 +204,7 @@ pub fn image(root: &Path, target_dir: &Path, check: bool) -> Result<()> {
         if !static_ok.contains("statically linked") && !static_ok.contains("static-pie") {
             bail!("{} is not static: {static_ok}", path.display());
         }
-        let (archive, digest) = oci_archive(name, bin, &data)?;
+        let (archive, digest) = oci_archive(name, bin, user, &data)?;
         let file = out_dir.join(format!("{name}.oci.tar"));
         std::fs::write(&file, &archive).with_context(|| format!("write {}", file.display()))?;
         println!(
@@ -455,7 +463,8 @@ mod tests {
 
     #[test]
     fn the_archive_is_an_oci_layout_whose_digests_match() {
-        let (archive, digest) = oci_archive("mesh-ca", "mesh-ca", b"\x7fELF fake").unwrap();
+        let (archive, digest) =
+            oci_archive("mesh-ca", "mesh-ca", "10001", b"\x7fELF fake").unwrap();
         assert_eq!(archive.len() % 512, 0);
         let text = String::from_utf8_lossy(&archive);
         assert!(text.contains("oci-layout"));
