@@ -416,7 +416,9 @@ pub fn objects(o: &Options) -> Result<Vec<Object>> {
                         &["authorizationpolicies"],
                         &["list", "watch"],
                     ),
-                    rule(&[""], &["pods"], &["patch"]),
+                    // patch: the status annotation; get: its own pod's
+                    // owner when it stops (uninstall or restart?).
+                    rule(&[""], &["pods"], &["get", "patch"]),
                     rule(&[""], &["events"], &["create"]),
                 ]),
                 ..Default::default()
@@ -427,6 +429,24 @@ pub fn objects(o: &Options) -> Result<Vec<Object>> {
             &ClusterRoleBinding {
                 metadata: meta("sockmesh-proxy", None, PROXY_NAME),
                 role_ref: role_ref("ClusterRole", "sockmesh-proxy"),
+                subjects: Some(vec![sa_subject(PROXY_SA, ns)]),
+            },
+        )?,
+        Object::new(
+            "A stopping node proxy reads its own DaemonSet: gone means `mesh uninstall`, and it removes its eBPF pins; there means a restart, and it keeps them.",
+            &Role {
+                metadata: meta("sockmesh-proxy", Some(ns), PROXY_NAME),
+                rules: Some(vec![PolicyRule {
+                    resource_names: Some(vec![PROXY_NAME.into()]),
+                    ..rule(&["apps"], &["daemonsets"], &["get"])
+                }]),
+            },
+        )?,
+        Object::new(
+            "",
+            &RoleBinding {
+                metadata: meta("sockmesh-proxy", Some(ns), PROXY_NAME),
+                role_ref: role_ref("Role", "sockmesh-proxy"),
                 subjects: Some(vec![sa_subject(PROXY_SA, ns)]),
             },
         )?,

@@ -16,4 +16,5 @@ pub mod registry;
 pub mod route;
 pub mod run;
 pub mod state;
+pub mod uninstall;
 pub mod workloads;

@@ -236,11 +236,55 @@ pub fn run(cfg: Config, log: LogControl) -> Result<(), RunError> {
         if let Err(e) = tcp_metrics.save() {
             warn!(error = %e, "metric totals not saved; they restart from the last saved state");
         }
+        uninstall_if_removed(&cfg).await;
         Ok::<(), RunError>(())
     })?;
     data_rt.shutdown_timeout(std::time::Duration::from_secs(1));
     info!("stopped");
     Ok(())
+}
+
+/// In a cluster, when this proxy's DaemonSet is gone (`mesh uninstall`),
+/// removes its eBPF pins: the kernel detaches the programs once this
+/// process exits, and the node is left as it was. A restart (the DaemonSet
+/// is there) keeps them for the next proxy. When the API cannot tell, the
+/// pins stay, and the log says how to remove them.
+async fn uninstall_if_removed(cfg: &Config) {
+    let (SourceKind::Kubernetes, Some(ns), Some(pod)) = (
+        cfg.registry_source,
+        cfg.pod_namespace.as_deref(),
+        cfg.pod_name.as_deref(),
+    ) else {
+        return;
+    };
+    let asked = async {
+        let client = kube_client(cfg.kubeconfig.as_deref())
+            .await
+            .map_err(|e| e.to_string())?;
+        crate::uninstall::verdict(&client, ns, pod)
+            .await
+            .map_err(|e| e.to_string())
+    };
+    let keep = "the pins stay; remove them with `rm -r` of the pin root once no proxy runs";
+    match tokio::time::timeout(std::time::Duration::from_secs(5), asked).await {
+        Ok(Ok(crate::uninstall::Verdict::Uninstall { daemonset })) => {
+            match mesh_ebpf::uninstall(&cfg.pin_root) {
+                Ok(r) => info!(%daemonset, pins = r.pins.len(), pin_root = %cfg.pin_root.display(),
+                               "DaemonSet removed: eBPF pins removed (uninstall)"),
+                Err(e) => warn!(%daemonset, error = %e, pin_root = %cfg.pin_root.display(),
+                                "DaemonSet removed but the pins could not be removed"),
+            }
+        }
+        Ok(Ok(v)) => {
+            info!(verdict = ?v, "stopping, not uninstalling: the eBPF pins stay for the next proxy")
+        }
+        Ok(Err(e)) => {
+            warn!(error = %e, pin_root = %cfg.pin_root.display(), "could not ask the API whether this is an uninstall; {keep}")
+        }
+        Err(_) => {
+            warn!(pin_root = %cfg.pin_root.display(), "the API did not answer within 5 s whether this is an uninstall; {keep}")
+        }
+    }
 }
 
 /// The registry source `--registry-source` names: the file, or watchers on
