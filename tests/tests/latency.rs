@@ -182,8 +182,10 @@ fn spliced_agrees(m: &TestMesh, peer: &str, what: &str) -> Result<()> {
         .with_context(|| format!("{what}: no delivery to {to} in {flows}"))?;
     let kernel = delivery["srtt_us"].as_u64().context("srtt_us")?;
     // The proxy's delivering socket in the destination pod's netns.
-    // (Not only established: the server has already half-closed.)
-    let argv = ["ss", "-tinH", "dst", to.as_str()];
+    // That very socket (not only established: the server has already
+    // half-closed).
+    let src = delivery["app_socket"].as_str().context("app_socket")?;
+    let argv = ["ss", "-tinH", "src", src, "dst", to.as_str()];
     let out = m.mesh.pod_command("default/web-2", &argv)?.output()?;
     let ss = rtts_of(&String::from_utf8_lossy(&out.stdout))?;
     ensure!(!ss.is_empty(), "{what}: ss shows no socket to {to}");
@@ -195,6 +197,78 @@ fn spliced_agrees(m: &TestMesh, peer: &str, what: &str) -> Result<()> {
         "{what}: ss says srtt {ss:?} us, the kernel's delivery flow {kernel} us"
     );
     eprintln!("{what}: spliced on the node; ss srtt {ss:?} us, kernel {kernel} us");
+    Ok(())
+}
+
+/// Runs `mesh --name <this mesh> ARGS` (bounded), requiring success.
+fn mesh_cli(m: &TestMesh, args: &[&str]) -> Result<String> {
+    let out = std::process::Command::new("timeout")
+        .arg("30")
+        .arg(m.bins.supervisor())
+        .arg("--name")
+        .arg(m.mesh.name())
+        .args(args)
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "mesh {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// What a user sees of a path's RTT: `mesh top --sort rtt` lists the pair
+/// with its RTT, `mesh explain` shows it for the path.
+fn cli_shows_the_rtt(m: &TestMesh, to: &str) -> Result<()> {
+    let top: Value = serde_json::from_str(
+        mesh_cli(
+            m,
+            &[
+                "top",
+                "--once",
+                "--interval",
+                "0.2",
+                "--sort",
+                "rtt",
+                "-o",
+                "json",
+            ],
+        )?
+        .trim(),
+    )?;
+    let pair = top["pairs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| {
+            p["source_workload"] == "default/client"
+                && p["destination_workload"] == "default/web"
+                && p["direction"] == "outbound"
+        })
+        .with_context(|| format!("mesh top: no client -> web pair: {top:#}"))?;
+    ensure!(
+        pair["rtt"]["samples"].as_u64() > Some(0) && pair["rtt"]["p99_us"].as_u64() > Some(0),
+        "mesh top: {pair:#}"
+    );
+    // Sorted by RTT: no flow with an RTT comes after one without.
+    let rtts: Vec<bool> = top["flows"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|f| !f["rtt"].is_null())
+        .collect();
+    ensure!(
+        rtts.windows(2).all(|w| w[0] || !w[1]),
+        "mesh top --sort rtt: {rtts:?}"
+    );
+    let explain = mesh_cli(m, &["explain", "default/client", to])?;
+    ensure!(
+        explain.contains("RTT") && explain.contains("samples"),
+        "mesh explain:\n{explain}"
+    );
     Ok(())
 }
 
@@ -223,13 +297,14 @@ fn a_tunnels_kernel_rtt_agrees_with_ss_within_one_bucket_cross_node_and_same_nod
         if !ss_rtts(&m, "default/client", peer)?.is_empty() {
             // Across the fabric (or same node through a tunnel).
             tunnel_agrees(&m, peer, what, &mut exchange)?;
+            cli_shows_the_rtt(&m, &to)?;
         } else {
             ensure!(
                 what == "same-node",
                 "{what}: ss shows no tunnel to {peer}:15008"
             );
-            exchange()?;
             spliced_agrees(&m, peer, what)?;
+            exchange()?;
         }
         finish(h)?;
         s.event("transfer")?;
