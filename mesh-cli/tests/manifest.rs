@@ -214,3 +214,67 @@ fn checkov_scans_deploy_clean() {
     );
     assert!(summary["passed"].as_u64().unwrap() > 100, "{summary}");
 }
+
+/// The programs next to `mesh` (a workspace build puts them there).
+fn sibling(name: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_BIN_EXE_mesh"))
+        .parent()
+        .unwrap()
+        .join(name);
+    assert!(
+        p.is_file(),
+        "{} not built: `cargo build -p mesh-proxy -p mesh-ca -p mesh-cni` (./x test builds every binary)",
+        p.display()
+    );
+    p
+}
+
+/// `$(VAR)` as the kubelet expands it, with plausible values.
+fn expand(arg: &str) -> String {
+    arg.replace("$(NODE_NAME)", "node-1")
+        .replace("$(POD_NAME)", "mesh-node-x")
+        .replace("$(POD_NAMESPACE)", "sockmesh-system")
+        .replace("$(MESH_CA_SERVICE_HOST)", "10.96.0.12")
+}
+
+/// Every container's command line in the manifest is one its program
+/// accepts: each flag known, each value parsed (`--help` at the end only
+/// answers once everything before it parsed).
+#[test]
+fn every_container_command_line_is_accepted_by_its_program() {
+    let all = docs(&manifest(&[]));
+    let mut seen = 0;
+    for d in &all {
+        let Some(spec) = d.pointer("/spec/template/spec") else {
+            continue;
+        };
+        let containers = spec["containers"]
+            .as_array()
+            .into_iter()
+            .chain(spec["initContainers"].as_array())
+            .flatten();
+        for c in containers {
+            let image = c["image"].as_str().unwrap();
+            let program = image.rsplit('/').next().unwrap().split(':').next().unwrap();
+            let args: Vec<String> = c["args"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| expand(a.as_str().unwrap()))
+                .collect();
+            let o = Command::new(sibling(program))
+                .args(&args)
+                .arg("--help")
+                .output()
+                .unwrap();
+            assert!(
+                o.status.success(),
+                "{program} {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, 3, "the CA, the proxy and the CNI installer");
+}
