@@ -220,3 +220,39 @@ async fn token_review_checks_audience_expiry_and_the_bound_pod() {
         .unwrap();
     assert!(r.status.unwrap().error.unwrap().contains("not found"));
 }
+
+#[tokio::test]
+async fn deny_answers_403_as_rbac_words_it_and_only_for_that_verb_and_resource() {
+    let api = FakeApiServer::start().await.unwrap();
+    let pods: Api<Pod> = Api::namespaced(client(&api).await, "default");
+    api.deny("create", "pods");
+    let e = pods
+        .create(&PostParams::default(), &pod("a", "n1"))
+        .await
+        .unwrap_err();
+    let kube::Error::Api(s) = e else {
+        panic!("{e}")
+    };
+    assert_eq!((s.code, s.reason.as_str()), (403, "Forbidden"));
+    assert_eq!(
+        s.message,
+        "pods is forbidden: User \"system:anonymous\" cannot create resource \"pods\" in API group \"\" in the namespace \"default\""
+    );
+    // Other verbs, and the same verb on other resources, still work.
+    assert!(
+        pods.list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client(&api).await, "default");
+    leases
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "l"}})).unwrap(),
+        )
+        .await
+        .unwrap();
+}
