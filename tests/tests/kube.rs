@@ -272,6 +272,29 @@ fn pods_follow_the_api_through_cni_annotations_labels_and_watch_failures() -> Re
     );
     // And the data path still works after the relist.
     mtls_to_web(&m, "default/client", "node-a")?;
+
+    // A bad object (a policy with a field the strict parser does not
+    // know) is reported by name and skipped; the watchers and the data
+    // path carry on.
+    m.mesh.kube_create(&serde_json::json!({
+        "apiVersion": "security.sockmesh.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "typo-policy", "namespace": "default"},
+        "spec": {"action": "DENY", "rulez": []},
+    }))?;
+    for node in ["node-a", "node-b"] {
+        let log = format!("proxy-{node}");
+        wait_until(
+            &format!("{node}'s proxy to report the bad policy"),
+            Duration::from_secs(20),
+            || {
+                Ok(m.log(&log)
+                    .lines()
+                    .any(|l| l.contains("kubernetes object skipped") && l.contains("typo-policy")))
+            },
+        )
+        .with_context(|| format!("{log}:\n{}", tail(&m.log(&log))))?;
+    }
+    mtls_to_web(&m, "default/web-2", "node-a")?;
     Ok(())
 }
 
