@@ -199,6 +199,28 @@ fn pods_talk_over_mtls_across_and_within_nodes_by_ip_and_service() -> Result<()>
     Ok(())
 }
 
+/// The app's error for a connection the proxy reset. A same-node refusal
+/// (no tunnel to wait for) can reset the socket before the app asks for
+/// its peer's address, which then fails with ENOTCONN.
+fn was_reset(err: &str) -> bool {
+    let err = err.to_lowercase();
+    err.contains("reset") || err.contains("not connected")
+}
+
+/// Swaps the policy to deny namespace default (no restart) and waits until
+/// default/client's connections to `to` (served by `s`) are refused.
+fn deny_default_and_wait(m: &TestMesh, s: &mut Proc, to: &str) -> Result<()> {
+    m.mesh.write_control_registry(Some(&deny_from("default")))?;
+    wait_until("the new policy to apply", Duration::from_secs(10), || {
+        let allowed = attempt(m, "default/client", to)?.is_ok();
+        if allowed {
+            s.event("accepted")?;
+            s.event("transfer")?;
+        }
+        Ok(!allowed)
+    })
+}
+
 fn deny_from(ns: &str) -> serde_norway::Value {
     serde_norway::from_str(&format!(
         "- apiVersion: security.sockmesh.io/v1\n  kind: AuthorizationPolicy\n  metadata: {{name: deny-{ns}, namespace: default}}\n  spec:\n    selector: {{matchLabels: {{app: web}}}}\n    action: DENY\n    rules: [{{from: [{{source: {{namespaces: [{ns}]}}}}]}}]\n"
@@ -221,10 +243,7 @@ fn deny_policy_resets_and_a_policy_change_applies_without_restart() -> Result<()
     let err = denied
         .err()
         .context("other/iperf reached web despite the DENY policy")?;
-    assert!(
-        err.to_lowercase().contains("reset"),
-        "expected a reset, the app saw: {err}"
-    );
+    assert!(was_reset(&err), "expected a reset, the app saw: {err}");
     // default/client is not.
     assert_eq!(attempt(&m, "default/client", &web)?, Ok(500));
     s.event("accepted")?;
@@ -249,15 +268,7 @@ fn deny_policy_resets_and_a_policy_change_applies_without_restart() -> Result<()
     )?;
 
     // Swap the policy: now default is denied and other allowed; no restart.
-    m.mesh.write_control_registry(Some(&deny_from("default")))?;
-    wait_until("the new policy to apply", Duration::from_secs(10), || {
-        let allowed = attempt(&m, "default/client", &web)?.is_ok();
-        if allowed {
-            s.event("accepted")?;
-            s.event("transfer")?;
-        }
-        Ok(!allowed)
-    })?;
+    deny_default_and_wait(&m, &mut s, &web)?;
     // Refused by the new rule, not for want of a server.
     let (_, body) = m
         .mesh
@@ -376,6 +387,60 @@ fn the_fabric_carries_only_tls_on_15008_and_non_mesh_traffic_passes_through() ->
         .admin_get("node-a", &format!("/explain?pod=default/client&dst={to}"))?;
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("passthrough"), "{body}");
+    Ok(())
+}
+
+/// client and web-2 are both on node-a: the same-node path (no TLS, no
+/// HBONE hop) still decides policy with the client's identity, and logs
+/// both ends with both identities.
+#[test]
+fn a_same_node_connection_skips_tls_but_not_identity_or_policy() -> Result<()> {
+    let opts = ControlOptions {
+        policies: Some(deny_from("other")),
+        ..ControlOptions::default()
+    };
+    let m = TestMesh::up("sn", opts)?;
+    let web2 = format!("{}:8080", m.ip("default/web-2")?);
+    let mut s = serve(&m, "default/web-2", 8080, 200, 500)?;
+    assert_eq!(attempt(&m, "default/client", &web2)?, Ok(500));
+    s.event("accepted")?;
+    s.event("transfer")?;
+    // Fields as the log writes them, quotes or not.
+    let same_node = |l: &&str, direction: &str| {
+        let l = l.replace('"', "");
+        l.contains("security=same_node")
+            && l.contains(&format!("direction={direction}"))
+            && l.contains("src_identity=spiffe://cluster.local/ns/default/sa/client")
+            && l.contains("dst_identity=spiffe://cluster.local/ns/default/sa/web")
+    };
+    wait_log(
+        &m,
+        "proxy-node-a",
+        "both same-node records, with both identities",
+        |log| {
+            log.lines().any(|l| {
+                same_node(&l, "outbound") && l.contains("bytes_received=1000 bytes_sent=500")
+            }) && log
+                .lines()
+                .any(|l| same_node(&l, "inbound") && l.contains("default/web-2"))
+        },
+    )?;
+    // Deny default (the client's namespace): the same-node connection is
+    // reset, and the denial names the rule.
+    deny_default_and_wait(&m, &mut s, &web2)?;
+    let err = attempt(&m, "default/client", &web2)?
+        .err()
+        .context("the client reached web-2 despite the DENY policy")?;
+    assert!(was_reset(&err), "expected a reset, the app saw: {err}");
+    wait_log(
+        &m,
+        "proxy-node-a",
+        "the same-node denial logged with its rule",
+        |log| {
+            log.lines()
+                .any(|l| l.contains("deny-default") && l.contains("same_node"))
+        },
+    )?;
     Ok(())
 }
 

@@ -1,5 +1,6 @@
 //! End-to-end tier: the integrity soak. Every path through the mesh —
-//! cross-node, same-node and a Service VIP — carries at least 8 GiB in 4 concurrent full-duplex streams whose content
+//! cross-node, same-node, a Service VIP and passthrough to a pod outside
+//! the mesh — carries at least 8 GiB in 4 concurrent full-duplex streams whose content
 //! is checksummed end to end (SHA-256 of every byte each way), with zero
 //! tolerance: one byte lost, repeated or reordered fails it. The kernel's
 //! flow counters must equal the bytes moved. Needs root; fails (never
@@ -129,6 +130,7 @@ fn soak_mesh(tag: &str, opts: ControlOptions, paths: &[&str]) -> Result<()> {
             "cross-node" => ("default/web", m.ip("default/web")?),
             "same-node" => ("default/web-2", m.ip("default/web-2")?),
             "service" => ("other/iperf", m.vip("other/iperf")?),
+            "passthrough" => ("default/plain", m.ip("default/plain")?),
             other => anyhow::bail!("no such path {other}"),
         };
         // A Service VIP maps 8080 to the endpoints' 8080.
@@ -164,6 +166,6 @@ fn every_path_carries_gibibytes_checksummed_with_nothing_lost_or_repeated() -> R
     soak_mesh(
         "sk",
         ControlOptions::default(),
-        &["cross-node", "same-node", "service"],
+        &["cross-node", "same-node", "service", "passthrough"],
     )
 }

@@ -41,6 +41,7 @@
 //! ```
 
 pub mod authority;
+pub mod copy;
 mod error;
 pub mod pool;
 pub mod server;
@@ -48,6 +49,7 @@ pub mod server;
 use std::time::Duration;
 
 pub use authority::{AuthorityError, fuzz_authority, parse_authority};
+pub use copy::copy_bidirectional;
 pub use error::HboneError;
 pub use pool::{Connector, ConnectorError, Pool, PoolKey, TunnelStream};
 pub use server::{

@@ -803,12 +803,7 @@ impl<H: Handler> Conn<H> {
             Ok(Ok(upgraded)) => {
                 let io = down.insert(Counted::new(TokioIo::new(upgraded)));
                 io.activity = Some((start, last_active.clone()));
-                let copy = tokio::io::copy_bidirectional_with_sizes(
-                    io,
-                    &mut upstream,
-                    self.copy_buffer,
-                    self.copy_buffer,
-                );
+                let copy = super::copy_bidirectional(io, &mut upstream, self.copy_buffer);
                 let idle = self.tunnel_idle_timeout;
                 let outcome = until_idle(copy, start, &last_active, idle).await;
                 if matches!(outcome, Err(TunnelEnd::Idle(_)))

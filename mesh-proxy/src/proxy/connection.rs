@@ -37,6 +37,11 @@ impl Direction {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Security {
     MutualTls,
+    /// Both pods on this node: both identities known from enrollment,
+    /// policy decided by this proxy, no TLS hop (ARCHITECTURE.md, "The
+    /// same-node path"). Metrics still label it `mutual_tls`, as Istio
+    /// labels any connection between authenticated identities.
+    SameNode,
     /// Plaintext into a meshed pod (PERMISSIVE).
     Plaintext,
     /// Not a mesh connection (passthrough, or refused before it was one).
@@ -47,6 +52,7 @@ impl Security {
     pub fn as_str(self) -> &'static str {
         match self {
             Security::MutualTls => "mutual_tls",
+            Security::SameNode => "same_node",
             Security::Plaintext => "plaintext",
             Security::None => "none",
         }

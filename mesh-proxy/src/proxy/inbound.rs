@@ -6,6 +6,8 @@
 //! with the app's stream ([`Delivery`]) and is written when the tunnel ends.
 
 use std::net::SocketAddr;
+
+use mesh_core::identity::Identity;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -64,6 +66,64 @@ impl NodeProxy {
     }
 }
 
+impl NodeProxy {
+    /// A connection into `pod` (as it is in `spec`) from `principal` at
+    /// `peer`, to `target`: the checks every mesh delivery passes (not the
+    /// proxy's own ports, an address of the pod, a client identity, the
+    /// pod's policies), then the app's socket, dialled from inside the
+    /// pod's netns and noted for the destination's metrics. HBONE tunnels
+    /// (15008) and same-node connections both come here. Refusals are
+    /// written into `conn`, the inbound record.
+    pub(crate) async fn deliver(
+        &self,
+        pod: &EnrolledPod,
+        spec: &PodSpec,
+        target: SocketAddr,
+        principal: Result<Identity, String>,
+        peer: SocketAddr,
+        conn: &mut Connection,
+    ) -> Result<TcpStream, Refusal> {
+        let shown = target;
+        let target = canonical(target);
+        if is_proxy_port(target.port()) {
+            conn.refuse(Refused::ProxyPort);
+            return Err(Refusal::Forbidden(format!(
+                "{target}: the proxy's own port is not a tunnel target"
+            )));
+        }
+        if !spec.pod.ips.contains(&target.ip()) {
+            let why = format!("{shown} is not an address of pod {}", pod.key);
+            conn.refuse(Refused::Unroutable(why.clone()));
+            return Err(Refusal::Unavailable(why));
+        }
+        let principal = match principal {
+            Ok(p) => p,
+            Err(why) => {
+                conn.refuse(Refused::Handshake(why.clone()));
+                return Err(Refusal::Forbidden(why));
+            }
+        };
+        conn.src_identity = Some(principal.to_string());
+        let decision = self.authorize(Some(&principal), peer.ip(), &spec.pod, target.port());
+        if !decision.allowed {
+            conn.refuse(Refused::Policy(decision.reason.clone()));
+            return Err(Refusal::Forbidden(decision.reason));
+        }
+        self.stats.inbound_opened.fetch_add(1, Ordering::Relaxed);
+        match self.dial_from(&pod.sockets, target).await {
+            Ok(app) => {
+                self.note_delivery(&app, Some(&principal), peer);
+                Ok(app)
+            }
+            Err(e) => {
+                let why = format!("connect {target}: {e}");
+                conn.refuse(Refused::Upstream(why.clone()));
+                Err(Refusal::BadGateway(why))
+            }
+        }
+    }
+}
+
 /// The 15008 side of one HBONE connection into `pod`.
 struct Inbound {
     node: Arc<NodeProxy>,
@@ -97,48 +157,15 @@ impl hbone::Handler for Inbound {
         conn.dst_identity = Some(spec.identity.to_string());
         conn.security = Security::MutualTls;
         async move {
-            let target = canonical(tunnel.target);
-            if is_proxy_port(target.port()) {
-                conn.refuse(Refused::ProxyPort);
-                return Err(Refusal::Forbidden(format!(
-                    "{target}: the proxy's own port is not a tunnel target"
-                )));
-            }
-            if !spec.pod.ips.contains(&target.ip()) {
-                let why = format!("{} is not an address of pod {}", tunnel.target, pod.key);
-                conn.refuse(Refused::Unroutable(why.clone()));
-                return Err(Refusal::Unavailable(why));
-            }
-            let principal = match tunnel
+            let principal = tunnel
                 .peer_certificates
                 .first()
                 .ok_or_else(|| "no client certificate".to_owned())
-                .and_then(|c| peer_identity(c).map_err(|e| e.to_string()))
-            {
-                Ok(p) => p,
-                Err(why) => {
-                    conn.refuse(Refused::Handshake(why.clone()));
-                    return Err(Refusal::Forbidden(why));
-                }
-            };
-            conn.src_identity = Some(principal.to_string());
-            let decision = node.authorize(Some(&principal), peer.ip(), &spec.pod, target.port());
-            if !decision.allowed {
-                conn.refuse(Refused::Policy(decision.reason.clone()));
-                return Err(Refusal::Forbidden(decision.reason));
-            }
-            node.stats.inbound_opened.fetch_add(1, Ordering::Relaxed);
-            match node.dial_from(&pod.sockets, target).await {
-                Ok(app) => {
-                    node.note_delivery(&app, Some(&principal), peer);
-                    Ok(Delivery { app, conn })
-                }
-                Err(e) => {
-                    let why = format!("connect {target}: {e}");
-                    conn.refuse(Refused::Upstream(why.clone()));
-                    Err(Refusal::BadGateway(why))
-                }
-            }
+                .and_then(|c| peer_identity(c).map_err(|e| e.to_string()));
+            let app = node
+                .deliver(&pod, &spec, tunnel.target, principal, peer, &mut conn)
+                .await?;
+            Ok(Delivery { app, conn })
         }
     }
 

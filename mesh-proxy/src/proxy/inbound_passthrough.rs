@@ -19,7 +19,7 @@ impl NodeProxy {
     pub(crate) async fn inbound_plaintext(
         &self,
         pod: &EnrolledPod,
-        mut stream: TcpStream,
+        stream: TcpStream,
         peer: SocketAddr,
     ) {
         // sk_lookup keeps the original destination as the local address.
@@ -46,9 +46,9 @@ impl NodeProxy {
         }
         conn.security = Security::Plaintext;
         match self.dial_from(&pod.sockets, dst).await {
-            Ok(mut app) => {
+            Ok(app) => {
                 self.note_delivery(&app, None, peer);
-                conn.copied(self.splice(&mut stream, &mut app).await);
+                conn.copied(self.splice(&stream, &app).await);
             }
             Err(e) => conn.failed(format!("upstream: {e}")),
         }

@@ -16,6 +16,7 @@ pub mod connection;
 pub mod inbound;
 pub mod inbound_passthrough;
 pub mod outbound;
+mod splice;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -175,15 +176,26 @@ impl NodeProxy {
     }
 
     /// Copies both ways between the source's `down` and a tunnel `up`
-    /// until both are closed, with the tunnels' copy buffer:
+    /// until both are closed, with the tunnels' copy buffer (held only
+    /// while bytes are in flight, [`hbone::copy`]):
     /// `(source -> destination, destination -> source)` bytes.
-    pub(crate) async fn splice(
+    pub(crate) async fn copy(
         &self,
         down: &mut TcpStream,
         up: &mut (impl AsyncRead + AsyncWrite + Unpin + ?Sized),
     ) -> std::io::Result<(u64, u64)> {
-        let size = self.h2.copy_buffer;
-        tokio::io::copy_bidirectional_with_sizes(down, up, size, size).await
+        hbone::copy_bidirectional(down, up, self.h2.copy_buffer).await
+    }
+
+    /// Copies both ways between two plaintext TCP legs inside the kernel
+    /// (`splice(2)` through a pipe per direction, sized like the copy
+    /// buffer), until both are closed: `(down -> up, up -> down)` bytes.
+    pub(crate) async fn splice(
+        &self,
+        down: &TcpStream,
+        up: &TcpStream,
+    ) -> std::io::Result<(u64, u64)> {
+        splice::splice_bidirectional(down, up, self.h2.copy_buffer).await
     }
 
     /// A TCP connection to `to` from a socket made in `sockets`' netns,

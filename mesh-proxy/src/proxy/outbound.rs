@@ -20,7 +20,7 @@ use crate::hbone::{self, ConnectorError, PoolKey};
 use crate::identity::{PeerIdentityError, TlsConfigError};
 use crate::notes::Note;
 use crate::route::{Route, canonical, route};
-use crate::workloads::EnrolledPod;
+use crate::workloads::{EnrolledPod, PodSpec};
 
 /// Why the pool may not open (or keep) a connection for a pod.
 #[derive(Debug, thiserror::Error)]
@@ -156,19 +156,25 @@ impl NodeProxy {
                         .note(flow_cookie, Note::Endpoint(endpoint.clone()));
                 }
                 conn.via = Some(target);
-                conn.dst_workload = Some(endpoint);
+                conn.dst_workload = Some(endpoint.clone());
                 conn.dst_identity = dst
                     .identity(&self.cfg.trust_domain)
                     .map(|i| i.to_string())
                     .ok();
                 conn.service = service;
+                if let Some(dst_pod) = self.enrolled(&endpoint) {
+                    // Both pods on this node: no TLS, no HBONE hop.
+                    return self
+                        .same_node(&spec, app, peer, conn, &dst_pod, target)
+                        .await;
+                }
                 conn.security = Security::MutualTls;
                 let key = PoolKey::new(
                     pod.key.as_str(),
                     SocketAddr::new(target.ip(), mesh_ebpf::HBONE_PORT),
                 );
                 match self.pool.connect(&key, target).await {
-                    Ok(mut tunnel) => conn.copied(self.splice(&mut app, &mut tunnel).await),
+                    Ok(mut tunnel) => conn.copied(self.copy(&mut app, &mut tunnel).await),
                     Err(e) => {
                         // Refused (policy, unreachable): the app sees a reset.
                         reset(&app);
@@ -183,7 +189,7 @@ impl NodeProxy {
                 self.stats.passthrough.fetch_add(1, Ordering::Relaxed);
                 conn.via = Some(target);
                 match self.dial_from(&pod.sockets, target).await {
-                    Ok(mut up) => conn.copied(self.splice(&mut app, &mut up).await),
+                    Ok(up) => conn.copied(self.splice(&app, &up).await),
                     Err(e) => {
                         reset(&app);
                         conn.refuse(Refused::Upstream(e.to_string()));
@@ -193,6 +199,74 @@ impl NodeProxy {
             Route::Unroutable { reason } => {
                 reset(&app);
                 conn.refuse(Refused::Unroutable(reason));
+            }
+        }
+    }
+}
+
+impl NodeProxy {
+    /// A mesh connection whose destination pod `dst` is enrolled on this
+    /// node too. What an HBONE tunnel would prove, this proxy knows: the
+    /// source is `src`'s app (its connect was captured in `src`'s netns,
+    /// whose identity enrollment established), the destination is `dst`
+    /// (the proxy dials its address from inside its netns). So the
+    /// connection takes the checks of every delivery ([`NodeProxy::deliver`]:
+    /// proxy ports, the pod's address, `dst`'s policies for `src`'s
+    /// identity and address) and is then spliced between the two
+    /// plaintext legs in the kernel, with no TLS and no second proxy hop.
+    /// Both records are written, as for a tunnel: `out` (outbound) and an
+    /// inbound one; metrics see the same two kernel flows (the app's, and
+    /// the delivery's, noted with the source identity).
+    async fn same_node(
+        &self,
+        src: &PodSpec,
+        app: TcpStream,
+        peer: SocketAddr,
+        mut out: Connection,
+        dst: &EnrolledPod,
+        target: SocketAddr,
+    ) {
+        out.security = Security::SameNode;
+        let dst_spec = dst.spec();
+        // The address a tunnel from `src` would come from: its own, of the
+        // target's family.
+        let src_ip = src
+            .pod
+            .ips
+            .iter()
+            .find(|ip| ip.is_ipv4() == target.is_ipv4())
+            .or(src.pod.ips.first())
+            .copied()
+            .unwrap_or(peer.ip());
+        let from = SocketAddr::new(src_ip, peer.port());
+        let mut inb = Connection::new(self.stats.clone(), Direction::Inbound);
+        inb.src = Some(from);
+        inb.dst = Some(target);
+        inb.dst_workload = Some(dst.key.clone());
+        inb.dst_identity = Some(dst_spec.identity.to_string());
+        inb.security = Security::SameNode;
+        let principal = Ok(src.identity.clone());
+        match self
+            .deliver(dst, &dst_spec, target, principal, from, &mut inb)
+            .await
+        {
+            Ok(up) => match self.splice(&app, &up).await {
+                Ok(moved) => {
+                    out.copied(Ok(moved));
+                    inb.copied(Ok(moved));
+                }
+                Err(e) => {
+                    out.failed(e.to_string());
+                    inb.failed(e.to_string());
+                }
+            },
+            Err(refusal) => {
+                // What the app of a refused tunnel sees: a reset.
+                reset(&app);
+                out.refuse(Refused::Tunnel {
+                    status: Some(refusal.status().as_u16()),
+                    error: refusal.to_string(),
+                });
             }
         }
     }

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use anyhow::{Result, bail, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use mesh_ebpf::Datapath;
 use serde_json::{Value, json};
 use sockmesh_tests::Sandbox;
@@ -342,8 +342,8 @@ fn mesh(json_out: Option<String>) -> Result<()> {
             node: node.into(),
             service_account: "plain".into(),
             ips: Vec::new(),
-            labels: [("sockmesh.io/mesh".to_owned(), "disabled".to_owned())].into(),
-            annotations: Default::default(),
+            labels: Default::default(),
+            annotations: [("sockmesh.io/mesh".to_owned(), "disabled".to_owned())].into(),
         });
     }
     let mut mesh = mesh_local::up(
@@ -461,7 +461,15 @@ fn measure(
             } else {
                 None
             };
-            let sample = mesh_case(run, c, &proxies, stream_bytes, conns, conn_threads);
+            let sample = mesh_case(
+                run,
+                c,
+                &proxies,
+                stream_bytes,
+                conns,
+                conn_threads,
+                rep == 0,
+            );
             if let Some(h) = hammer.as_mut() {
                 let _ = h.kill();
                 let _ = h.wait();
@@ -705,6 +713,7 @@ fn mesh_case(
     stream_bytes: u64,
     conns: usize,
     conn_threads: usize,
+    first: bool,
 ) -> Result<Sample> {
     const GIB: f64 = (1u64 << 30) as f64;
     let to = c.to.as_str();
@@ -714,6 +723,23 @@ fn mesh_case(
         &["bench", "--listen", "0.0.0.0:9000"],
         &["load", "--to", to, "--size", "1024", "--rounds", "20000"],
     )?;
+    // SOCKMESH_BENCH_PERF=FILE: `perf record -g` on both proxies during
+    // the first cross-node stream (the profile ARCHITECTURE.md quotes).
+    let perf = match std::env::var_os("SOCKMESH_BENCH_PERF") {
+        Some(out) if c.label == CASE_MESH_CROSS && first => {
+            let pids: Vec<String> = proxies.iter().map(u32::to_string).collect();
+            Some(
+                std::process::Command::new("perf")
+                    .args(["record", "-g", "-q", "-o"])
+                    .arg(out)
+                    .args(["-p", &pids.join(",")])
+                    .stdout(std::process::Stdio::null())
+                    .spawn()
+                    .context("perf record (SOCKMESH_BENCH_PERF)")?,
+            )
+        }
+        _ => None,
+    };
     let cpu0: f64 = proxies.iter().map(|p| cpu_seconds(*p)).sum();
     let bytes = stream_bytes.to_string();
     let st = run.case(
@@ -723,6 +749,13 @@ fn mesh_case(
         &["load", "--to", to, "--stream", &bytes],
     )?;
     let cpu = proxies.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - cpu0;
+    if let Some(mut perf) = perf {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(perf.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        let _ = perf.wait();
+    }
     let (n, threads) = (conns.to_string(), conn_threads.to_string());
     let cn = run.case(
         c.client,
