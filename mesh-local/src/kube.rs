@@ -133,6 +133,8 @@ pub enum Hook {
 
 /// Most bytes of one hook request.
 const MAX_HOOK: usize = 64 * 1024;
+/// Hook connections served at once.
+const MAX_HOOK_CONNECTIONS: usize = 16;
 
 /// `mesh kube-api --listen ADDR --control SOCKET`: runs kube-fake with
 /// sockmesh's CRD until killed, serving [`Hook`]s on `control`.
@@ -163,13 +165,21 @@ pub fn serve_api(listen: SocketAddr, control: &Path) -> Result<(), String> {
             control.display()
         );
         let api = std::sync::Arc::new(api);
+        // Bounded: at most MAX_HOOK_CONNECTIONS at once (more wait in the
+        // backlog), each for 5 s and MAX_HOOK bytes.
+        let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_HOOK_CONNECTIONS));
         loop {
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return Ok(());
+            };
             let Ok((stream, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             };
             let api = api.clone();
             tokio::spawn(async move {
                 let _ = tokio::time::timeout(Duration::from_secs(5), hook(&api, stream)).await;
+                drop(slot);
             });
         }
     })

@@ -517,9 +517,11 @@ fn tokens_are_checked_by_token_review_and_the_runtime_fails_closed_and_adopts_ru
             .mesh
             .cni_add_retrying("default/late", Duration::from_secs(30))?;
         ensure!(!retried.is_null(), "retried ADD: {retried}");
+        let now = enrolled(&m, "node-a", "default/late")?;
         ensure!(
-            enrolled(&m, "node-a", "default/late")? == Some(true),
-            "late not enrolled after its ADD returned"
+            now == Some(true),
+            "late not enrolled after its ADD returned ({now:?}); proxy-node-a log:\n{}",
+            tail(&m.log("proxy-node-a"))
         );
         wait_enrolled(&m, "node-a", "default/early", true)?;
         mtls_to_web(&m, "default/late", "node-a")?;
