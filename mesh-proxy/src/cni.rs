@@ -55,6 +55,9 @@ impl Default for Limits {
 pub enum Lookup {
     /// Not (yet) in this node's registry.
     Unknown,
+    /// The registry has no whole view yet (the Kubernetes source has not
+    /// listed every kind once): no answer may be trusted, so none is given.
+    NotReady(String),
     /// Known, but not to be meshed (opted out, host network, other node).
     NotMeshed(String),
     /// To be meshed; `uid` as the registry has it (may be empty).
@@ -432,6 +435,13 @@ impl<E: Enroller> Server<E> {
                 return Outcome::Refused {
                     reason: format!(
                         "pod {key} is not in this node's registry (yet); the runtime retries"
+                    ),
+                };
+            }
+            Lookup::NotReady(why) => {
+                return Outcome::Refused {
+                    reason: format!(
+                        "pod {key}: the node proxy cannot decide yet ({why}); the runtime retries"
                     ),
                 };
             }
@@ -820,6 +830,17 @@ pub fn running_pods(proc_root: &Path, wanted: &[PodId]) -> Vec<PodAttachment> {
 /// enrollment path (reconcile), which reads [`Attachments::place`].
 impl Enroller for crate::proxy::NodeProxy {
     fn lookup(&self, namespace: &str, name: &str) -> Lookup {
+        // Before the Kubernetes source has listed every kind once, a pod
+        // whose namespace is not listed yet would read as "not opted in"
+        // and ADD would start it unmeshed: refuse instead (the runtime
+        // retries), as for a pod the registry does not know yet.
+        if !self.registry.settled() {
+            return Lookup::NotReady(
+                self.registry
+                    .not_ready()
+                    .unwrap_or_else(|| "the registry is not synced yet".into()),
+            );
+        }
         let snap = self.registry.snapshot();
         match snap.pod(namespace, name) {
             None => Lookup::Unknown,
@@ -892,6 +913,7 @@ mod tests {
             match name {
                 "web" => Lookup::Meshed { uid: "u-1".into() },
                 "plain" => Lookup::NotMeshed("opted out".into()),
+                "early" => Lookup::NotReady("Kubernetes API: not synced yet".into()),
                 _ => Lookup::Unknown,
             }
         }
@@ -975,6 +997,25 @@ mod tests {
             uid: "u-1".into(),
             ips: vec!["10.9.0.2".parse().unwrap()],
         }
+    }
+
+    #[tokio::test]
+    async fn add_before_the_registry_has_a_whole_view_is_refused_never_started_unmeshed() {
+        let s = server(false);
+        let (_d, ns) = fake_netns();
+        let o = s
+            .handle(Op::Add {
+                pod: att("early", &ns),
+            })
+            .await;
+        match o {
+            Outcome::Refused { reason } => {
+                assert!(reason.contains("default/early"), "{reason}");
+                assert!(reason.contains("not synced yet"), "{reason}");
+            }
+            other => panic!("ADD before sync must be refused, got {other:?}"),
+        }
+        assert!(s.attachments.place(&registry_pod("early")).is_none());
     }
 
     #[tokio::test]
