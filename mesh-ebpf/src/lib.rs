@@ -7,8 +7,9 @@
 //! counters survive. [`uninstall`] removes every pin; once the last process
 //! holding them exits, the kernel detaches and frees everything.
 //!
-//! The only `unsafe` in this crate reads a socket option (see `netns`) and
-//! implements `aya::Pod` in `mesh-ebpf-common`.
+//! The only `unsafe` in this crate reads a socket option (see `netns`),
+//! detaches a pinned link (`detach_pinned_link`: two bpf(2) calls aya does
+//! not offer) and implements `aya::Pod` in `mesh-ebpf-common`.
 #![allow(unsafe_code)]
 
 pub mod netns;
@@ -516,6 +517,14 @@ impl Datapath {
             }
         }
         let link_pin = self.pins.netns_link(cookie);
+        // Detached now: removing the pin alone frees the link only after an
+        // RCU grace period and a workqueue run, during which sk_lookup
+        // would still drop SYNs to a pod that is no longer captured.
+        match detach_pinned_link(&link_pin) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_err(&link_pin)(e)),
+        }
         match fs::remove_file(&link_pin) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -954,6 +963,69 @@ fn check_abi(pin_root: &Path) -> Result<()> {
                 found: name,
             });
         }
+    }
+    Ok(())
+}
+
+/// Detaches the bpf_link pinned at `path` at once (`BPF_LINK_DETACH`, which
+/// aya does not offer): the program stops running before this returns,
+/// whoever still holds the link. The pin stays (an empty link) until
+/// removed.
+fn detach_pinned_link(path: &Path) -> io::Result<()> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    // enum bpf_cmd (include/uapi/linux/bpf.h).
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    /// `union bpf_attr` as BPF_OBJ_GET reads it.
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    /// `union bpf_attr` as BPF_LINK_DETACH reads it.
+    #[repr(C)]
+    struct LinkDetach {
+        link_fd: u32,
+    }
+    let name = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let get = ObjGet {
+        pathname: name.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: bpf(2) with a valid BPF_OBJ_GET attribute of the size given;
+    // `name` outlives the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &get as *const ObjGet,
+            std::mem::size_of::<ObjGet>() as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor; nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let detach = LinkDetach {
+        link_fd: fd.as_raw_fd() as u32,
+    };
+    // SAFETY: bpf(2) with a valid BPF_LINK_DETACH attribute of the size
+    // given, on a descriptor we own.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            &detach as *const LinkDetach,
+            std::mem::size_of::<LinkDetach>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
     }
     Ok(())
 }
