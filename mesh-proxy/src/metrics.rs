@@ -74,10 +74,13 @@ pub struct FlowLabels {
     pub source_workload_namespace: String,
     pub source_principal: String,
     pub source_app: String,
+    /// Istio's `version` label of the source pod.
+    pub source_version: String,
     pub destination_workload: String,
     pub destination_workload_namespace: String,
     pub destination_principal: String,
     pub destination_app: String,
+    pub destination_version: String,
     pub destination_service: String,
     pub destination_service_name: String,
     pub destination_service_namespace: String,
@@ -102,6 +105,7 @@ impl FlowLabels {
             destination_workload_namespace: String::new(),
             destination_principal: String::new(),
             destination_app: String::new(),
+            destination_version: String::new(),
             connection_security_policy: "unknown".to_owned(),
             ..self
         }
@@ -153,6 +157,10 @@ impl LabelValue {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    fn unknown() -> LabelValue {
+        LabelValue("unknown".to_owned())
+    }
 }
 
 impl EncodeLabelValue for LabelValue {
@@ -183,10 +191,15 @@ pub struct SeriesLabels {
     pub source_workload_namespace: LabelValue,
     pub source_principal: LabelValue,
     pub source_app: LabelValue,
+    /// Added after the state file's first format: absent in an old one.
+    #[serde(default = "LabelValue::unknown")]
+    pub source_version: LabelValue,
     pub destination_workload: LabelValue,
     pub destination_workload_namespace: LabelValue,
     pub destination_principal: LabelValue,
     pub destination_app: LabelValue,
+    #[serde(default = "LabelValue::unknown")]
+    pub destination_version: LabelValue,
     pub destination_service: LabelValue,
     pub destination_service_name: LabelValue,
     pub destination_service_namespace: LabelValue,
@@ -221,10 +234,12 @@ impl SeriesLabels {
             source_workload_namespace: u(&l.source_workload_namespace),
             source_principal: u(&l.source_principal),
             source_app: u(&l.source_app),
+            source_version: u(&l.source_version),
             destination_workload: workload(&l.destination_workload),
             destination_workload_namespace: u(&l.destination_workload_namespace),
             destination_principal: u(&l.destination_principal),
             destination_app: u(&l.destination_app),
+            destination_version: u(&l.destination_version),
             destination_service: workload(&l.destination_service),
             destination_service_name: u(&l.destination_service_name),
             destination_service_namespace: u(&l.destination_service_namespace),
@@ -1416,6 +1431,27 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn versions_are_labels_and_a_state_file_from_before_them_still_loads() {
+        let l = FlowLabels {
+            source_workload: "client".into(),
+            source_version: "v1".into(),
+            destination_workload: "web".into(),
+            ..FlowLabels::default()
+        };
+        let series = SeriesLabels::new(Reporter::Source, &l);
+        assert_eq!(series.source_version.as_str(), "v1");
+        assert_eq!(series.destination_version.as_str(), "unknown");
+        // A state file written before the version labels existed.
+        let mut old = serde_json::to_value(&series).unwrap();
+        let o = old.as_object_mut().unwrap();
+        o.remove("source_version");
+        o.remove("destination_version");
+        let back: SeriesLabels = serde_json::from_value(old).unwrap();
+        assert_eq!(back.source_version.as_str(), "unknown");
+        assert_eq!(back.destination_version.as_str(), "unknown");
     }
 
     #[test]

@@ -68,6 +68,12 @@ pub fn app_name(p: &Pod) -> String {
     p.app().unwrap_or_default().to_owned()
 }
 
+/// Istio's `*_version` label: `app.kubernetes.io/version`, else `version`;
+/// empty when the pod has neither.
+pub fn version_name(p: &Pod) -> String {
+    p.version().unwrap_or_default().to_owned()
+}
+
 impl NodeProxy {
     /// Labels of a delivery into one of this node's pods (the destination
     /// reporter): the pod it enters, and the source the tunnel named.
@@ -79,6 +85,7 @@ impl NodeProxy {
             destination_workload_namespace: dst.pod.namespace.clone(),
             destination_principal: dst.identity.to_string(),
             destination_app: app_name(&dst.pod),
+            destination_version: version_name(&dst.pod),
             connection_security_policy: "none".into(),
             ..FlowLabels::default()
         };
@@ -95,6 +102,7 @@ impl NodeProxy {
                 l.source_workload = workload_name(src);
                 l.source_workload_namespace = src.namespace.clone();
                 l.source_app = app_name(src);
+                l.source_version = version_name(src);
             }
         }
         Some(l)
@@ -121,6 +129,7 @@ impl FlowResolver for NodeProxy {
             source_workload_namespace: src.pod.namespace.clone(),
             source_principal: src.identity.to_string(),
             source_app: app_name(&src.pod),
+            source_version: version_name(&src.pod),
             ..FlowLabels::default()
         };
         let dst_pod = match snap.service_by_vip(f.original_dst.ip()) {
@@ -149,6 +158,7 @@ impl FlowResolver for NodeProxy {
                     .map(|i| i.to_string())
                     .unwrap_or_default();
                 l.destination_app = app_name(p);
+                l.destination_version = version_name(p);
                 l.connection_security_policy = "mutual_tls".into();
             }
             // Outside the mesh: one series for every such address, as Istio

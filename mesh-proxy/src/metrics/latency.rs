@@ -174,10 +174,12 @@ fn swapped(l: FlowLabels) -> FlowLabels {
         source_workload_namespace: l.destination_workload_namespace,
         source_principal: l.destination_principal,
         source_app: l.destination_app,
+        source_version: l.destination_version,
         destination_workload: l.source_workload,
         destination_workload_namespace: l.source_workload_namespace,
         destination_principal: l.source_principal,
         destination_app: l.source_app,
+        destination_version: l.source_version,
         ..l
     }
 }
