@@ -402,6 +402,18 @@ fn test(root: &Path) -> Result<()> {
         passed += num("passed");
         failed += num("failed");
     }
+    // The container images: built static, each started under a containerd
+    // of its own, and the mesh run from them (one test; a release build for
+    // the musl target, so minutes on a cold cache).
+    println!("test: ./x image --check (the images under containerd, a local mesh from them)");
+    let images = image::image(root, &target_dir(root), true);
+    match &images {
+        Ok(()) => passed += 1,
+        Err(e) => {
+            println!("test: image check FAILED: {e:#}");
+            failed += 1;
+        }
+    }
     let leftovers = leftovers();
     if !leftovers.is_empty() {
         println!(
@@ -413,6 +425,7 @@ fn test(root: &Path) -> Result<()> {
     println!("test: {passed} passed, {failed} failed");
     ensure!(st.success(), "cargo nextest failed");
     ensure!(doc.status.success(), "cargo test --doc failed");
+    images.context("./x image --check failed")?;
     ensure!(
         leftovers.is_empty(),
         "tests left namespaces, cgroups or pins behind"
