@@ -1,14 +1,17 @@
 //! The CA in a Kubernetes cluster: its root in a Secret (created if absent,
-//! never overwritten) and one leader among replicas by Lease.
+//! never overwritten), the trust bundle (root certificates only) published
+//! in a ConfigMap for the node proxies, and one leader among replicas by
+//! Lease.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use kube::api::{Api, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use rustls::pki_types::CertificateDer;
 use tokio::sync::watch;
 
 use crate::roots::{self, RootSource, RootStore};
@@ -40,6 +43,16 @@ pub enum ClusterError {
     },
     #[error("root of trust: {0}")]
     Root(#[from] roots::RootError),
+    #[error("configmap {namespace}/{name}: {what}: {source}")]
+    ConfigMap {
+        namespace: String,
+        name: String,
+        what: &'static str,
+        #[source]
+        source: Box<kube::Error>,
+    },
+    #[error("reloading the roots: {0}")]
+    Reload(String),
     #[error("lease {namespace}/{name}: {source}")]
     Lease {
         namespace: String,
@@ -166,10 +179,143 @@ impl RootSecret {
                     reason: format!("no {key}"),
                 });
             };
-            roots::write_atomic(&out.join(key), &value.0, mode)?;
+            let path = out.join(key);
+            // Unchanged files are not rewritten: a rewrite is what tells
+            // the signer to reload (`Ca::reload_roots_if_changed`).
+            if std::fs::read(&path).ok().as_deref() != Some(value.0.as_slice()) {
+                roots::write_atomic(&path, &value.0, mode)?;
+            }
         }
         Ok(RootSource::Plugged(out))
     }
+}
+
+/// The ConfigMap key of the trust bundle (PEM, every root to trust).
+pub const TRUST_BUNDLE_KEY: &str = "ca.crt";
+/// The field manager of the CA's writes to the trust bundle ConfigMap.
+pub const TRUST_BUNDLE_MANAGER: &str = "sockmesh-ca";
+
+/// Where the trust bundle is published: a ConfigMap holding only the root
+/// certificates (PEM, key [`TRUST_BUNDLE_KEY`]). The node proxies mount it
+/// as `--ca-bundle`; a Secret volume of the root Secret would make every
+/// node's kubelet fetch the whole Secret, key included.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustBundleConfigMap {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl TrustBundleConfigMap {
+    /// Makes the ConfigMap hold exactly `roots` as PEM under
+    /// [`TRUST_BUNDLE_KEY`], and nothing else: created when absent,
+    /// rewritten when it differs (a rotation added or dropped a root, or
+    /// someone edited it), untouched when it matches. `Ok(true)` when it
+    /// wrote. Only certificates are ever written: the PEM is built from
+    /// the DER certificates here.
+    pub async fn publish(
+        &self,
+        client: &kube::Client,
+        roots: &[CertificateDer<'_>],
+    ) -> Result<bool, ClusterError> {
+        let api: Api<ConfigMap> = Api::namespaced(client.clone(), &self.namespace);
+        let err = |what: &'static str| {
+            move |source: kube::Error| ClusterError::ConfigMap {
+                namespace: self.namespace.clone(),
+                name: self.name.clone(),
+                what,
+                source: Box::new(source),
+            }
+        };
+        let pem = roots::bundle_pem(roots);
+        let want: std::collections::BTreeMap<String, String> =
+            [(TRUST_BUNDLE_KEY.to_owned(), pem.clone())].into();
+        let live = match api.get_opt(&self.name).await.map_err(err("reading"))? {
+            Some(live) => live,
+            None => {
+                let fresh = ConfigMap {
+                    metadata: ObjectMeta {
+                        name: Some(self.name.clone()),
+                        namespace: Some(self.namespace.clone()),
+                        labels: Some(
+                            [(
+                                "app.kubernetes.io/part-of".to_owned(),
+                                "sockmesh".to_owned(),
+                            )]
+                            .into(),
+                        ),
+                        ..Default::default()
+                    },
+                    data: Some(want.clone()),
+                    ..Default::default()
+                };
+                let params = PostParams {
+                    field_manager: Some(TRUST_BUNDLE_MANAGER.into()),
+                    ..Default::default()
+                };
+                match api.create(&params, &fresh).await {
+                    Ok(_) => {
+                        tracing::info!(configmap = %format!("{}/{}", self.namespace, self.name), roots = roots.len(), "published the trust bundle");
+                        return Ok(true);
+                    }
+                    // Another replica (a leader a moment ago) made it: compare below.
+                    Err(kube::Error::Api(e)) if e.code == 409 => {
+                        api.get(&self.name).await.map_err(err("reading"))?
+                    }
+                    Err(e) => return Err(err("creating")(e)),
+                }
+            }
+        };
+        let exact = live.data.as_ref() == Some(&want)
+            && live.binary_data.as_ref().is_none_or(|b| b.is_empty());
+        if exact {
+            return Ok(false);
+        }
+        // A JSON merge patch: sets the bundle and removes every other key
+        // (null), whoever wrote it. Needs only `patch` on this one name.
+        let mut data = serde_json::Map::new();
+        for key in live.data.iter().flat_map(|d| d.keys()) {
+            data.insert(key.clone(), serde_json::Value::Null);
+        }
+        data.insert(TRUST_BUNDLE_KEY.into(), pem.into());
+        let mut patch = serde_json::json!({ "data": data });
+        if live.binary_data.is_some() {
+            patch["binaryData"] = serde_json::Value::Null;
+        }
+        let params = PatchParams {
+            field_manager: Some(TRUST_BUNDLE_MANAGER.into()),
+            ..Default::default()
+        };
+        api.patch(&self.name, &params, &Patch::Merge(&patch))
+            .await
+            .map_err(err("updating"))?;
+        tracing::info!(configmap = %format!("{}/{}", self.namespace, self.name), roots = roots.len(), "trust bundle updated");
+        Ok(true)
+    }
+}
+
+/// One round of the cluster CA's upkeep: re-read the root Secret (an owner
+/// rotating the root edits it, cert-manager style: the new root into
+/// `ca.crt`, then `tls.*`, then the old root out), reload the signer if it
+/// changed, and, on the leader, publish the trust bundle. `Ok(true)` when
+/// the ConfigMap was written.
+pub async fn sync_roots(
+    client: &kube::Client,
+    secret: &RootSecret,
+    bundle: &TrustBundleConfigMap,
+    ca: &crate::Ca,
+    dir: &Path,
+    leads: bool,
+) -> Result<bool, ClusterError> {
+    let trust_domain = ca.config().trust_domain.clone();
+    secret
+        .load_or_create(client, &trust_domain, dir, false, SystemTime::now())
+        .await?;
+    ca.reload_roots_if_changed()
+        .map_err(|e| ClusterError::Reload(e.to_string()))?;
+    if !leads {
+        return Ok(false);
+    }
+    bundle.publish(client, &ca.trust_bundle()).await
 }
 
 /// One leader among CA replicas, by a `coordination.k8s.io/v1` Lease.

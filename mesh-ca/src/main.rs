@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 #[cfg(feature = "kubernetes")]
 use mesh_ca::TokenReviewAuthenticator;
 #[cfg(feature = "kubernetes")]
-use mesh_ca::cluster::{ClusterError, LeaderElection, RootSecret};
+use mesh_ca::cluster::{ClusterError, LeaderElection, RootSecret, TrustBundleConfigMap};
 use mesh_ca::roots::{RootSource, RootStore};
 use mesh_ca::server::ListenerLimits;
 use mesh_ca::{Ca, CaConfig, CaServer, FileTokenAuthenticator, auth};
@@ -42,7 +42,9 @@ Examples:
 
   # In a Kubernetes cluster (in-cluster config, or KUBECONFIG): proxies authenticate
   # with their projected token (audience sockmesh-ca), pods come from the API, the
-  # root lives in Secret sockmesh-system/sockmesh-ca-root (created if absent).
+  # root lives in Secret sockmesh-system/sockmesh-ca-root (created if absent), and
+  # the leader publishes the roots (certificates only) in ConfigMap
+  # sockmesh-system/sockmesh-trust-bundle, key ca.crt, for the proxies' --ca-bundle.
   mesh-ca cluster --trust-domain cluster.local --namespace sockmesh-system
 
 Proxies trust <state-dir>/trust-bundle.pem (or ca.crt of a plugged CA) for the CA's
@@ -199,6 +201,14 @@ struct ClusterArgs {
     /// Secret holding the root (tls.crt, tls.key, ca.crt); created if absent, never overwritten.
     #[arg(long, default_value = "sockmesh-ca-root", value_name = "NAME")]
     root_secret: String,
+    /// ConfigMap the leader publishes the trust bundle in (key ca.crt: the root
+    /// certificates, PEM, never a key); kept equal to the roots, both during a rotation.
+    #[arg(long, default_value = "sockmesh-trust-bundle", value_name = "NAME")]
+    trust_bundle_configmap: String,
+    /// How often the root Secret is read again (a rotation edits it) and the
+    /// trust bundle ConfigMap checked.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    reload_interval: Duration,
     /// The node proxies' service account, `name` (in --namespace) or `namespace:name` (repeatable).
     #[arg(
         long = "proxy-service-account",
@@ -339,10 +349,28 @@ fn serve_cluster(args: ClusterArgs) -> Result<()> {
         if !registry.wait_synced(Duration::from_secs(60)).await {
             tracing::warn!(health = ?registry.health(), "pods not listed yet: sign requests are refused until they are");
         }
-        let authenticator = TokenReviewAuthenticator::new(client, &args.audience, &proxies);
+        let authenticator = TokenReviewAuthenticator::new(client.clone(), &args.audience, &proxies);
         let ca = Ca::new(ca_config, Arc::new(authenticator), registry.clone())?;
         let (server, metrics) = args.serving.bind(&ca, &limits).await?;
-        tokio::signal::ctrl_c().await.context("waiting for a signal")?;
+        let bundle = TrustBundleConfigMap {
+            namespace: args.namespace.clone(),
+            name: args.trust_bundle_configmap.clone(),
+        };
+        let mut tick = tokio::time::interval(args.reload_interval.max(Duration::from_secs(1)));
+        loop {
+            tokio::select! {
+                r = tokio::signal::ctrl_c() => {
+                    r.context("waiting for a signal")?;
+                    break;
+                }
+                _ = tick.tick() => {
+                    let leads = *leads.borrow();
+                    if let Err(e) = mesh_ca::cluster::sync_roots(&client, &secret, &bundle, &ca, &args.work_dir, leads).await {
+                        tracing::warn!(error = %e, "root Secret and trust bundle; keeping the current roots, retrying");
+                    }
+                }
+            }
+        }
         tracing::info!("shutting down");
         server.shutdown().await;
         if let Some(m) = metrics {

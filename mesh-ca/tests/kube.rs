@@ -426,3 +426,151 @@ async fn one_replica_leads_by_lease_and_another_takes_over_when_it_stops_renewin
     assert!(!*leads.borrow(), "b still holds it");
     task.abort();
 }
+
+/// A self-signed CA certificate (PEM): the second root of a rotation.
+fn another_root() -> String {
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "sockmesh root next");
+    params.self_signed(&key).unwrap().pem()
+}
+
+#[tokio::test]
+async fn the_trust_bundle_configmap_holds_the_roots_only_is_kept_exact_and_follows_a_rotation() {
+    use mesh_ca::cluster::{TRUST_BUNDLE_MANAGER, TrustBundleConfigMap, sync_roots};
+    let api = FakeApiServer::start().await.unwrap();
+    let kc = client(&api);
+    let dir = tempfile::tempdir().unwrap();
+    let secret = RootSecret {
+        namespace: MESH_NS.into(),
+        name: "sockmesh-ca-root".into(),
+    };
+    let bundle = TrustBundleConfigMap {
+        namespace: MESH_NS.into(),
+        name: "sockmesh-trust-bundle".into(),
+    };
+    let roots = secret
+        .load_or_create(&kc, TD, dir.path(), true, SystemTime::now())
+        .await
+        .unwrap();
+    let ca = Ca::new(
+        CaConfig::new(TD, roots),
+        Arc::new(mesh_ca::FileTokenAuthenticator::load(dir.path()).unwrap()),
+        Arc::new(mesh_core::registry::FileRegistry::load(write_empty(dir.path())).unwrap()),
+    )
+    .unwrap();
+    let secret_obj = || {
+        api.object("", "secrets", MESH_NS, "sockmesh-ca-root")
+            .unwrap()
+    };
+    let secret_ca_crt = |s: &serde_json::Value| {
+        use base64::Engine;
+        let b64 = s["data"]["ca.crt"].as_str().unwrap();
+        String::from_utf8(
+            base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    let cm = || {
+        api.object("", "configmaps", MESH_NS, "sockmesh-trust-bundle")
+            .unwrap()
+    };
+
+    // A follower publishes nothing.
+    assert!(
+        !sync_roots(&kc, &secret, &bundle, &ca, dir.path(), false)
+            .await
+            .unwrap()
+    );
+    assert!(
+        api.object("", "configmaps", MESH_NS, "sockmesh-trust-bundle")
+            .is_none()
+    );
+
+    // The leader creates it: exactly the Secret's ca.crt, no key material.
+    assert!(
+        sync_roots(&kc, &secret, &bundle, &ca, dir.path(), true)
+            .await
+            .unwrap()
+    );
+    let root_pem = secret_ca_crt(&secret_obj());
+    let v = cm();
+    assert_eq!(v["data"], json!({"ca.crt": root_pem}), "{v}");
+    assert!(v.get("binaryData").is_none(), "{v}");
+    let text = v.to_string();
+    assert!(!text.contains("PRIVATE KEY"), "{text}");
+    let key_b64 = secret_obj()["data"]["tls.key"].as_str().unwrap().to_owned();
+    assert!(!text.contains(&key_b64));
+    assert_eq!(
+        v["metadata"]["managedFields"][0]["manager"],
+        TRUST_BUNDLE_MANAGER
+    );
+    assert_eq!(
+        v["metadata"]["labels"]["app.kubernetes.io/part-of"],
+        "sockmesh"
+    );
+    assert_eq!(
+        CertificateDer::pem_slice_iter(root_pem.as_bytes()).count(),
+        1
+    );
+
+    // Unchanged roots: nothing written.
+    let rv = v["metadata"]["resourceVersion"].clone();
+    assert!(
+        !sync_roots(&kc, &secret, &bundle, &ca, dir.path(), true)
+            .await
+            .unwrap()
+    );
+    assert_eq!(cm()["metadata"]["resourceVersion"], rv);
+    assert_eq!(api.requests("patch", "configmaps"), 0);
+
+    // Someone else writes into it: the next round puts the bundle back,
+    // and only the bundle.
+    api.patch(
+        "",
+        "configmaps",
+        MESH_NS,
+        "sockmesh-trust-bundle",
+        &json!({"data": {"ca.crt": another_root(), "extra": "x"}, "binaryData": {"k": "AAAA"}}),
+    )
+    .unwrap();
+    assert!(bundle.publish(&kc, &ca.trust_bundle()).await.unwrap());
+    let v = cm();
+    assert_eq!(v["data"], json!({"ca.crt": root_pem}), "{v}");
+    assert!(v.get("binaryData").is_none(), "{v}");
+
+    // Rotation, as the Secret's owner does it: the new root joins ca.crt.
+    // The CA re-reads the Secret and the ConfigMap carries both roots.
+    let next = another_root();
+    let both = format!("{root_pem}{next}");
+    {
+        use base64::Engine;
+        let enc = base64::engine::general_purpose::STANDARD.encode(&both);
+        api.patch(
+            "",
+            "secrets",
+            MESH_NS,
+            "sockmesh-ca-root",
+            &json!({"data": {"ca.crt": enc}}),
+        )
+        .unwrap();
+    }
+    assert!(
+        sync_roots(&kc, &secret, &bundle, &ca, dir.path(), true)
+            .await
+            .unwrap()
+    );
+    assert_eq!(ca.trust_bundle().len(), 2, "the signer reloaded the roots");
+    let published = cm()["data"]["ca.crt"].as_str().unwrap().to_owned();
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(published.as_bytes())
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(certs, ca.trust_bundle());
+    assert!(published.contains(next.trim()), "{published}");
+    assert!(!published.contains("PRIVATE KEY"));
+}
