@@ -46,8 +46,9 @@ Examples:
   mesh uninstall --crds           # and the CRDs, with every AuthorizationPolicy
   mesh uninstall --dry-run
 
-Deletes every object `mesh install` applied, and the CA's root Secret and
-Lease. Each node proxy, on its shutdown, removes its eBPF programs, pins and
+Deletes every object `mesh install` applied, the CA's root Secret, trust
+bundle ConfigMap and Lease, and the sockmesh.io/status annotation the node
+proxies wrote on pods. Each node proxy, on its shutdown, removes its eBPF programs, pins and
 its CNI config entry. Safe to run twice.";
 
 impl From<&ManifestOptions> for Options {
@@ -516,8 +517,13 @@ pub fn uninstall(args: &UninstallArgs) -> Result<u8> {
 /// complete however the namespace goes).
 fn runtime_objects(ns: &str) -> Vec<(kube::core::ApiResource, String, String)> {
     use k8s_openapi::api::coordination::v1::Lease;
-    use k8s_openapi::api::core::v1::Secret;
+    use k8s_openapi::api::core::v1::{ConfigMap, Secret};
     vec![
+        (
+            kube::core::ApiResource::erase::<ConfigMap>(&()),
+            ns.to_owned(),
+            manifest::TRUST_BUNDLE_CONFIGMAP.to_owned(),
+        ),
         (
             kube::core::ApiResource::erase::<Secret>(&()),
             ns.to_owned(),
@@ -584,12 +590,107 @@ async fn uninstall_async(args: &UninstallArgs, objects: &[Object]) -> Result<u8>
             }
         }
     }
+    // After the DaemonSet: its proxies are stopping and write no more.
+    let annotated = remove_status_annotations(&client, args.dry_run).await?;
     if args.dry_run {
-        writeln!(out, "dry run: {deleted} objects would be deleted")?;
+        writeln!(
+            out,
+            "dry run: {deleted} objects would be deleted; {STATUS_ANNOTATION} would be removed from {annotated} pods"
+        )?;
     } else {
-        writeln!(out, "uninstalled: {deleted} objects deleted")?;
+        writeln!(
+            out,
+            "uninstalled: {deleted} objects deleted; {STATUS_ANNOTATION} removed from {annotated} pods"
+        )?;
     }
     Ok(0)
+}
+
+/// The annotation the node proxies keep on each pod of their node.
+pub use mesh_core::opt_in::STATUS_ANNOTATION;
+
+/// Removes [`STATUS_ANNOTATION`] from every pod of the cluster that carries
+/// it (pods in every namespace, listed 500 at a time), with progress on
+/// stderr; returns how many pods carried it.
+///
+/// A JSON merge patch setting the key to null, rather than an empty
+/// server-side apply as `sockmesh-node`: the apply removes only the fields
+/// that manager alone owns, so an annotation another manager co-owns (a
+/// `kubectl apply` of a pod copied from the live object, an older proxy
+/// under another manager name) would stay. The merge patch removes the key
+/// whoever wrote it, on kube-fake and on a real API server alike, needs
+/// `patch` on pods only, and leaves every other annotation as it is.
+async fn remove_status_annotations(client: &Client, dry_run: bool) -> Result<usize> {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::ListParams;
+    let pods: Api<Pod> = Api::all(client.clone());
+    let mut carrying: Vec<(String, String)> = Vec::new();
+    let mut params = ListParams::default().limit(500);
+    loop {
+        let page = pods
+            .list_metadata(&params)
+            .await
+            .map_err(|e| api_failure(e, "listing pods"))?;
+        for p in &page.items {
+            let has = p
+                .metadata
+                .annotations
+                .as_ref()
+                .is_some_and(|a| a.contains_key(STATUS_ANNOTATION));
+            if has {
+                carrying.push((
+                    p.metadata.namespace.clone().unwrap_or_default(),
+                    p.metadata.name.clone().unwrap_or_default(),
+                ));
+            }
+        }
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(token) => params = params.continue_token(&token),
+            None => break,
+        }
+    }
+    let total = carrying.len();
+    let mut err = std::io::stderr();
+    let verb = if dry_run { "would remove" } else { "removing" };
+    writeln!(
+        err,
+        "{total} pods carry {STATUS_ANNOTATION}: {verb} it from each"
+    )?;
+    if dry_run {
+        return Ok(total);
+    }
+    let patch = serde_json::json!({"metadata": {"annotations": {STATUS_ANNOTATION: null}}});
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    let start = Instant::now();
+    let mut last = Instant::now();
+    for (i, (ns, name)) in carrying.iter().enumerate() {
+        let api: Api<Pod> = Api::namespaced(client.clone(), ns);
+        match api.patch(name, &params, &Patch::Merge(&patch)).await {
+            Ok(_) => {}
+            // Gone since the list: nothing left to clean.
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => {
+                return Err(
+                    api_failure(e, &format!("Pod {ns}/{name}")).context(format!(
+                        "removing {STATUS_ANNOTATION} stopped after {i} of {total} pods; run `mesh uninstall` again once fixed"
+                    )),
+                );
+            }
+        }
+        if i + 1 == total || last.elapsed() >= Duration::from_secs(1) {
+            writeln!(
+                err,
+                "[{:>4}s] {STATUS_ANNOTATION} removed from {}/{total} pods",
+                start.elapsed().as_secs(),
+                i + 1
+            )?;
+            last = Instant::now();
+        }
+    }
+    Ok(total)
 }
 
 #[cfg(test)]

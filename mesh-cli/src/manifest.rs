@@ -19,11 +19,12 @@ use k8s_openapi::api::apps::v1::{
     RollingUpdateDaemonSet,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
-    HostPathVolumeSource, KeyToPath, Namespace, ObjectFieldSelector, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile,
-    SecretVolumeSource, SecurityContext, Service, ServiceAccount, ServiceAccountTokenProjection,
-    ServicePort, ServiceSpec, TCPSocketAction, Toleration, Volume, VolumeMount, VolumeProjection,
+    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
+    HTTPGetAction, HostPathVolumeSource, KeyToPath, Namespace, ObjectFieldSelector,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource,
+    ResourceRequirements, SeccompProfile, SecurityContext, Service, ServiceAccount,
+    ServiceAccountTokenProjection, ServicePort, ServiceSpec, TCPSocketAction, Toleration, Volume,
+    VolumeMount, VolumeProjection,
 };
 use k8s_openapi::api::networking::v1::{
     NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPort,
@@ -52,6 +53,9 @@ const CA_SA: &str = "mesh-ca";
 const CA_NAME: &str = "mesh-ca";
 const PROXY_NAME: &str = "mesh-node";
 const ROOT_SECRET: &str = "sockmesh-ca-root";
+/// The ConfigMap the CA's leader publishes the trust bundle in (key
+/// `ca.crt`, root certificates only); the DaemonSet mounts it.
+pub const TRUST_BUNDLE_CONFIGMAP: &str = "sockmesh-trust-bundle";
 const CA_AUDIENCE: &str = "sockmesh-ca";
 
 /// What `mesh manifest` and `mesh install` build the objects from.
@@ -477,7 +481,7 @@ pub fn objects(o: &Options) -> Result<Vec<Object>> {
             },
         )?,
         Object::new(
-            "What the CA needs in its own namespace only: the root Secret (read; created once by the leader) and the leader Lease.",
+            "What the CA needs in its own namespace only: the root Secret (read; created once by the leader), the trust bundle ConfigMap (root certificates only, published by the leader for the node proxies) and the leader Lease. get and patch are limited to those names; create is not and cannot be: RBAC authorizes a create before the object's name is known, so resourceNames never match it.",
             &Role {
                 metadata: meta("sockmesh-ca", Some(ns), CA_NAME),
                 rules: Some(vec![
@@ -485,8 +489,16 @@ pub fn objects(o: &Options) -> Result<Vec<Object>> {
                         resource_names: Some(vec![ROOT_SECRET.into()]),
                         ..rule(&[""], &["secrets"], &["get"])
                     },
-                    // `create` cannot be narrowed by name in RBAC.
+                    // `create` cannot be narrowed by name in RBAC: the
+                    // name is in the request body, not in the URL the
+                    // authorizer sees, so resourceNames never match it.
                     rule(&[""], &["secrets"], &["create"]),
+                    PolicyRule {
+                        resource_names: Some(vec![TRUST_BUNDLE_CONFIGMAP.into()]),
+                        ..rule(&[""], &["configmaps"], &["get", "patch"])
+                    },
+                    // Same: `create` of the ConfigMap, by any name.
+                    rule(&[""], &["configmaps"], &["create"]),
                     rule(
                         &["coordination.k8s.io"],
                         &["leases"],
@@ -647,6 +659,8 @@ fn ca_deployment(o: &Options) -> Deployment {
         CA_AUDIENCE,
         "--root-secret",
         ROOT_SECRET,
+        "--trust-bundle-configmap",
+        TRUST_BUNDLE_CONFIGMAP,
         "--work-dir",
         "/var/run/sockmesh-ca",
         "--listen",
@@ -931,11 +945,15 @@ fn node_daemonset(o: &Options) -> DaemonSet {
                         host_path("cni-bin", &o.cni_bin_dir, "DirectoryOrCreate"),
                         host_path("cni-conf", &o.cni_conf_dir, "DirectoryOrCreate"),
                         Volume {
-                            // Only the root certificate of the CA's Secret
-                            // reaches the proxy (never the key).
+                            // The trust bundle the CA's leader publishes:
+                            // root certificates only. Not the root Secret,
+                            // even with items: [ca.crt]: to mount a Secret
+                            // the kubelet fetches all of it, key included,
+                            // on every node. Not optional: the proxy waits
+                            // for the CA's first bundle.
                             name: "ca-bundle".into(),
-                            secret: Some(SecretVolumeSource {
-                                secret_name: Some(ROOT_SECRET.into()),
+                            config_map: Some(ConfigMapVolumeSource {
+                                name: TRUST_BUNDLE_CONFIGMAP.into(),
                                 items: Some(vec![KeyToPath {
                                     key: "ca.crt".into(),
                                     path: "ca.crt".into(),

@@ -135,6 +135,10 @@ async fn install_creates_everything_a_rerun_changes_nothing_and_uninstall_remove
         .create(json!({"apiVersion": "v1", "kind": "Secret",
             "metadata": {"name": "sockmesh-ca-root", "namespace": NS}, "data": {}}))
         .unwrap();
+    c.api
+        .create(json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "sockmesh-trust-bundle", "namespace": NS}, "data": {}}))
+        .unwrap();
     let o = mesh(&c.kubeconfig, &["uninstall"]).await;
     let out = text(&o.stdout);
     assert!(o.status.success(), "{out}\n{}", text(&o.stderr));
@@ -151,6 +155,15 @@ async fn install_creates_everything_a_rerun_changes_nothing_and_uninstall_remove
     assert!(
         c.api
             .object("", "secrets", NS, "sockmesh-ca-root")
+            .is_none()
+    );
+    assert!(
+        out.contains("ConfigMap sockmesh-system/sockmesh-trust-bundle: deleted"),
+        "{out}"
+    );
+    assert!(
+        c.api
+            .object("", "configmaps", NS, "sockmesh-trust-bundle")
             .is_none()
     );
     let crd = "authorizationpolicies.security.sockmesh.io";
@@ -505,5 +518,92 @@ async fn a_service_monitor_needs_the_operators_crd_and_says_so() {
         c.api
             .object("monitoring.coreos.com", "servicemonitors", NS, "mesh-node")
             .is_none()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uninstall_removes_the_status_annotation_the_node_proxies_wrote_and_counts_it() {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::{Api, Patch, PatchParams};
+    let c = cluster().await;
+    let o = mesh(&c.kubeconfig, &["install", "--no-wait"]).await;
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    for (ns, name, annotations) in [
+        ("shop", "web", json!({"keep": "me"})),
+        ("shop", "plain", json!({"keep": "me too"})),
+        ("other", "db", json!({})),
+    ] {
+        c.api
+            .create(json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": ns, "annotations": annotations},
+                "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "x"}]}}))
+            .unwrap();
+    }
+    // What a node proxy does: server-side apply as sockmesh-node.
+    let client = kube::Client::try_from(kube::Config::new(c.api.url().parse().unwrap())).unwrap();
+    for (ns, name) in [("shop", "web"), ("other", "db")] {
+        let status = r#"{"meshed":true,"identity":"spiffe://cluster.local/ns/shop/sa/default","mode":"ebpf"}"#;
+        Api::<Pod>::namespaced(client.clone(), ns)
+            .patch(
+                name,
+                &PatchParams::apply("sockmesh-node"),
+                &Patch::Apply(json!({"apiVersion": "v1", "kind": "Pod",
+                    "metadata": {"name": name, "namespace": ns,
+                        "annotations": {"sockmesh.io/status": status}}})),
+            )
+            .await
+            .unwrap();
+    }
+    let annotations = |ns: &str, name: &str| {
+        c.api.object("", "pods", ns, name).unwrap()["metadata"]["annotations"].clone()
+    };
+    assert!(annotations("shop", "web")["sockmesh.io/status"].is_string());
+
+    let o = mesh(&c.kubeconfig, &["uninstall", "--dry-run"]).await;
+    let out = text(&o.stdout);
+    assert!(o.status.success(), "{out}\n{}", text(&o.stderr));
+    assert!(
+        out.contains("sockmesh.io/status would be removed from 2 pods"),
+        "{out}"
+    );
+    assert!(annotations("other", "db")["sockmesh.io/status"].is_string());
+
+    let o = mesh(&c.kubeconfig, &["uninstall"]).await;
+    let (out, err) = (text(&o.stdout), text(&o.stderr));
+    assert!(o.status.success(), "{out}\n{err}");
+    assert!(
+        out.contains("sockmesh.io/status removed from 2 pods"),
+        "{out}"
+    );
+    assert!(
+        err.contains("2 pods carry sockmesh.io/status: removing it from each"),
+        "{err}"
+    );
+    assert!(
+        err.contains("sockmesh.io/status removed from 2/2 pods"),
+        "{err}"
+    );
+    assert_eq!(annotations("shop", "web"), json!({"keep": "me"}));
+    assert_eq!(annotations("shop", "plain"), json!({"keep": "me too"}));
+    assert!(
+        annotations("other", "db")
+            .get("sockmesh.io/status")
+            .is_none(),
+        "{}",
+        annotations("other", "db")
+    );
+    assert_eq!(
+        c.api.requests("patch", "pods"),
+        2 + 2,
+        "2 applies, 2 removals"
+    );
+
+    // Nothing left: a second uninstall finds no pod to clean.
+    let o = mesh(&c.kubeconfig, &["uninstall"]).await;
+    let out = text(&o.stdout);
+    assert!(o.status.success(), "{out}");
+    assert!(
+        out.contains("sockmesh.io/status removed from 0 pods"),
+        "{out}"
     );
 }

@@ -278,3 +278,132 @@ fn every_container_command_line_is_accepted_by_its_program() {
     }
     assert_eq!(seen, 3, "the CA, the proxy and the CNI installer");
 }
+
+/// The root key never reaches a node: the DaemonSet mounts no Secret (a
+/// Secret volume makes every node's kubelet fetch the whole Secret) but the
+/// trust bundle ConfigMap the CA publishes, and nothing bound to the node
+/// proxy's ServiceAccount grants anything on secrets.
+#[test]
+fn the_node_proxy_gets_the_trust_bundle_from_a_configmap_and_no_access_to_secrets() {
+    let all = docs(&manifest(&["--service-monitor"]));
+    let ds = all.iter().find(|d| d["kind"] == "DaemonSet").unwrap();
+    let spec = &ds["spec"]["template"]["spec"];
+    let volumes = spec["volumes"].as_array().unwrap();
+    for v in volumes {
+        assert!(v.get("secret").is_none(), "a Secret volume: {v}");
+        for source in v["projected"]["sources"].as_array().into_iter().flatten() {
+            assert!(source.get("secret").is_none(), "a projected Secret: {v}");
+        }
+    }
+    let bundle = volumes.iter().find(|v| v["name"] == "ca-bundle").unwrap();
+    assert_eq!(
+        bundle["configMap"]["name"], "sockmesh-trust-bundle",
+        "{bundle}"
+    );
+    assert_eq!(bundle["configMap"]["items"][0]["key"], "ca.crt");
+    assert!(
+        bundle["configMap"].get("optional").is_none(),
+        "the proxy waits for it"
+    );
+    let containers = spec["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(spec["initContainers"].as_array().into_iter().flatten());
+    for c in containers {
+        assert!(
+            !c.to_string().contains("secretKeyRef") && !c.to_string().contains("secretRef"),
+            "{c}"
+        );
+    }
+    // The proxy reads ca.crt of that volume.
+    let args: Vec<&str> = spec["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let at = args.iter().position(|a| *a == "--ca-bundle").unwrap();
+    let mount = spec["containers"][0]["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "ca-bundle")
+        .unwrap();
+    assert_eq!(
+        args[at + 1],
+        format!("{}/ca.crt", mount["mountPath"].as_str().unwrap())
+    );
+
+    // Every role bound to the proxy's ServiceAccount: nothing on secrets.
+    let bound_to = |sa: &str| -> Vec<(String, String)> {
+        all.iter()
+            .filter(|d| d["kind"] == "RoleBinding" || d["kind"] == "ClusterRoleBinding")
+            .filter(|b| {
+                b["subjects"].as_array().into_iter().flatten().any(|s| {
+                    s["kind"] == "ServiceAccount"
+                        && s["name"] == sa
+                        && s["namespace"] == "sockmesh-system"
+                })
+            })
+            .map(|b| {
+                (
+                    b["roleRef"]["kind"].as_str().unwrap().to_owned(),
+                    b["roleRef"]["name"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+    let rules_of = |kind: &str, name: &str| -> Vec<Value> {
+        let role = all
+            .iter()
+            .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("{kind} {name} is bound but not in the manifest"));
+        role["rules"].as_array().unwrap().clone()
+    };
+    let proxy_roles = bound_to("mesh-proxy");
+    assert_eq!(proxy_roles.len(), 2, "{proxy_roles:?}");
+    for (kind, name) in &proxy_roles {
+        for r in rules_of(kind, name) {
+            let resources: Vec<&str> = r["resources"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_str().unwrap())
+                .collect();
+            assert!(
+                !resources.iter().any(|x| *x == "secrets" || *x == "*"),
+                "{kind} {name} grants the node proxy {r}"
+            );
+        }
+    }
+    // The CA may get and patch the bundle by name; create cannot be
+    // narrowed by name in RBAC, and its comment says so.
+    let (kind, name) = bound_to("mesh-ca")
+        .into_iter()
+        .find(|(k, _)| k == "Role")
+        .unwrap();
+    let rules = rules_of(&kind, &name);
+    let cm: Vec<&Value> = rules
+        .iter()
+        .filter(|r| r["resources"] == serde_json::json!(["configmaps"]))
+        .collect();
+    assert_eq!(cm.len(), 2, "{rules:?}");
+    assert_eq!(cm[0]["verbs"], serde_json::json!(["get", "patch"]));
+    assert_eq!(
+        cm[0]["resourceNames"],
+        serde_json::json!(["sockmesh-trust-bundle"])
+    );
+    assert_eq!(cm[1]["verbs"], serde_json::json!(["create"]));
+    let objects = mesh_cli::manifest::objects(&Default::default()).unwrap();
+    let role = objects
+        .iter()
+        .find(|o| o.api_resource.kind == "Role" && o.name() == "sockmesh-ca")
+        .unwrap();
+    assert!(
+        role.comment
+            .contains("create is not and cannot be: RBAC authorizes a create before"),
+        "{}",
+        role.comment
+    );
+}
