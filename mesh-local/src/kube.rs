@@ -16,7 +16,8 @@
 //!   ownerReference to a ReplicaSet of a Deployment named after their `app`
 //!   label), Services, EndpointSlices and AuthorizationPolicies.
 //! - **CA**: `mesh-ca cluster` against the API: TokenReview, root in a
-//!   Secret, leader Lease.
+//!   Secret, leader Lease; the proxies' `--ca-bundle` is the `ca.crt` of
+//!   the trust bundle ConfigMap it publishes (never the root Secret).
 //! - **Proxies**: `mesh-proxy --registry-source kubernetes`, each with a
 //!   projected-style token bound to its node's proxy Pod (audience
 //!   `sockmesh-ca`, registered with the fake's TokenReview), and
@@ -51,6 +52,9 @@ pub const API_PORT: u16 = 6443;
 pub const PROXY_SERVICE_ACCOUNT: &str = "mesh-proxy";
 /// The audience of the proxies' tokens (the CA's TokenReview checks it).
 pub const CA_AUDIENCE: &str = "sockmesh-ca";
+/// The ConfigMap the CA's leader publishes the trust bundle in (key
+/// `ca.crt`, root certificates only), in [`NAMESPACE`].
+pub const TRUST_BUNDLE_CONFIGMAP: &str = "sockmesh-trust-bundle";
 /// Field manager of the objects the harness writes.
 const MANAGER: &str = "sockmesh-local";
 
@@ -477,9 +481,19 @@ impl Mesh {
     }
 
     /// The CA's work directory in Kubernetes mode (the root from its
-    /// Secret, in `root-secret/`; its `ca.crt` is the proxies' trust bundle).
+    /// Secret, in `root-secret/`, key included: the CA's alone).
     pub fn kube_ca_dir(&self) -> PathBuf {
         self.state_dir().join("control").join("ca-cluster")
+    }
+
+    /// The proxies' `--ca-bundle` in Kubernetes mode: `ca.crt` of the
+    /// trust bundle ConfigMap the CA publishes, as a ConfigMap volume
+    /// would hold it.
+    pub fn kube_trust_bundle_file(&self) -> PathBuf {
+        self.state_dir()
+            .join("control")
+            .join("trust-bundle")
+            .join("ca.crt")
     }
 
     /// Node `node`'s proxy token (projected-style, bound to its Pod).
@@ -675,16 +689,37 @@ impl Mesh {
         ];
         let ca_log = self.control_log("ca");
         self.spawn_node_process(&first.name, &ca_argv, &ca_log)?;
-        let bundle = ca_dir.join("root-secret").join("ca.crt");
+        // The proxies' --ca-bundle: what the CA's leader publishes in its
+        // ConfigMap (root certificates only), written to a file as the
+        // kubelet's ConfigMap volume does in a cluster.
+        let cm_path = format!("/api/v1/namespaces/{NAMESPACE}/configmaps/{TRUST_BUNDLE_CONFIGMAP}");
+        let mut published: Option<String> = None;
         crate::control::wait_for(
             opts.ready_timeout,
-            &format!("the CA to write {}", bundle.display()),
+            &format!("the CA to publish ConfigMap {NAMESPACE}/{TRUST_BUNDLE_CONFIGMAP}"),
             &ca_log,
-            || bundle.exists(),
+            || {
+                published = self
+                    .kube_get(&cm_path)
+                    .ok()
+                    .flatten()
+                    .and_then(|cm| cm.pointer("/data/ca.crt")?.as_str().map(str::to_owned));
+                published.is_some()
+            },
         )?;
+        let bundle = self.kube_trust_bundle_file();
+        if let Some(dir) = bundle.parent() {
+            std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+                what: "create the trust bundle directory",
+                path: dir.to_owned(),
+                source,
+            })?;
+        }
+        crate::state::write_file(&bundle, published.unwrap_or_default().as_bytes())?;
         progress(&format!(
-            "started the CA in cluster mode on {} (TokenReview; root in Secret {NAMESPACE}/sockmesh-ca-root)",
-            first.name
+            "started the CA in cluster mode on {} (TokenReview; root in Secret {NAMESPACE}/sockmesh-ca-root; trust bundle from ConfigMap {NAMESPACE}/{TRUST_BUNDLE_CONFIGMAP} in {})",
+            first.name,
+            bundle.display()
         ));
 
         let nodes: Vec<String> = self.state.nodes.iter().map(|n| n.name.clone()).collect();
@@ -795,11 +830,7 @@ impl Mesh {
             "--token-file".into(),
             self.kube_token_file(node).display().to_string(),
             "--ca-bundle".into(),
-            self.kube_ca_dir()
-                .join("root-secret")
-                .join("ca.crt")
-                .display()
-                .to_string(),
+            self.kube_trust_bundle_file().display().to_string(),
             "--cni-socket".into(),
             self.cni_socket(node).display().to_string(),
         ]);
