@@ -55,8 +55,9 @@ pub struct Config {
     /// source is stale: readiness says so (the last state is kept).
     pub api_stale_after: Duration,
     pub trust_domain: String,
-    /// The CA (port 15012) and the name its certificate carries.
-    pub ca_addr: SocketAddr,
+    /// The CA (port 15012: `IP:PORT`, `[IPv6]:PORT` or `HOST:PORT`,
+    /// resolved at each connect) and the name its certificate carries.
+    pub ca_addr: crate::identity::CaAddress,
     pub ca_server_name: String,
     /// Roots that verify the CA's serving certificate (its trust bundle).
     pub ca_bundle: PathBuf,

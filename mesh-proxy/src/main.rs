@@ -40,8 +40,8 @@ list/watch succeeded for --api-stale-seconds; the last known state keeps being s
 Example, in a Kubernetes DaemonSet (POD_NAME, POD_NAMESPACE and NODE_NAME from the downward API; \
 the token projected for audience sockmesh-ca):\n  \
 mesh-proxy --registry-source kubernetes --node \"$NODE_NAME\" \\\n    \
---ca 10.96.0.12:15012 --ca-server-name mesh-ca.sockmesh.svc \\\n    \
---ca-bundle /etc/sockmesh/ca/trust-bundle.pem \\\n    \
+--ca mesh-ca.sockmesh.svc:15012 --ca-server-name mesh-ca.sockmesh.svc \\\n    \
+--ca-bundle /var/run/secrets/sockmesh/ca/ca.crt \\\n    \
 --token-file /var/run/secrets/sockmesh/token \\\n    \
 --cgroup kubelet --cni-socket /var/run/sockmesh/cni.sock\n\n\
 Example, against a test API server with a kubeconfig file:\n  \
@@ -83,9 +83,11 @@ struct Args {
     api_stale_seconds: u64,
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
-    /// Address of the CA's signing port.
-    #[arg(long, value_name = "IP:PORT")]
-    ca: SocketAddr,
+    /// Address of the CA's signing port: IP:PORT, [IPv6]:PORT, or HOST:PORT with a
+    /// DNS name (resolved at each connect, every address tried), e.g.
+    /// mesh-ca.sockmesh-system.svc:15012. The TLS name is --ca-server-name.
+    #[arg(long, value_name = "HOST:PORT")]
+    ca: mesh_proxy::identity::CaAddress,
     /// Name on the CA's serving certificate.
     #[arg(long, default_value = "mesh-ca")]
     ca_server_name: String,

@@ -98,7 +98,7 @@ pub fn run(cfg: Config, log: LogControl) -> Result<(), RunError> {
     let token = Token::File(cfg.token_file.clone());
     token.current().map_err(|e| fail("--token-file", e))?;
     let client = HttpsCaClient::new(CaClientConfig::new(
-        cfg.ca_addr,
+        cfg.ca_addr.clone(),
         &cfg.ca_server_name,
         anchors.clone(),
         token,

@@ -134,3 +134,61 @@ async fn a_rotated_token_file_reaches_the_ca_on_the_next_request() {
     certs.fetch(&id("jobs")).await.unwrap();
     assert_eq!(last().as_deref(), Some("projected-four"));
 }
+
+/// `--ca HOST:PORT`: a DNS name (here `localhost`) is resolved at connect
+/// and the client reaches a real CA through it; the TLS name stays the
+/// configured server name.
+#[tokio::test]
+async fn a_ca_address_with_a_host_name_reaches_the_ca() {
+    use mesh_proxy::identity::CaAddress;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("registry.yaml"), REGISTRY).unwrap();
+    let ca = Ca::new(
+        CaConfig::new(TD, RootSource::StateDir(dir.path().join("ca"))),
+        Arc::new(Recorder::default()),
+        Arc::new(FileRegistry::load(dir.path().join("registry.yaml")).unwrap()),
+    )
+    .unwrap();
+    let server = CaServer::bind(ca.clone(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let address: CaAddress = format!("localhost:{}", server.local_addr().port())
+        .parse()
+        .unwrap();
+    assert!(matches!(address, CaAddress::Host { .. }), "{address:?}");
+    let anchors = ca.trust_bundle();
+    let client = HttpsCaClient::new(CaClientConfig::new(
+        address.clone(),
+        "localhost",
+        anchors.clone(),
+        Token::Value("projected-by-name".into()),
+    ))
+    .unwrap();
+    let certs = CertManager::new(
+        Arc::new(client),
+        Arc::new(SystemClock),
+        CertManagerConfig::new(TD),
+        anchors.clone(),
+    );
+    let cert = certs.fetch(&id("web")).await.unwrap();
+    assert_eq!(cert.identity, id("web"));
+
+    // Once the CA is gone, the error names the address as given.
+    server.shutdown().await;
+    let client = HttpsCaClient::new(CaClientConfig::new(
+        address,
+        "localhost",
+        anchors.clone(),
+        Token::Value("projected-by-name".into()),
+    ))
+    .unwrap();
+    let certs = CertManager::new(
+        Arc::new(client),
+        Arc::new(SystemClock),
+        CertManagerConfig::new(TD),
+        anchors,
+    );
+    let e = certs.fetch(&id("db")).await.unwrap_err().to_string();
+    assert!(e.contains("CA localhost:"), "{e}");
+    assert!(e.contains("connect: localhost resolves to"), "{e}");
+}

@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -26,26 +26,26 @@ use super::tls::ClockTime;
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CaClientError {
     #[error("CA {addr}: connect: {reason}")]
-    Connect { addr: SocketAddr, reason: String },
+    Connect { addr: CaAddress, reason: String },
     #[error("CA {addr}: TLS: {reason}")]
-    Tls { addr: SocketAddr, reason: String },
+    Tls { addr: CaAddress, reason: String },
     #[error("CA {addr}: HTTP: {reason}")]
-    Http { addr: SocketAddr, reason: String },
+    Http { addr: CaAddress, reason: String },
     #[error("CA {addr}: {path} answered {status}: {message}")]
     Status {
-        addr: SocketAddr,
+        addr: CaAddress,
         path: &'static str,
         status: u16,
         message: String,
     },
     #[error("CA {addr}: {path}: response does not decode: {reason}")]
     Decode {
-        addr: SocketAddr,
+        addr: CaAddress,
         path: &'static str,
         reason: String,
     },
     #[error("CA {addr}: no answer within {after:?}")]
-    Timeout { addr: SocketAddr, after: Duration },
+    Timeout { addr: CaAddress, after: Duration },
     #[error("CA client configuration: {0}")]
     Config(String),
     #[error("CA token file {}: {reason}", path.display())]
@@ -53,6 +53,200 @@ pub enum CaClientError {
         path: std::path::PathBuf,
         reason: String,
     },
+}
+
+/// Where the CA listens: `IP:PORT`, `[IPv6]:PORT`, or `HOST:PORT` with a
+/// DNS name (e.g. the Service's `mesh-ca.sockmesh-system.svc:15012`),
+/// resolved again at each connect, every address it resolves to tried in
+/// turn. The TLS server name is separate (`--ca-server-name`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum CaAddress {
+    Ip(SocketAddr),
+    Host { host: String, port: u16 },
+}
+
+/// A CA address that is neither `IP:PORT`, `[IPv6]:PORT` nor `HOST:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("CA address {value:?}: {reason}")]
+pub struct BadCaAddress {
+    pub value: String,
+    pub reason: String,
+}
+
+impl From<SocketAddr> for CaAddress {
+    fn from(a: SocketAddr) -> Self {
+        CaAddress::Ip(a)
+    }
+}
+
+impl fmt::Display for CaAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CaAddress::Ip(a) => a.fmt(f),
+            CaAddress::Host { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+impl serde::Serialize for CaAddress {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Longest DNS name (RFC 1035: 253 characters as text).
+const MAX_DNS_NAME: usize = 253;
+
+/// A DNS name: labels of letters, digits and `-` (not at either end), 1 to
+/// 63 long, an optional final dot; the last label not all digits (that is
+/// a mistyped IPv4 address, not a name).
+fn dns_name_problem(host: &str) -> Option<String> {
+    let name = host.strip_suffix('.').unwrap_or(host);
+    if name.is_empty() {
+        return Some("no host before the port".into());
+    }
+    if name.len() > MAX_DNS_NAME {
+        return Some(format!("host name longer than {MAX_DNS_NAME} characters"));
+    }
+    for label in name.split('.') {
+        if label.is_empty() {
+            return Some("empty label in the host name (\"..\")".into());
+        }
+        if label.len() > 63 {
+            return Some(format!(
+                "host name label {label:?} is longer than 63 characters"
+            ));
+        }
+        if let Some(c) = label
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || *c == '-'))
+        {
+            return Some(format!(
+                "{c:?} in the host name: not an IP address nor a DNS name (letters, digits, '-' and '.')"
+            ));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Some(format!("host name label {label:?} starts or ends with '-'"));
+        }
+    }
+    if name
+        .rsplit('.')
+        .next()
+        .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Some("not an IPv4 address, and a DNS name cannot end in a numeric label".into());
+    }
+    None
+}
+
+impl std::str::FromStr for CaAddress {
+    type Err = BadCaAddress;
+
+    fn from_str(value: &str) -> Result<Self, BadCaAddress> {
+        let bad = |reason: &str| BadCaAddress {
+            value: value.to_owned(),
+            reason: reason.to_owned(),
+        };
+        const FORMS: &str = "expected IP:PORT, [IPv6]:PORT or HOST:PORT";
+        if value.is_empty() {
+            return Err(bad(&format!("empty; {FORMS}")));
+        }
+        if value.contains("://") {
+            return Err(bad(&format!("a URL; {FORMS}, without a scheme")));
+        }
+        let (host, port) = if let Some(rest) = value.strip_prefix('[') {
+            let Some((inside, after)) = rest.split_once(']') else {
+                return Err(bad("'[' without its ']'"));
+            };
+            let Some(port) = after.strip_prefix(':') else {
+                return Err(bad(&format!("no :PORT after ']'; {FORMS}")));
+            };
+            let ip: Ipv6Addr = inside.parse().map_err(|_| {
+                bad(&format!(
+                    "{inside:?} between the brackets is not an IPv6 address"
+                ))
+            })?;
+            (Some(IpAddr::V6(ip)), port)
+        } else {
+            let Some((host, port)) = value.rsplit_once(':') else {
+                return Err(bad(&format!("no port; {FORMS}")));
+            };
+            if host.contains(':') {
+                return Err(bad(
+                    "an IPv6 address needs brackets around it: [ADDRESS]:PORT",
+                ));
+            }
+            match host.parse::<std::net::Ipv4Addr>() {
+                Ok(ip) => (Some(IpAddr::V4(ip)), port),
+                Err(_) => {
+                    if let Some(problem) = dns_name_problem(host) {
+                        return Err(bad(&problem));
+                    }
+                    (None, port)
+                }
+            }
+        };
+        let port: u16 = match port.parse() {
+            Ok(0) | Err(_) => {
+                return Err(bad(&format!("port {port:?} is not a number in 1..=65535")));
+            }
+            Ok(p) => p,
+        };
+        Ok(match host {
+            Some(ip) => CaAddress::Ip(SocketAddr::new(ip, port)),
+            None => {
+                let host = value.rsplit_once(':').map(|(h, _)| h).unwrap_or_default();
+                CaAddress::Host {
+                    host: host.to_ascii_lowercase(),
+                    port,
+                }
+            }
+        })
+    }
+}
+
+/// Bound on one connect attempt to one of the CA's addresses (the whole
+/// call has its own, [`CaClientConfig::timeout`]).
+const CONNECT_ATTEMPT: Duration = Duration::from_secs(3);
+
+impl CaAddress {
+    /// A TCP connection to the CA: an IP directly; a host name resolved
+    /// now (so a changed record is followed) and each of its addresses
+    /// tried in turn until one answers.
+    pub async fn connect(&self) -> Result<tokio::net::TcpStream, CaClientError> {
+        let fail = |reason: String| CaClientError::Connect {
+            addr: self.clone(),
+            reason,
+        };
+        let (host, port) = match self {
+            CaAddress::Ip(a) => {
+                return tokio::net::TcpStream::connect(*a)
+                    .await
+                    .map_err(|e| fail(e.to_string()));
+            }
+            CaAddress::Host { host, port } => (host.as_str(), *port),
+        };
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+            .await
+            .map_err(|e| fail(format!("resolving {host}: {e}")))?
+            .collect();
+        if addrs.is_empty() {
+            return Err(fail(format!("{host} resolves to no address")));
+        }
+        let mut failures = Vec::with_capacity(addrs.len());
+        for a in &addrs {
+            match tokio::time::timeout(CONNECT_ATTEMPT, tokio::net::TcpStream::connect(a)).await {
+                Ok(Ok(tcp)) => return Ok(tcp),
+                Ok(Err(e)) => failures.push(format!("{a}: {e}")),
+                Err(_) => failures.push(format!("{a}: no answer within {CONNECT_ATTEMPT:?}")),
+            }
+        }
+        Err(fail(format!(
+            "{host} resolves to {} addresses, none answered ({})",
+            addrs.len(),
+            failures.join("; ")
+        )))
+    }
 }
 
 /// The node's credential for the CA.
@@ -123,7 +317,7 @@ pub trait CaClient: Send + Sync + fmt::Debug {
 /// How to reach and authenticate to the CA.
 #[derive(Clone)]
 pub struct CaClientConfig {
-    pub address: SocketAddr,
+    pub address: CaAddress,
     /// Name the CA's TLS certificate must carry (e.g. `mesh-ca`).
     pub server_name: String,
     /// Roots that vouch for the CA's TLS certificate (the trust bundle file).
@@ -150,13 +344,13 @@ impl fmt::Debug for CaClientConfig {
 
 impl CaClientConfig {
     pub fn new(
-        address: SocketAddr,
+        address: impl Into<CaAddress>,
         server_name: &str,
         trust_anchors: Vec<CertificateDer<'static>>,
         token: impl Into<Token>,
     ) -> Self {
         CaClientConfig {
-            address,
+            address: address.into(),
             server_name: server_name.to_owned(),
             trust_anchors,
             token: token.into(),
@@ -212,7 +406,7 @@ impl HttpsCaClient {
         path: &'static str,
         body: Option<Vec<u8>>,
     ) -> Result<Bytes, CaClientError> {
-        let (addr, after) = (self.config.address, self.config.timeout);
+        let (addr, after) = (self.config.address.clone(), self.config.timeout);
         tokio::time::timeout(after, self.exchange(method, path, body))
             .await
             .map_err(|_| CaClientError::Timeout { addr, after })?
@@ -225,26 +419,20 @@ impl HttpsCaClient {
         path: &'static str,
         body: Option<Vec<u8>>,
     ) -> Result<Bytes, CaClientError> {
-        let addr = self.config.address;
+        let addr = &self.config.address;
         let token = self.config.token.current()?;
-        let tcp =
-            tokio::net::TcpStream::connect(addr)
-                .await
-                .map_err(|e| CaClientError::Connect {
-                    addr,
-                    reason: e.to_string(),
-                })?;
+        let tcp = addr.connect().await?;
         let _ = tcp.set_nodelay(true);
         let tls = self.tls.read().clone();
         let stream = tokio_rustls::TlsConnector::from(tls)
             .connect(self.server_name.clone(), tcp)
             .await
             .map_err(|e| CaClientError::Tls {
-                addr,
+                addr: addr.clone(),
                 reason: e.to_string(),
             })?;
         let http_err = |e: &dyn fmt::Display| CaClientError::Http {
-            addr,
+            addr: addr.clone(),
             reason: e.to_string(),
         };
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -277,7 +465,7 @@ impl HttpsCaClient {
                     .map(|e| e.error)
                     .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
                 return Err(CaClientError::Status {
-                    addr,
+                    addr: addr.clone(),
                     path,
                     status: status.as_u16(),
                     message,
@@ -319,15 +507,15 @@ fn tls_config(
 impl CaClient for HttpsCaClient {
     fn sign<'a>(&'a self, request: &'a SignRequest) -> CaFuture<'a, SignResponse> {
         Box::pin(async move {
-            let addr = self.config.address;
+            let addr = &self.config.address;
             let body = serde_json::to_vec(request).map_err(|e| CaClientError::Decode {
-                addr,
+                addr: addr.clone(),
                 path: SIGN_PATH,
                 reason: e.to_string(),
             })?;
             let bytes = self.call(Method::POST, SIGN_PATH, Some(body)).await?;
             serde_json::from_slice(&bytes).map_err(|e| CaClientError::Decode {
-                addr,
+                addr: addr.clone(),
                 path: SIGN_PATH,
                 reason: e.to_string(),
             })
@@ -338,7 +526,7 @@ impl CaClient for HttpsCaClient {
         Box::pin(async move {
             let bytes = self.call(Method::GET, TRUST_BUNDLE_PATH, None).await?;
             serde_json::from_slice(&bytes).map_err(|e| CaClientError::Decode {
-                addr: self.config.address,
+                addr: self.config.address.clone(),
                 path: TRUST_BUNDLE_PATH,
                 reason: e.to_string(),
             })
@@ -357,6 +545,129 @@ impl CaClient for HttpsCaClient {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ca_addresses_parse_as_ip_bracketed_ipv6_or_dns_name() {
+        let ok = |s: &str| s.parse::<CaAddress>().unwrap();
+        assert_eq!(
+            ok("10.96.0.12:15012"),
+            CaAddress::Ip("10.96.0.12:15012".parse().unwrap())
+        );
+        assert_eq!(
+            ok("[fd00::12]:15012"),
+            CaAddress::Ip("[fd00::12]:15012".parse().unwrap())
+        );
+        assert_eq!(ok("[::1]:1"), CaAddress::Ip("[::1]:1".parse().unwrap()));
+        assert_eq!(
+            ok("mesh-ca.sockmesh-system.svc:15012"),
+            CaAddress::Host {
+                host: "mesh-ca.sockmesh-system.svc".into(),
+                port: 15012
+            }
+        );
+        assert_eq!(
+            ok("Mesh-CA.cluster.local.:443"),
+            CaAddress::Host {
+                host: "mesh-ca.cluster.local.".into(),
+                port: 443
+            }
+        );
+        assert_eq!(ok("localhost:15012").to_string(), "localhost:15012");
+        assert_eq!(ok("[fd00::12]:15012").to_string(), "[fd00::12]:15012");
+        assert_eq!(
+            serde_json::to_string(&ok("mesh-ca.ns.svc:15012")).unwrap(),
+            "\"mesh-ca.ns.svc:15012\""
+        );
+        assert_eq!(
+            CaAddress::from("127.0.0.1:9".parse::<SocketAddr>().unwrap()),
+            ok("127.0.0.1:9")
+        );
+    }
+
+    #[test]
+    fn bad_ca_addresses_are_refused_naming_the_value() {
+        for (value, why) in [
+            ("", "empty"),
+            ("mesh-ca", "no port"),
+            ("10.96.0.12", "no port"),
+            ("fd00::12:15012", "needs brackets"),
+            ("fd00::12", "needs brackets"),
+            ("[fd00::12]", "no :PORT after ']'"),
+            ("[fd00::12:15012", "without its ']'"),
+            ("[10.0.0.1]:15012", "is not an IPv6 address"),
+            ("[fd00::zz]:1", "is not an IPv6 address"),
+            ("mesh-ca:0", "not a number in 1..=65535"),
+            ("mesh-ca:65536", "not a number in 1..=65535"),
+            ("mesh-ca:http", "not a number in 1..=65535"),
+            ("mesh-ca:", "not a number in 1..=65535"),
+            (":15012", "no host before the port"),
+            ("10.96.0.300:15012", "numeric label"),
+            ("mesh_ca.svc:15012", "'_' in the host name"),
+            ("mesh ca:15012", "' ' in the host name"),
+            ("mesh-ca..svc:15012", "empty label"),
+            ("-mesh.svc:15012", "starts or ends with '-'"),
+            ("http://mesh-ca:15012", "a URL"),
+            ("mesh-ca/v1:15012", "'/' in the host name"),
+            ("mesh-ca:15012\n", "not a number"),
+        ] {
+            let e = value.parse::<CaAddress>().unwrap_err().to_string();
+            assert!(
+                e.starts_with(&format!("CA address {value:?}: ")),
+                "{value:?}: {e}"
+            );
+            assert!(e.contains(why), "{value:?}: {e} lacks {why:?}");
+        }
+        let long = format!("{}.svc:1", "a".repeat(64));
+        assert!(
+            long.parse::<CaAddress>()
+                .unwrap_err()
+                .to_string()
+                .contains("longer than 63")
+        );
+        let longer = format!("{}:1", ["abcdefgh"; 30].join("."));
+        assert!(
+            longer
+                .parse::<CaAddress>()
+                .unwrap_err()
+                .to_string()
+                .contains("longer than 253")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_name_that_does_not_resolve_or_answer_is_a_connect_error_naming_it() {
+        let e = "no-such-host.invalid:15012"
+            .parse::<CaAddress>()
+            .unwrap()
+            .connect()
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(
+                "CA no-such-host.invalid:15012: connect: resolving no-such-host.invalid:"
+            ),
+            "{e}"
+        );
+        // A port nobody listens on: every address of the name is tried.
+        let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = dead.local_addr().unwrap().port();
+        drop(dead);
+        let e = format!("localhost:{port}")
+            .parse::<CaAddress>()
+            .unwrap()
+            .connect()
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!(
+                "CA localhost:{port}: connect: localhost resolves to"
+            )),
+            "{e}"
+        );
+        assert!(e.contains(&format!("127.0.0.1:{port}: ")), "{e}");
+    }
 
     #[test]
     fn a_token_file_is_read_each_time_and_bad_ones_name_the_file() {

@@ -39,7 +39,10 @@ use rustls::pki_types::pem::PemObject;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
-pub use client::{CaClient, CaClientConfig, CaClientError, CaFuture, HttpsCaClient, Token};
+pub use client::{
+    BadCaAddress, CaAddress, CaClient, CaClientConfig, CaClientError, CaFuture, HttpsCaClient,
+    Token,
+};
 pub use manager::{
     CertError, CertManager, CertManagerConfig, CertState, KeyAlgorithm, WorkloadCert,
 };
