@@ -517,7 +517,7 @@ pub fn objects(o: &Options) -> Result<Vec<Object>> {
         )?,
         Object::new("", &ca_deployment(o))?,
         Object::new(
-            "The CA's signing port (the proxies reach it as $(MESH_CA_SERVICE_HOST):15012) and its metrics.",
+            "The CA's signing port (the proxies reach it by its DNS name, mesh-ca.<namespace>.svc:15012) and its metrics.",
             &Service {
                 metadata: meta(CA_NAME, Some(ns), CA_NAME),
                 spec: Some(ServiceSpec {
@@ -775,8 +775,12 @@ fn node_daemonset(o: &Options) -> DaemonSet {
         "$(POD_NAMESPACE)".to_owned(),
         "--trust-domain".to_owned(),
         o.trust_domain.clone(),
+        // The Service's DNS name, resolved at each connect (the
+        // ClusterFirstWithHostNet DNS policy below makes it resolvable in
+        // the host network): right in IPv4, IPv6 and dual-stack clusters,
+        // where $(MESH_CA_SERVICE_HOST) is a bare IPv6 address in v6.
         "--ca".to_owned(),
-        "$(MESH_CA_SERVICE_HOST):15012".to_owned(),
+        format!("{CA_NAME}.{ns}.svc:15012"),
         "--ca-server-name".to_owned(),
         format!("{CA_NAME}.{ns}.svc"),
         "--ca-bundle".to_owned(),

@@ -234,7 +234,6 @@ fn expand(arg: &str) -> String {
     arg.replace("$(NODE_NAME)", "node-1")
         .replace("$(POD_NAME)", "mesh-node-x")
         .replace("$(POD_NAMESPACE)", "sockmesh-system")
-        .replace("$(MESH_CA_SERVICE_HOST)", "10.96.0.12")
 }
 
 /// Every container's command line in the manifest is one its program
@@ -323,6 +322,11 @@ fn the_node_proxy_gets_the_trust_bundle_from_a_configmap_and_no_access_to_secret
         .iter()
         .map(|a| a.as_str().unwrap())
         .collect();
+    // The CA by its Service's DNS name (an IPv6 cluster's
+    // $(MESH_CA_SERVICE_HOST) would be a bare IPv6 address).
+    let ca = args.iter().position(|a| *a == "--ca").unwrap();
+    assert_eq!(args[ca + 1], "mesh-ca.sockmesh-system.svc:15012");
+    assert!(!spec.to_string().contains("SERVICE_HOST"));
     let at = args.iter().position(|a| *a == "--ca-bundle").unwrap();
     let mount = spec["containers"][0]["volumeMounts"]
         .as_array()
