@@ -138,18 +138,7 @@ impl RootSecret {
         let key = read("key.pem")?;
         let _ = std::fs::remove_dir_all(&work);
         Ok(Secret {
-            metadata: ObjectMeta {
-                name: Some(self.name.clone()),
-                namespace: Some(self.namespace.clone()),
-                labels: Some(
-                    [(
-                        "app.kubernetes.io/part-of".to_owned(),
-                        "sockmesh".to_owned(),
-                    )]
-                    .into(),
-                ),
-                ..Default::default()
-            },
+            metadata: part_of_sockmesh(&self.namespace, &self.name),
             type_: Some("kubernetes.io/tls".into()),
             data: Some(
                 [
@@ -187,6 +176,23 @@ impl RootSecret {
             }
         }
         Ok(RootSource::Plugged(out))
+    }
+}
+
+/// The metadata of an object the CA makes: its name and the label
+/// `mesh uninstall` and the opt-in rule know sockmesh's objects by.
+fn part_of_sockmesh(namespace: &str, name: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.to_owned()),
+        namespace: Some(namespace.to_owned()),
+        labels: Some(
+            [(
+                "app.kubernetes.io/part-of".to_owned(),
+                "sockmesh".to_owned(),
+            )]
+            .into(),
+        ),
+        ..Default::default()
     }
 }
 
@@ -233,18 +239,7 @@ impl TrustBundleConfigMap {
             Some(live) => live,
             None => {
                 let fresh = ConfigMap {
-                    metadata: ObjectMeta {
-                        name: Some(self.name.clone()),
-                        namespace: Some(self.namespace.clone()),
-                        labels: Some(
-                            [(
-                                "app.kubernetes.io/part-of".to_owned(),
-                                "sockmesh".to_owned(),
-                            )]
-                            .into(),
-                        ),
-                        ..Default::default()
-                    },
+                    metadata: part_of_sockmesh(&self.namespace, &self.name),
                     data: Some(want.clone()),
                     ..Default::default()
                 };

@@ -157,38 +157,31 @@ async fn a_ca_address_with_a_host_name_reaches_the_ca() {
         .unwrap();
     assert!(matches!(address, CaAddress::Host { .. }), "{address:?}");
     let anchors = ca.trust_bundle();
-    let client = HttpsCaClient::new(CaClientConfig::new(
-        address.clone(),
-        "localhost",
-        anchors.clone(),
-        Token::Value("projected-by-name".into()),
-    ))
-    .unwrap();
-    let certs = CertManager::new(
-        Arc::new(client),
-        Arc::new(SystemClock),
-        CertManagerConfig::new(TD),
-        anchors.clone(),
-    );
-    let cert = certs.fetch(&id("web")).await.unwrap();
+    let manager = |address: CaAddress| {
+        let client = HttpsCaClient::new(CaClientConfig::new(
+            address,
+            "localhost",
+            anchors.clone(),
+            Token::Value("projected-by-name".into()),
+        ))
+        .unwrap();
+        CertManager::new(
+            Arc::new(client),
+            Arc::new(SystemClock),
+            CertManagerConfig::new(TD),
+            anchors.clone(),
+        )
+    };
+    let cert = manager(address.clone()).fetch(&id("web")).await.unwrap();
     assert_eq!(cert.identity, id("web"));
 
     // Once the CA is gone, the error names the address as given.
     server.shutdown().await;
-    let client = HttpsCaClient::new(CaClientConfig::new(
-        address,
-        "localhost",
-        anchors.clone(),
-        Token::Value("projected-by-name".into()),
-    ))
-    .unwrap();
-    let certs = CertManager::new(
-        Arc::new(client),
-        Arc::new(SystemClock),
-        CertManagerConfig::new(TD),
-        anchors,
-    );
-    let e = certs.fetch(&id("db")).await.unwrap_err().to_string();
+    let e = manager(address)
+        .fetch(&id("db"))
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("CA localhost:"), "{e}");
     assert!(e.contains("connect: localhost resolves to"), "{e}");
 }

@@ -634,15 +634,19 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn a_name_that_does_not_resolve_or_answer_is_a_connect_error_naming_it() {
-        let e = "no-such-host.invalid:15012"
+    async fn connect_error(address: &str) -> String {
+        address
             .parse::<CaAddress>()
             .unwrap()
             .connect()
             .await
             .unwrap_err()
-            .to_string();
+            .to_string()
+    }
+
+    #[tokio::test]
+    async fn a_name_that_does_not_resolve_or_answer_is_a_connect_error_naming_it() {
+        let e = connect_error("no-such-host.invalid:15012").await;
         assert!(
             e.starts_with(
                 "CA no-such-host.invalid:15012: connect: resolving no-such-host.invalid:"
@@ -653,13 +657,7 @@ mod tests {
         let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = dead.local_addr().unwrap().port();
         drop(dead);
-        let e = format!("localhost:{port}")
-            .parse::<CaAddress>()
-            .unwrap()
-            .connect()
-            .await
-            .unwrap_err()
-            .to_string();
+        let e = connect_error(&format!("localhost:{port}")).await;
         assert!(
             e.contains(&format!(
                 "CA localhost:{port}: connect: localhost resolves to"
