@@ -579,6 +579,7 @@ const FUZZ_TARGETS: &[&str] = &[
     "sign_request",
     "policy_yaml",
     "hbone_authority",
+    "ca_address",
     "enroll",
     "kube_objects",
     "cni_config",

@@ -25,6 +25,7 @@
 //! # let _ = (server, client); Ok(()) }
 //! ```
 
+pub mod ca_address;
 mod client;
 mod manager;
 mod tls;
@@ -39,10 +40,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
-pub use client::{
-    BadCaAddress, CaAddress, CaClient, CaClientConfig, CaClientError, CaFuture, HttpsCaClient,
-    Token,
-};
+pub use ca_address::{BadCaAddress, CaAddress};
+pub use client::{CaClient, CaClientConfig, CaClientError, CaFuture, HttpsCaClient, Token};
 pub use manager::{
     CertError, CertManager, CertManagerConfig, CertState, KeyAlgorithm, WorkloadCert,
 };
