@@ -60,7 +60,8 @@ fn dns_name_problem(host: &str) -> Option<String> {
         }
         if label.len() > 63 {
             return Some(format!(
-                "host name label {label:?} is longer than 63 characters"
+                "host name label {} is longer than 63 characters",
+                Shown::new(label)
             ));
         }
         if let Some(c) = label
@@ -112,7 +113,8 @@ impl std::str::FromStr for CaAddress {
             };
             let ip: Ipv6Addr = inside.parse().map_err(|_| {
                 bad(&format!(
-                    "{inside:?} between the brackets is not an IPv6 address"
+                    "{} between the brackets is not an IPv6 address",
+                    Shown::new(inside)
                 ))
             })?;
             (Some(IpAddr::V6(ip)), port)
@@ -288,5 +290,11 @@ mod tests {
         let huge = format!("{}\n:1", "x".repeat(100_000));
         fuzz_ca_address(huge.as_bytes());
         fuzz_ca_address(b"[\\\\]:1");
+        // Found by the fuzzer: a long non-address between the brackets
+        // was shown whole.
+        let long_inside = format!("[{}]:1", "\u{13}".repeat(2000));
+        fuzz_ca_address(long_inside.as_bytes());
+        let long_label = format!("{}.svc:1", "\u{13}".repeat(2000));
+        fuzz_ca_address(long_label.as_bytes());
     }
 }
