@@ -86,9 +86,8 @@ enum Cmd {
         /// Seconds per target.
         #[arg(long, default_value_t = 600)]
         seconds: u64,
-        /// Run only this target (spiffe_id, sign_request, policy_yaml,
-        /// hbone_authority).
-        #[arg(long)]
+        /// Run only this target.
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(FUZZ_TARGETS))]
         target: Option<String>,
     },
     /// The integrity soak for a person (release build): minutes of many
