@@ -48,7 +48,7 @@ impl NodeProxy {
         match self.dial_from(&pod.sockets, dst).await {
             Ok(app) => {
                 self.note_delivery(&app, None, peer);
-                conn.copied(self.splice(&stream, &app).await);
+                conn.copied(self.splice(&stream, &app, None).await);
             }
             Err(e) => conn.failed(format!("upstream: {e}")),
         }

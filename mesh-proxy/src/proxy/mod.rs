@@ -190,12 +190,14 @@ impl NodeProxy {
     /// Copies both ways between two plaintext TCP legs inside the kernel
     /// (`splice(2)` through a pipe per direction, sized like the copy
     /// buffer), until both are closed: `(down -> up, up -> down)` bytes.
+    /// `idle`: end it once no byte moved for that long.
     pub(crate) async fn splice(
         &self,
         down: &TcpStream,
         up: &TcpStream,
+        idle: Option<std::time::Duration>,
     ) -> std::io::Result<(u64, u64)> {
-        splice::splice_bidirectional(down, up, self.h2.copy_buffer).await
+        splice::splice_bidirectional(down, up, self.h2.copy_buffer, idle).await
     }
 
     /// A TCP connection to `to` from a socket made in `sockets`' netns,

@@ -189,7 +189,7 @@ impl NodeProxy {
                 self.stats.passthrough.fetch_add(1, Ordering::Relaxed);
                 conn.via = Some(target);
                 match self.dial_from(&pod.sockets, target).await {
-                    Ok(up) => conn.copied(self.splice(&app, &up).await),
+                    Ok(up) => conn.copied(self.splice(&app, &up, None).await),
                     Err(e) => {
                         reset(&app);
                         conn.refuse(Refused::Upstream(e.to_string()));
@@ -250,7 +250,11 @@ impl NodeProxy {
             .deliver(dst, &dst_spec, target, principal, from, &mut inb)
             .await
         {
-            Ok(up) => match self.splice(&app, &up).await {
+            // The bound a tunnel has (--tunnel-idle-seconds).
+            Ok(up) => match self
+                .splice(&app, &up, Some(self.cfg.hbone_limits.tunnel_idle_timeout))
+                .await
+            {
                 Ok(moved) => {
                     out.copied(Ok(moved));
                     inb.copied(Ok(moved));

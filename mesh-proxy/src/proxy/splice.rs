@@ -19,6 +19,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl};
 use nix::unistd::pipe2;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -136,16 +137,39 @@ impl Half {
 /// Copies both ways between `a` and `b` until both directions ended (each
 /// FIN passed on), in the kernel. Returns `(a -> b, b -> a)` bytes; an
 /// error on either direction ends both (the caller drops the sockets).
+/// With `idle`, a relay that moved no byte either way for that long ends
+/// with `TimedOut` (the tunnels' idle timeout, for the same-node path).
 pub(crate) async fn splice_bidirectional(
     a: &TcpStream,
     b: &TcpStream,
     pipe_size: usize,
+    idle: Option<Duration>,
 ) -> io::Result<(u64, u64)> {
     let (mut ab, mut ba) = (Half::new(pipe_size), Half::new(pipe_size));
+    // Checked when the deadline passes (not re-armed on every byte): the
+    // bytes moved then against those at the last check.
+    let mut idle = idle.map(|d| (d, Box::pin(tokio::time::sleep(d)), (0, 0)));
     poll_fn(|cx| {
         let x = ab.poll(cx, a, b);
         let y = ba.poll(cx, b, a);
-        crate::hbone::copy::both_done(x, y, (ab.moved, ba.moved))
+        let moved = (ab.moved, ba.moved);
+        let done = crate::hbone::copy::both_done(x, y, moved);
+        if done.is_ready() {
+            return done;
+        }
+        if let Some((after, sleep, seen)) = &mut idle {
+            while sleep.as_mut().poll(cx).is_ready() {
+                if moved == *seen {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("no byte either way for {after:?}"),
+                    )));
+                }
+                *seen = moved;
+                sleep.as_mut().reset(tokio::time::Instant::now() + *after);
+            }
+        }
+        Poll::Pending
     })
     .await
 }
@@ -171,7 +195,7 @@ mod tests {
         let (client, a) = pair().await;
         let (b, server) = pair().await;
         // Small pipes: many rounds of read-then-drain per direction.
-        let relay = tokio::spawn(async move { splice_bidirectional(&a, &b, 4096).await });
+        let relay = tokio::spawn(async move { splice_bidirectional(&a, &b, 4096, None).await });
         let up = pattern(1, 8 << 20);
         let down = pattern(7, (5 << 20) | 123);
         full_duplex(client, server, &up, &down).await;
@@ -185,7 +209,7 @@ mod tests {
     async fn an_answer_after_the_request_half_close_still_arrives() {
         let (mut client, a) = pair().await;
         let (b, mut server) = pair().await;
-        let relay = tokio::spawn(async move { splice_bidirectional(&a, &b, 1 << 16).await });
+        let relay = tokio::spawn(async move { splice_bidirectional(&a, &b, 1 << 16, None).await });
         client.write_all(b"request").await.unwrap();
         client.shutdown().await.unwrap();
         let mut req = Vec::new();
@@ -204,7 +228,7 @@ mod tests {
     async fn a_reset_ends_the_relay_with_an_error() {
         let (client, a) = pair().await;
         let (b, _server) = pair().await;
-        let relay = tokio::spawn(async move { splice_bidirectional(&a, &b, 1 << 16).await });
+        let relay = tokio::spawn(async move { splice_bidirectional(&a, &b, 1 << 16, None).await });
         client.set_zero_linger().unwrap();
         drop(client);
         let r = tokio::time::timeout(std::time::Duration::from_secs(10), relay)
@@ -212,5 +236,30 @@ mod tests {
             .expect("the relay ended")
             .unwrap();
         assert!(r.is_err(), "{r:?}");
+    }
+
+    /// A relay with an idle bound ends with TimedOut once no byte moved
+    /// for that long, and not while bytes keep moving.
+    #[tokio::test]
+    async fn an_idle_relay_ends_after_its_idle_bound() {
+        let (mut client, a) = pair().await;
+        let (b, mut server) = pair().await;
+        let idle = std::time::Duration::from_millis(300);
+        let relay =
+            tokio::spawn(async move { splice_bidirectional(&a, &b, 1 << 16, Some(idle)).await });
+        // Bytes every 100 ms for 900 ms: three idle bounds pass, never idle.
+        let mut got = [0u8; 1];
+        for _ in 0..9 {
+            client.write_all(b"x").await.unwrap();
+            server.read_exact(&mut got).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert!(!relay.is_finished(), "ended while bytes were moving");
+        let r = tokio::time::timeout(std::time::Duration::from_secs(10), relay)
+            .await
+            .expect("the idle relay ended")
+            .unwrap();
+        let e = r.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
     }
 }
