@@ -301,6 +301,7 @@ const CASE_PLAIN_CROSS: &str = "plain cross-node";
 const CASE_PLAIN_SAME: &str = "plain same-node";
 const CASE_MESH_CROSS: &str = "mesh cross-node";
 const CASE_MESH_SAME: &str = "mesh same-node";
+const CASE_MESH_NOHIST: &str = "mesh cross, no hist";
 const CASE_SCRAPES: &str = "cross + scrapes";
 
 fn mesh(json_out: Option<String>) -> Result<()> {
@@ -330,6 +331,20 @@ fn mesh(json_out: Option<String>) -> Result<()> {
     // baselines cross the same fabric and node hops (cross-node), or the
     // same node (same-node), uncaptured.
     let mut topology = mesh_local::Topology::demo();
+    // A meshed client of its own for the case with the kernel histograms
+    // off: its tunnel to web is made while they are off, so it gets no
+    // per-ACK callback at all (a tunnel made while they are on keeps its
+    // callbacks, which then return at once).
+    topology.pods.push(mesh_local::Pod {
+        namespace: "default".into(),
+        name: "nohist-client".into(),
+        uid: None,
+        node: "node-a".into(),
+        service_account: "client".into(),
+        ips: Vec::new(),
+        labels: [("app".to_owned(), "nohist-client".to_owned())].into(),
+        annotations: Default::default(),
+    });
     for (name, node) in [
         ("plain-client", "node-a"),
         ("plain-server", "node-b"),
@@ -419,6 +434,14 @@ fn measure(
             "default/web-2", // node-a
             "default/web-2",
         )?,
+        // The cross-node case with the kernel's latency histograms off on
+        // both nodes (issue #15's cost), then on again.
+        case(
+            CASE_MESH_NOHIST,
+            "default/nohist-client",
+            "default/web",
+            "default/web",
+        )?,
         // The cross-node path while an opted-out pod on the client's node
         // scrapes that node's /metrics in a loop: scrapes run on the
         // control runtime and take no lock of the data path, so latency
@@ -461,6 +484,10 @@ fn measure(
             } else {
                 None
             };
+            let histograms_off = c.label == CASE_MESH_NOHIST;
+            if histograms_off {
+                set_histograms(run, false)?;
+            }
             let sample = mesh_case(
                 run,
                 c,
@@ -473,6 +500,9 @@ fn measure(
             if let Some(h) = hammer.as_mut() {
                 let _ = h.kill();
                 let _ = h.wait();
+            }
+            if histograms_off {
+                set_histograms(run, true)?;
             }
             samples[i].push(sample?);
         }
@@ -681,6 +711,24 @@ fn measure(
         "proxy RSS (both nodes): {rss_before} KiB idle mesh -> {rss_held} KiB with {idle} idle \
          cross-node connections"
     );
+    // The kernel histograms' cost (issue #15): the same cross-node case
+    // with them on and off, paired by repetition.
+    let hist_tput = paired(CASE_MESH_CROSS, CASE_MESH_NOHIST, |s| s.gbit_s, true);
+    let hist_p99 = paired(CASE_MESH_CROSS, CASE_MESH_NOHIST, |s| s.p99_us, false);
+    let hist_p50 = paired(CASE_MESH_CROSS, CASE_MESH_NOHIST, |s| s.p50_us, false);
+    println!(
+        "latency histograms on vs off (cross-node): throughput {:.2}x ({:.2}-{:.2}), \
+         RR p50 {:+.1} us ({:+.1}..{:+.1}), p99 {:+.1} us ({:+.1}..{:+.1})",
+        hist_tput.median,
+        hist_tput.min,
+        hist_tput.max,
+        hist_p50.median,
+        hist_p50.min,
+        hist_p50.max,
+        hist_p99.median,
+        hist_p99.min,
+        hist_p99.max
+    );
     println!(
         "not measured: the mesh with the eBPF byte accounting detached (the sockops program that \
          counts bytes also records each flow's original destination, which the proxy needs; \
@@ -694,6 +742,9 @@ fn measure(
                      "stream_bytes": stream_bytes, "connections": conns,
                      "connection_threads": conn_threads,
                      "cases": cases_json, "targets": targets_json,
+                     "histograms_on_vs_off": {"throughput_ratio": hist_tput.json(),
+                                              "rr_p50_delta_us": hist_p50.json(),
+                                              "rr_p99_delta_us": hist_p99.json()},
                      "proxy_rss_kib": {"before": rss_before, "with_idle": rss_held,
                                        "idle_connections": idle, "per_connection": rss_per_conn},
                      "seconds": secs});
@@ -784,4 +835,17 @@ fn mesh_case(
         cpu_s_per_gib: cpu / (stream_bytes as f64 / GIB),
         conn_per_s: num(&cn, "per_second"),
     })
+}
+
+/// Switches the kernel's latency histograms on every node of the bench
+/// mesh (through the proxies' pinned config map).
+fn set_histograms(run: &MeshRun, on: bool) -> Result<()> {
+    for node in ["node-a", "node-b"] {
+        let pins = &run.mesh.node(node)?.pin_root;
+        let mut dp = Datapath::open(pins)
+            .map_err(|e| anyhow::anyhow!("open the data path at {}: {e}", pins.display()))?;
+        dp.set_histograms(on)
+            .map_err(|e| anyhow::anyhow!("histograms {on} on {node}: {e}"))?;
+    }
+    Ok(())
 }
