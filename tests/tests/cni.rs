@@ -633,7 +633,17 @@ fn with_the_proxy_down_add_fails_closed_and_succeeds_on_retry_and_running_pods_a
         wait_until("cni-open to be enrolled", Duration::from_secs(20), || {
             Ok(enrolled(&m, "node-a", "kube-system/cni-open")? == Some(true))
         })
-        .with_context(|| format!("proxy log:\n{}", m.log("proxy-node-a")))?;
+        .with_context(|| {
+            format!(
+                "record there: {}; workloads: {}\nproxy log:\n{}",
+                record.exists(),
+                m.mesh
+                    .admin_get("node-a", "/workloads")
+                    .map(|(_, b)| b)
+                    .unwrap_or_default(),
+                m.log("proxy-node-a")
+            )
+        })?;
         wait_until(
             "the fail-open record to go",
             Duration::from_secs(10),

@@ -5,13 +5,13 @@
 //! # async fn demo() -> anyhow::Result<()> {
 //! use std::sync::Arc;
 //! use mesh_core::identity::{Identity, SystemClock};
-//! use mesh_proxy::identity::{CaClientConfig, CertManager, CertManagerConfig, HttpsCaClient, Token, load_pem_certs};
+//! use mesh_proxy::identity::{CaAddress, CaClientConfig, CertManager, CertManagerConfig, HttpsCaClient, Token, load_pem_certs};
 //!
 //! let anchors = load_pem_certs(std::path::Path::new("/run/sockmesh/ca/trust-bundle.pem"))?;
 //! // Read again for every request: a projected token rotates.
 //! let token = Token::File("/run/sockmesh/ca/node-tokens/node-1.token".into());
 //! let client = HttpsCaClient::new(CaClientConfig::new(
-//!     "10.0.0.1:15012".parse()?, "mesh-ca", anchors.clone(), token))?;
+//!     "mesh-ca.sockmesh-system.svc:15012".parse::<CaAddress>()?, "mesh-ca", anchors.clone(), token))?;
 //! let certs = CertManager::new(Arc::new(client), Arc::new(SystemClock),
 //!     CertManagerConfig::new("cluster.local"), anchors);
 //! let (_stop, stop_rx) = tokio::sync::watch::channel(false);
