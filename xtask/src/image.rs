@@ -330,7 +330,10 @@ impl Containerd {
         sh(Command::new("ctr")
             .arg("--address")
             .arg(&sock)
-            .args(["--namespace", "sockmesh"])
+            // containerd puts a container without --cgroup in
+            // /<namespace>/<id>: the namespace is the subtree's name, so
+            // its containers land in the subtree drop removes.
+            .args(["--namespace", &self.cgroup])
             .args(args))
     }
 }
