@@ -458,17 +458,19 @@ fn leftovers() -> Vec<String> {
     let mut left = Vec::new();
     // The cgroup v2 root: /sys/fs/cgroup, or /sys/fs/cgroup/unified on
     // hybrid hosts (the first cgroup2 mount).
+    // Every cgroup hierarchy: v2, and on hybrid hosts the v1 controllers
+    // too (a container runtime makes its cgroups in each).
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    let cgroup = mounts
+    let cgroups: Vec<String> = mounts
         .lines()
         .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .find(|f| f.get(2) == Some(&"cgroup2"))
-        .map_or("/sys/fs/cgroup", |f| f[1]);
-    for (dir, what) in [
-        ("/run/netns", "netns"),
-        ("/sys/fs/bpf", "bpffs pins"),
-        (cgroup, "cgroup"),
-    ] {
+        .filter(|f| matches!(f.get(2), Some(&"cgroup2") | Some(&"cgroup")))
+        .map(|f| f[1].to_owned())
+        .collect();
+    let dirs = [("/run/netns", "netns"), ("/sys/fs/bpf", "bpffs pins")]
+        .into_iter()
+        .chain(cgroups.iter().map(|c| (c.as_str(), "cgroup")));
+    for (dir, what) in dirs {
         if let Ok(rd) = std::fs::read_dir(dir) {
             for e in rd.flatten() {
                 let n = e.file_name().to_string_lossy().into_owned();
