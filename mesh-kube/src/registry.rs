@@ -105,6 +105,12 @@ pub struct View {
     pub problems: Vec<ObjectProblem>,
     /// Bumped when the snapshot changes.
     pub generation: u64,
+    /// Built from stores that had every kind listed once: a whole view,
+    /// which may be reconciled against. A watcher's sync is recorded
+    /// before the view that includes it is built, so `Health::synced` can
+    /// be true a moment before the view is whole; this cannot. Once true it
+    /// stays true (stores keep their objects through relists and outages).
+    pub whole: bool,
 }
 
 impl View {
@@ -175,6 +181,17 @@ struct Shared {
 }
 
 impl Shared {
+    /// Whether every watcher has listed once.
+    fn all_listed(&self) -> bool {
+        let synced = self
+            .synced
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len();
+        let watchers = *self.watchers.lock().unwrap_or_else(PoisonError::into_inner);
+        synced >= watchers && watchers > 0
+    }
+
     fn ok(&self) {
         let mut c = self.contact.lock().unwrap_or_else(PoisonError::into_inner);
         c.last_ok = Instant::now();
@@ -362,19 +379,8 @@ impl KubeRegistry {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         let since = contact.last_ok.elapsed();
-        let synced = self
-            .shared
-            .synced
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len();
-        let watchers = *self
-            .shared
-            .watchers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
         Health {
-            synced: synced >= watchers && watchers > 0,
+            synced: self.shared.all_listed(),
             stale: since > self.shared.config.stale_after,
             since_contact: since,
             last_error: contact.last_error.clone(),
@@ -387,7 +393,7 @@ impl KubeRegistry {
         let deadline = Instant::now() + timeout;
         let mut changes = self.changes();
         loop {
-            if self.health().synced && self.view().generation > 0 {
+            if self.view().whole {
                 return true;
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -507,16 +513,25 @@ async fn istio_loop(shared: Arc<Shared>, client: Client) {
 async fn rebuild_loop(shared: Arc<Shared>) {
     loop {
         shared.dirty.notified().await;
+        // Read before the stores: a watcher marks itself synced only after
+        // its store holds the whole list.
+        let all_listed = shared.all_listed();
         let view = build(&shared);
         let mut current = shared.view.write().unwrap_or_else(PoisonError::into_inner);
+        let whole = current.whole || all_listed;
         if current.snapshot.snapshot() == view.snapshot.snapshot()
             && current.problems == view.problems
+            && current.whole == whole
             && current.generation > 0
         {
             continue;
         }
         let generation = current.generation + 1;
-        *current = Arc::new(View { generation, ..view });
+        *current = Arc::new(View {
+            generation,
+            whole,
+            ..view
+        });
         drop(current);
         shared.changed.send_replace(generation);
     }
@@ -619,6 +634,7 @@ fn build(shared: &Shared) -> View {
         endpoints,
         problems,
         generation: 0,
+        whole: false,
     }
 }
 

@@ -214,7 +214,7 @@ impl RegistrySource {
     pub fn settled(&self) -> bool {
         match self {
             RegistrySource::File(_) => true,
-            RegistrySource::Kubernetes(k) => k.registry.health().synced,
+            RegistrySource::Kubernetes(k) => k.registry.view().whole,
         }
     }
 
@@ -229,7 +229,7 @@ impl RegistrySource {
             .as_deref()
             .map(|e| format!("; last error: {e}"))
             .unwrap_or_default();
-        if !h.synced {
+        if !k.registry.view().whole {
             return Some(format!(
                 "Kubernetes API: not synced yet (pods, namespaces, services, endpointslices and authorizationpolicies not all listed once){last}"
             ));
