@@ -1,4 +1,4 @@
-//! Latency you can see, aggregated in the kernel (issue #15): the tunnels'
+//! Latency you can see, aggregated in the kernel: the tunnels'
 //! RTT histograms agree with `ss -ti`, packet loss on one pair of pods
 //! shows up as retransmissions of exactly that pair, and connections of
 //! known lengths land in the right duration buckets. A whole local mesh

@@ -119,8 +119,8 @@ enum Cmd {
     /// under target/bench/.
     Bench {
         /// `redirect` (sk_msg vs loopback TCP), `mesh` (pod to pod on the
-        /// local mesh vs plain TCP, cross-node and same-node: every target
-        /// of issue #14 with PASS/FAIL, 5 interleaved repetitions, median
+        /// local mesh vs plain TCP, cross-node and same-node: every
+        /// performance target with PASS/FAIL, 5 interleaved repetitions, median
         /// and spread; SOCKMESH_BENCH_REPS=N, SOCKMESH_BENCH_PERF=FILE for
         /// a perf profile of both proxies), `hbone` (the tunnel on loopback, per
         /// rustls provider), `ca` (certificate signing), `kube` (the

@@ -276,7 +276,7 @@ impl Spread {
     }
 }
 
-/// A target of issue #14: the measured value (median of the paired
+/// A performance target: the measured value (median of the paired
 /// repetitions, spread), the goal, and whether the median meets it.
 struct Target {
     name: &'static str,
@@ -435,7 +435,7 @@ fn measure(
             "default/web-2",
         )?,
         // The cross-node case with the kernel's latency histograms off on
-        // both nodes (issue #15's cost), then on again.
+        // both nodes (what they cost), then on again.
         case(
             CASE_MESH_NOHIST,
             "default/nohist-client",
@@ -675,7 +675,7 @@ fn measure(
         },
     ];
     println!(
-        "\ntargets (issue #14), median of {reps} paired repetitions (min-max); pass = median meets the goal"
+        "\nperformance targets, median of {reps} paired repetitions (min-max); pass = median meets the goal"
     );
     println!(
         "{:<32} {:>26} {:>12} {:>5}",
@@ -711,7 +711,7 @@ fn measure(
         "proxy RSS (both nodes): {rss_before} KiB idle mesh -> {rss_held} KiB with {idle} idle \
          cross-node connections"
     );
-    // The kernel histograms' cost (issue #15): the same cross-node case
+    // What the kernel histograms cost: the same cross-node case
     // with them on and off, paired by repetition.
     let hist_tput = paired(CASE_MESH_CROSS, CASE_MESH_NOHIST, |s| s.gbit_s, true);
     let hist_p99 = paired(CASE_MESH_CROSS, CASE_MESH_NOHIST, |s| s.p99_us, false);
