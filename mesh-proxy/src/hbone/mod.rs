@@ -39,7 +39,8 @@
 //! let pool = Pool::new(connector, H2Config::default()); // impl Connector: dial in netns + SO_MARK, TLS per identity
 //! let key = PoolKey::new("spiffe://cluster.local/ns/default/sa/web", SocketAddr::new(dst_pod_ip, HBONE_PORT));
 //! let mut tunnel = pool.connect(&key, original_dst).await?; // AsyncRead + AsyncWrite
-//! tokio::io::copy_bidirectional(&mut app_socket, &mut tunnel).await?;
+//! // The relay the proxy runs: no copy between the socket and HTTP/2.
+//! hbone::copy_tunnel(&mut app_socket, tunnel.stream_mut(), h2.copy_buffer).await?;
 //! ```
 
 pub mod authority;
