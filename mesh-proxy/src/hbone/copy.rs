@@ -181,6 +181,8 @@ impl ToTunnel {
                 let n = ready!(t.poll_send(cx, &mut self.out))?;
                 self.moved += n as u64;
             }
+            // An emptied slice still holds its buffer: let go of it.
+            self.out = Bytes::new();
             if self.read_done {
                 ready!(t.poll_finish(cx))?;
                 self.done = true;

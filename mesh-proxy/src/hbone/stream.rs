@@ -186,7 +186,10 @@ impl AsyncRead for H2Stream {
             let n = chunk.len().min(buf.remaining());
             buf.put_slice(&chunk[..n]);
             chunk.advance(n);
-            this.pending = chunk;
+            // An emptied slice would still hold the codec's buffer.
+            if !chunk.is_empty() {
+                this.pending = chunk;
+            }
         }
         Poll::Ready(Ok(()))
     }
