@@ -307,27 +307,11 @@ async fn run(bytes: u64, rounds: usize) -> Result<Vec<Row>> {
     let echo = echo_app().await?;
     let mut rows = vec![plain(sink, echo, bytes, rounds).await?];
     let fixed = h2_config()?;
-    let adaptive = H2Config {
-        adaptive_window: true,
-        ..fixed.clone()
-    };
     rows.push(
         hbone(
             "HBONE ring",
             rustls::crypto::ring::default_provider(),
             fixed.clone(),
-            sink,
-            echo,
-            bytes,
-            rounds,
-        )
-        .await?,
-    );
-    rows.push(
-        hbone(
-            "HBONE ring adaptive-window",
-            rustls::crypto::ring::default_provider(),
-            adaptive,
             sink,
             echo,
             bytes,

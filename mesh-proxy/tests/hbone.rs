@@ -391,7 +391,38 @@ async fn transfer_64mib_both_ways_with_half_close() {
         .await
         .unwrap();
     assert_eq!(spiffe_id(&tunnel.peer_certificates()[0]), SERVER_ID);
-    let (mut r, mut w) = tokio::io::split(tunnel);
+    transfer_through(tunnel, &server).await;
+}
+
+/// The proxy's outbound relay: app socket <-> `copy_tunnel` <-> tunnel,
+/// every byte both ways, each half-close passed on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_64mib_both_ways_through_the_proxy_relay() {
+    let pki = Pki::new();
+    let server = Server::start(&pki, TestHandler::default()).await;
+    let app = transfer_app().await;
+    let pool = pool(&pki);
+
+    let mut tunnel = within("connect", pool.connect(&key(&server), app))
+        .await
+        .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let client = TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (mut down, _) = listener.accept().await.unwrap();
+    let relay = tokio::spawn(async move {
+        mesh_proxy::hbone::copy_tunnel(&mut down, tunnel.stream_mut(), 256 * 1024).await
+    });
+    transfer_through(client, &server).await;
+    let moved = within("relay", relay).await.unwrap().unwrap();
+    assert_eq!(moved, (MIB << 20, (MIB << 20) + 40));
+}
+
+/// Runs the transfer app's exchange over `io` (a tunnel to it) and checks
+/// both directions and the server's counts.
+async fn transfer_through(io: impl AsyncRead + AsyncWrite + Send + 'static, server: &Server) {
+    let (mut r, mut w) = tokio::io::split(io);
     let sender = tokio::spawn(async move {
         let digest = send_blocks(&mut w, 1, MIB).await;
         // Half-close: the app sees EOF, and still answers.
@@ -692,7 +723,7 @@ async fn drain_finishes_open_tunnels_and_refuses_new_streams() {
     let k = key(&server);
     let mut old = within("connect", pool.connect(&k, app)).await.unwrap();
     server.drain_current();
-    // hyper reports a GOAWAY on the next request: the pool then retries
+    // h2 reports a GOAWAY on the next request: the pool then retries
     // that request on a new connection.
     let mut new = within("a tunnel on a new connection", async {
         loop {

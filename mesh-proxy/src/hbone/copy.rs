@@ -18,8 +18,10 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::stream::H2Stream;
 
 /// The first buffer of a direction, and the one after an idle spell when
 /// its last read did not fill what it had: a small size class of the
@@ -121,6 +123,144 @@ where
         both_done(x, y, (ab.moved, ba.moved))
     })
     .await
+}
+
+/// Copies both ways between `a` (the app's socket) and a tunnel's HTTP/2
+/// stream, like [`copy_bidirectional`] but handing the `h2` codec the
+/// buffer read from `a` as it is, and writing each received DATA frame's
+/// bytes to `a` from where the codec parsed them: no copy in between.
+/// Returns `(a -> tunnel, tunnel -> a)` bytes.
+pub async fn copy_tunnel<A>(a: &mut A, t: &mut H2Stream, size: usize) -> io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let (mut up, mut down) = (ToTunnel::new(size), FromTunnel::default());
+    poll_fn(|cx| {
+        let x = up.poll(cx, &mut *a, &mut *t);
+        let y = down.poll(cx, &mut *t, &mut *a);
+        both_done(x, y, (up.moved, down.moved))
+    })
+    .await
+}
+
+/// App socket -> tunnel: reads into a buffer sized as [`Direction`]'s,
+/// whose filled part goes to `h2` as `Bytes`.
+struct ToTunnel {
+    buf: BytesMut,
+    /// Read, not yet taken by the stream.
+    out: Bytes,
+    size: usize,
+    next: usize,
+    read_done: bool,
+    done: bool,
+    moved: u64,
+}
+
+impl ToTunnel {
+    fn new(size: usize) -> Self {
+        ToTunnel {
+            buf: BytesMut::new(),
+            out: Bytes::new(),
+            size: size.max(1),
+            next: SMALL.min(size.max(1)),
+            read_done: false,
+            done: false,
+            moved: 0,
+        }
+    }
+
+    fn poll<R>(&mut self, cx: &mut Context<'_>, r: &mut R, t: &mut H2Stream) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + Unpin + ?Sized,
+    {
+        loop {
+            if self.done {
+                return Poll::Ready(Ok(()));
+            }
+            while !self.out.is_empty() {
+                let n = ready!(t.poll_send(cx, &mut self.out))?;
+                self.moved += n as u64;
+            }
+            // An emptied slice still holds its buffer: let go of it.
+            self.out = Bytes::new();
+            if self.read_done {
+                ready!(t.poll_finish(cx))?;
+                self.done = true;
+                self.buf = BytesMut::new();
+                continue;
+            }
+            // The rest of the last allocation when it has room, else a new
+            // one (the stream may still hold the bytes sent from the old).
+            self.buf.reserve(self.next);
+            let room = self.buf.capacity() - self.buf.len();
+            match tokio_util::io::poll_read_buf(Pin::new(&mut *r), cx, &mut self.buf) {
+                Poll::Ready(Ok(0)) => self.read_done = true,
+                Poll::Ready(Ok(n)) => {
+                    if n == room {
+                        self.next = self.size;
+                    }
+                    self.out = self.buf.split().freeze();
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    // Nothing in flight: give the buffer back while idle.
+                    self.buf = BytesMut::new();
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+/// Tunnel -> app socket: writes each received chunk as it came.
+#[derive(Default)]
+struct FromTunnel {
+    chunk: Bytes,
+    read_done: bool,
+    need_flush: bool,
+    done: bool,
+    moved: u64,
+}
+
+impl FromTunnel {
+    fn poll<W>(&mut self, cx: &mut Context<'_>, t: &mut H2Stream, w: &mut W) -> Poll<io::Result<()>>
+    where
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        loop {
+            if self.done {
+                return Poll::Ready(Ok(()));
+            }
+            while !self.chunk.is_empty() {
+                let n = ready!(Pin::new(&mut *w).poll_write(cx, &self.chunk))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.chunk.advance(n);
+                self.moved += n as u64;
+                self.need_flush = true;
+            }
+            // Let go of the codec's buffer the chunk was part of.
+            self.chunk = Bytes::new();
+            if self.read_done {
+                ready!(Pin::new(&mut *w).poll_shutdown(cx))?;
+                self.done = true;
+                continue;
+            }
+            match t.poll_chunk(cx) {
+                Poll::Ready(Ok(None)) => self.read_done = true,
+                Poll::Ready(Ok(Some(chunk))) => self.chunk = chunk,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    if self.need_flush {
+                        ready!(Pin::new(&mut *w).poll_flush(cx))?;
+                        self.need_flush = false;
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
 }
 
 /// The two directions of a relay, polled in one task: done when both are

@@ -43,27 +43,20 @@ pub enum HboneError {
     Handshake {
         dest: SocketAddr,
         #[source]
-        source: hyper::Error,
+        source: h2::Error,
     },
     #[error("hbone {dest}: CONNECT {target}: {source}")]
     Request {
         dest: SocketAddr,
         target: SocketAddr,
         #[source]
-        source: hyper::Error,
+        source: h2::Error,
     },
     #[error("hbone {dest}: CONNECT {target}: peer answered {status}")]
     Status {
         dest: SocketAddr,
         target: SocketAddr,
         status: StatusCode,
-    },
-    #[error("hbone {dest}: CONNECT {target}: upgrade: {source}")]
-    Upgrade {
-        dest: SocketAddr,
-        target: SocketAddr,
-        #[source]
-        source: hyper::Error,
     },
     #[error("hbone {dest}: {what} timed out after {after:?}")]
     Timeout {
@@ -82,8 +75,10 @@ pub enum HboneError {
     #[error("hbone server: HTTP/2 connection: {source}")]
     Serve {
         #[source]
-        source: hyper::Error,
+        source: h2::Error,
     },
+    #[error("hbone server: {what}")]
+    ServeStalled { what: String },
 }
 
 impl HboneError {

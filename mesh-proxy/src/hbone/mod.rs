@@ -17,8 +17,10 @@
 //!   [`PoolKey`], opened through a caller-provided [`Connector`] (the socket
 //!   is made inside the source pod's netns, with `SO_MARK`).
 //!
-//! Both sides use [`H2Config`]: large flow-control windows and frames, so a
-//! single tunnel is not window-bound on a fast path. The server is bounded
+//! Both sides drive the `h2` crate directly (no hyper: a tunnel's bytes go
+//! between the app's socket and the HTTP/2 codec as `Bytes`, with no copy
+//! in between, [`copy_tunnel`]) and use [`H2Config`]: large flow-control
+//! windows and frames, so a single tunnel is not window-bound on a fast path. The server is bounded
 //! by [`ServerLimits`] (connection caps, handshake budget, idle timeouts,
 //! enforced by a node-wide [`Limiter`]) and by
 //! [`H2Config::max_concurrent_streams`].
@@ -37,7 +39,8 @@
 //! let pool = Pool::new(connector, H2Config::default()); // impl Connector: dial in netns + SO_MARK, TLS per identity
 //! let key = PoolKey::new("spiffe://cluster.local/ns/default/sa/web", SocketAddr::new(dst_pod_ip, HBONE_PORT));
 //! let mut tunnel = pool.connect(&key, original_dst).await?; // AsyncRead + AsyncWrite
-//! tokio::io::copy_bidirectional(&mut app_socket, &mut tunnel).await?;
+//! // The relay the proxy runs: no copy between the socket and HTTP/2.
+//! hbone::copy_tunnel(&mut app_socket, tunnel.stream_mut(), h2.copy_buffer).await?;
 //! ```
 
 pub mod authority;
@@ -45,17 +48,19 @@ pub mod copy;
 mod error;
 pub mod pool;
 pub mod server;
+mod stream;
 
 use std::time::Duration;
 
 pub use authority::{AuthorityError, fuzz_authority, parse_authority};
-pub use copy::copy_bidirectional;
+pub use copy::{copy_bidirectional, copy_tunnel};
 pub use error::HboneError;
 pub use pool::{Connector, ConnectorError, Pool, PoolKey, TunnelStream};
 pub use server::{
     CapExceeded, Handler, Limiter, LimiterStats, ReadBuffer, Refusal, ServeSummary,
     TLS_READ_BUFFER, Tunnel, TunnelClosed, accept, buffer_reads, handler_fn, serve, serve_tcp,
 };
+pub use stream::H2Stream;
 
 /// The HBONE port in every meshed pod's netns (declared by the eBPF ABI,
 /// whose `sk_lookup` leaves it alone).
@@ -120,10 +125,7 @@ pub struct H2Config {
     pub connection_window: u32,
     /// Largest DATA frame we accept (`SETTINGS_MAX_FRAME_SIZE`, at most 16 MiB - 1).
     pub max_frame_size: u32,
-    /// Let hyper size the windows from measured bandwidth-delay product
-    /// instead of the fixed windows above.
-    pub adaptive_window: bool,
-    /// Bytes hyper buffers per stream for sending before it applies backpressure.
+    /// Bytes `h2` buffers per stream for sending before it applies backpressure.
     pub max_send_buf_size: usize,
     /// Server: streams one connection may have open at once
     /// (`SETTINGS_MAX_CONCURRENT_STREAMS`). A compliant client queues
@@ -157,7 +159,6 @@ impl Default for H2Config {
             stream_window: 4 * 1024 * 1024,
             connection_window: 16 * 1024 * 1024,
             max_frame_size: 1024 * 1024,
-            adaptive_window: false,
             max_send_buf_size: 4 * 1024 * 1024,
             max_concurrent_streams: 100,
             // Measured (examples/hbone_bench.rs, interleaved runs): 256 KiB
@@ -170,6 +171,28 @@ impl Default for H2Config {
             open_timeout: Duration::from_secs(10),
             max_streams_per_conn: 100,
             idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Sends a PING every `interval` and returns (why) once one is not
+/// answered within `timeout`: the caller then drops the connection. Runs
+/// forever without an interval. Poll it alongside the connection, which
+/// reads the answers.
+pub(crate) async fn keepalive(
+    ping: Option<h2::PingPong>,
+    interval: Option<Duration>,
+    timeout: Duration,
+) -> String {
+    let (Some(mut ping), Some(interval)) = (ping, interval) else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(interval).await;
+        match tokio::time::timeout(timeout, ping.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return format!("keepalive PING: {e}"),
+            Err(_) => return format!("keepalive: PING not answered within {timeout:?}"),
         }
     }
 }

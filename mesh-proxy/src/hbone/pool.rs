@@ -11,7 +11,6 @@
 //! tunnels for [`H2Config::idle_timeout`] is closed.
 
 use std::collections::HashMap;
-use std::error::Error as _;
 use std::fmt;
 use std::future::Future;
 use std::io;
@@ -24,16 +23,14 @@ use parking_lot::Mutex;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use h2::client::SendRequest;
 use http::{Method, Request, StatusCode, Version};
-use http_body_util::Empty;
-use hyper::client::conn::http2::SendRequest;
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::{Instrument, debug, info, warn};
 
+use super::stream::H2Stream;
 use super::{ALPN_H2, H2Config, HboneError};
 
 /// Which connections a tunnel may share: same source identity, same
@@ -132,7 +129,7 @@ struct Slot {
 
 struct PooledConn {
     id: u64,
-    send: SendRequest<Empty<Bytes>>,
+    send: SendRequest<Bytes>,
     peer_certificates: Arc<[CertificateDer<'static>]>,
     state: Arc<ConnState>,
 }
@@ -150,7 +147,6 @@ struct ConnState {
 impl PooledConn {
     fn usable(&self, max_streams: usize) -> bool {
         !self.state.closed.load(Ordering::Acquire)
-            && !self.send.is_closed()
             && self.state.streams.load(Ordering::Acquire) < max_streams
     }
 }
@@ -181,7 +177,7 @@ impl Slot {
     /// reserved on it. Forgets dead connections.
     fn pick(&self, max_streams: usize) -> Option<(Arc<PooledConn>, StreamGuard)> {
         let mut conns = lock(&self.conns);
-        conns.retain(|c| !c.state.closed.load(Ordering::Acquire) && !c.send.is_closed());
+        conns.retain(|c| !c.state.closed.load(Ordering::Acquire));
         let best = conns
             .iter()
             .filter(|c| c.usable(max_streams))
@@ -196,7 +192,7 @@ impl Slot {
 /// the write side to half-close (HTTP/2 END_STREAM); reads end when the
 /// peer half-closes.
 pub struct TunnelStream {
-    io: TokioIo<Upgraded>,
+    io: H2Stream,
     target: SocketAddr,
     conn_id: u64,
     peer_certificates: Arc<[CertificateDer<'static>]>,
@@ -225,6 +221,12 @@ impl TunnelStream {
     /// Which pooled connection carries the tunnel (unique within a pool).
     pub fn connection_id(&self) -> u64 {
         self.conn_id
+    }
+
+    /// The HTTP/2 stream, for the relay that moves `Bytes` through it
+    /// without copying ([`super::copy::copy_tunnel`]).
+    pub fn stream_mut(&mut self) -> &mut H2Stream {
+        &mut self.io
     }
 }
 
@@ -288,7 +290,7 @@ impl<C: Connector> Pool<C> {
             .map(|s| {
                 lock(&s.conns)
                     .iter()
-                    .filter(|c| !c.state.closed.load(Ordering::Acquire) && !c.send.is_closed())
+                    .filter(|c| !c.state.closed.load(Ordering::Acquire))
                     .count()
             })
             .sum()
@@ -330,7 +332,7 @@ impl<C: Connector> Pool<C> {
             .method(Method::CONNECT)
             .version(Version::HTTP_2)
             .uri(target.to_string())
-            .body(Empty::<Bytes>::new())
+            .body(())
             .map_err(|e| {
                 Attempt::Fail(HboneError::Config {
                     dest,
@@ -338,8 +340,17 @@ impl<C: Connector> Pool<C> {
                     source: format!("CONNECT {target}: {e}").into(),
                 })
             })?;
-        let mut send = conn.send.clone();
-        let res = match tokio::time::timeout(timeout, send.send_request(req)).await {
+        let send = conn.send.clone();
+        // Errors before the request is on the wire (connection gone or
+        // going away) may be retried; after, only those that say the
+        // server did not process it.
+        let open = async {
+            let mut send = send.ready().await.map_err(|e| (true, e))?;
+            let (response, stream) = send.send_request(req, false).map_err(|e| (true, e))?;
+            let res = response.await.map_err(|e| (never_processed(&e), e))?;
+            Ok::<_, (bool, h2::Error)>((res, stream))
+        };
+        let (res, stream) = match tokio::time::timeout(timeout, open).await {
             Err(_) => {
                 return Err(Attempt::Fail(HboneError::Timeout {
                     dest,
@@ -347,8 +358,7 @@ impl<C: Connector> Pool<C> {
                     after: timeout,
                 }));
             }
-            Ok(Err(source)) => {
-                let retry = never_processed(&source);
+            Ok(Err((retry, source))) => {
                 let e = HboneError::Request {
                     dest,
                     target,
@@ -360,7 +370,7 @@ impl<C: Connector> Pool<C> {
                     Attempt::Fail(e)
                 });
             }
-            Ok(Ok(res)) => res,
+            Ok(Ok(r)) => r,
         };
         if res.status() != StatusCode::OK {
             return Err(Attempt::Fail(HboneError::Status {
@@ -369,25 +379,8 @@ impl<C: Connector> Pool<C> {
                 status: res.status(),
             }));
         }
-        let upgraded = match tokio::time::timeout(timeout, hyper::upgrade::on(res)).await {
-            Err(_) => {
-                return Err(Attempt::Fail(HboneError::Timeout {
-                    dest,
-                    what: "CONNECT upgrade",
-                    after: timeout,
-                }));
-            }
-            Ok(Err(source)) => {
-                return Err(Attempt::Fail(HboneError::Upgrade {
-                    dest,
-                    target,
-                    source,
-                }));
-            }
-            Ok(Ok(u)) => u,
-        };
         Ok(TunnelStream {
-            io: TokioIo::new(upgraded),
+            io: H2Stream::new(stream, res.into_body()),
             target,
             conn_id: conn.id,
             peer_certificates: conn.peer_certificates.clone(),
@@ -466,25 +459,21 @@ impl<C: Connector> Pool<C> {
                 .connector
                 .verify(key, &peer)
                 .map_err(|source| HboneError::PeerRejected { dest, source })?;
-            let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+            let mut builder = h2::client::Builder::new();
             builder
-                .timer(TokioTimer::new())
-                .initial_stream_window_size(c.stream_window)
+                .initial_window_size(c.stream_window)
                 .initial_connection_window_size(c.connection_window)
-                .adaptive_window(c.adaptive_window)
                 .max_frame_size(c.max_frame_size)
-                .max_send_buf_size(c.max_send_buf_size)
+                .max_send_buffer_size(c.max_send_buf_size)
                 .max_header_list_size(16 * 1024)
-                .keep_alive_interval(c.keepalive_interval)
-                .keep_alive_timeout(c.keepalive_timeout)
-                .keep_alive_while_idle(true);
+                .enable_push(false);
             let (send, conn) = builder
-                .handshake::<_, Empty<Bytes>>(TokioIo::new(tls))
+                .handshake::<_, Bytes>(tls)
                 .await
                 .map_err(|source| HboneError::Handshake { dest, source })?;
             Ok((send, conn, peer))
         };
-        let (send, conn, peer_certificates) =
+        let (send, mut conn, peer_certificates) =
             match tokio::time::timeout(c.connect_timeout, handshake).await {
                 Ok(r) => r?,
                 Err(_) => {
@@ -498,8 +487,11 @@ impl<C: Connector> Pool<C> {
         let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
         let state = Arc::new(ConnState::default());
         info!(pool = %key, conn = id, "hbone: connection opened");
+        let keepalive =
+            super::keepalive(conn.ping_pong(), c.keepalive_interval, c.keepalive_timeout);
         let driver = drive(
             conn,
+            keepalive,
             state.clone(),
             Arc::downgrade(slot),
             Arc::downgrade(inner),
@@ -519,8 +511,10 @@ impl<C: Connector> Pool<C> {
 
 /// Runs one connection until it ends or idles out, then takes it out of
 /// its slot (and the slot out of the pool when it is left empty).
-async fn drive<F, C>(
+#[allow(clippy::too_many_arguments)]
+async fn drive<F, K, C>(
     conn: F,
+    keepalive: K,
     state: Arc<ConnState>,
     slot: Weak<Slot>,
     pool: Weak<Inner<C>>,
@@ -528,9 +522,11 @@ async fn drive<F, C>(
     id: u64,
     idle_timeout: std::time::Duration,
 ) where
-    F: Future<Output = hyper::Result<()>>,
+    F: Future<Output = Result<(), h2::Error>>,
+    K: Future<Output = String>,
 {
     let mut conn = std::pin::pin!(conn);
+    let mut keepalive = std::pin::pin!(keepalive);
     let mut tick = tokio::time::interval(idle_timeout);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
@@ -541,6 +537,7 @@ async fn drive<F, C>(
                 Ok(()) => "closed".to_owned(),
                 Err(e) => format!("error: {e}"),
             },
+            why = keepalive.as_mut() => break why,
             _ = tick.tick() => {
                 let Some(slot) = slot.upgrade() else { continue };
                 // Checkouts reserve a stream under this lock, so nothing
@@ -575,18 +572,8 @@ async fn drive<F, C>(
 
 /// True when the server cannot have acted on the request: retrying it on
 /// another connection is safe.
-fn never_processed(e: &hyper::Error) -> bool {
-    if e.is_canceled() {
-        return true;
-    }
-    let mut source = e.source();
-    while let Some(s) = source {
-        if let Some(h2) = s.downcast_ref::<h2::Error>() {
-            return h2.is_go_away() || h2.reason() == Some(h2::Reason::REFUSED_STREAM);
-        }
-        source = s.source();
-    }
-    false
+fn never_processed(e: &h2::Error) -> bool {
+    e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM)
 }
 
 fn with_h2_alpn(tls: Arc<rustls::ClientConfig>) -> Arc<rustls::ClientConfig> {

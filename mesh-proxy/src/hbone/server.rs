@@ -24,10 +24,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use h2::RecvStream;
+use h2::server::SendResponse;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body_util::Empty;
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadBuf};
 use tokio::net::TcpStream;
@@ -35,6 +34,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use super::stream::H2Stream;
 use super::{ALPN_H2, H2Config, HboneError, ServerLimits, parse_authority};
 
 /// rustls reads the socket 4 KiB at a time; under a 16 KiB record stream
@@ -579,10 +579,8 @@ impl Drop for ActiveStream {
     }
 }
 
-type Body = Empty<Bytes>;
-
-fn status(code: StatusCode) -> Response<Body> {
-    let mut res = Response::new(Empty::new());
+fn status(code: StatusCode) -> Response<()> {
+    let mut res = Response::new(());
     *res.status_mut() = code;
     res
 }
@@ -655,24 +653,32 @@ where
         active: Arc::new(active),
         tasks,
     });
-    let service = hyper::service::service_fn(move |req| {
-        let conn = conn.clone();
-        async move { Ok::<_, Infallible>(conn.request(req).await) }
-    });
-
-    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    let mut builder = h2::server::Builder::new();
     builder
-        .timer(TokioTimer::new())
-        .initial_stream_window_size(config.stream_window)
+        .initial_window_size(config.stream_window)
         .initial_connection_window_size(config.connection_window)
-        .adaptive_window(config.adaptive_window)
         .max_frame_size(config.max_frame_size)
-        .max_send_buf_size(config.max_send_buf_size)
+        .max_send_buffer_size(config.max_send_buf_size)
         .max_concurrent_streams(config.max_concurrent_streams)
-        .max_header_list_size(16 * 1024)
-        .keep_alive_interval(config.keepalive_interval)
-        .keep_alive_timeout(config.keepalive_timeout);
-    let mut http = Box::pin(builder.serve_connection(TokioIo::new(tls), service));
+        .max_header_list_size(16 * 1024);
+    // The client's preface follows its TLS handshake at once: the same
+    // budget as the handshake (the connection idle timeout if longer).
+    let preface = limits.handshake_timeout.max(Duration::from_secs(1));
+    let mut http = match tokio::time::timeout(preface, builder.handshake::<_, Bytes>(tls)).await {
+        Ok(Ok(http)) => http,
+        Ok(Err(source)) => return Err(HboneError::Serve { source }),
+        Err(_) => {
+            return Err(HboneError::ServeStalled {
+                what: format!("no HTTP/2 preface within {preface:?} of the TLS handshake"),
+            });
+        }
+    };
+    let keepalive = super::keepalive(
+        http.ping_pong(),
+        config.keepalive_interval,
+        config.keepalive_timeout,
+    );
+    let mut keepalive = std::pin::pin!(keepalive);
 
     let mut drain = std::pin::pin!(drain);
     let mut draining = false;
@@ -683,11 +689,15 @@ where
     let result = loop {
         let idle_deadline = idle_since.map(|t| t + idle_timeout);
         tokio::select! {
-            res = http.as_mut() => break res,
+            req = http.accept() => match req {
+                None => break Ok(()),
+                Some(Err(source)) => break Err(HboneError::Serve { source }),
+                Some(Ok((req, respond))) => conn.clone().request(req, respond),
+            },
             () = &mut drain, if !draining => {
                 debug!("hbone: draining connection (GOAWAY)");
                 draining = true;
-                http.as_mut().graceful_shutdown();
+                http.graceful_shutdown();
             }
             changed = active_rx.changed(), if watching => {
                 if changed.is_err() {
@@ -703,12 +713,14 @@ where
                     c.idle_connections_closed.fetch_add(1, Ordering::Relaxed);
                 }
                 draining = true;
-                http.as_mut().graceful_shutdown();
+                http.graceful_shutdown();
             }
+            what = keepalive.as_mut() => break Err(HboneError::ServeStalled { what }),
         }
     };
-    // The service (and its task sender) lives in the connection.
+    // Closes the connection: the tunnels still open see it end.
     drop(http);
+    drop(conn);
     // Every copy task holds a sender; `None` once the last has finished.
     let _ = tasks_done.recv().await;
 
@@ -718,10 +730,7 @@ where
         bytes_from_peer: stats.bytes_from_peer.load(Ordering::Relaxed),
         bytes_to_peer: stats.bytes_to_peer.load(Ordering::Relaxed),
     };
-    match result {
-        Ok(()) => Ok(summary),
-        Err(source) => Err(HboneError::Serve { source }),
-    }
+    result.map(|()| summary)
 }
 
 /// Sleeps until `deadline`, or forever when there is none.
@@ -733,7 +742,9 @@ async fn sleep_until_some(deadline: Option<Instant>) {
 }
 
 impl<H: Handler> Conn<H> {
-    async fn request(self: Arc<Self>, mut req: Request<Incoming>) -> Response<Body> {
+    /// Answers one request: refusals at once, a `CONNECT` in a task of its
+    /// own (the handler's decision, then the tunnel's copy).
+    fn request(self: Arc<Self>, req: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
         let active = ActiveStream::new(&self.active);
         if req.method() != Method::CONNECT {
             warn!(method = %req.method(), uri = %req.uri(), "hbone: refused non-CONNECT request");
@@ -741,7 +752,8 @@ impl<H: Handler> Conn<H> {
             let mut res = status(StatusCode::METHOD_NOT_ALLOWED);
             res.headers_mut()
                 .insert(header::ALLOW, HeaderValue::from_static("CONNECT"));
-            return res;
+            let _ = respond.send_response(res, true);
+            return;
         }
         let authority = req.uri().authority().map(|a| a.as_str()).unwrap_or("");
         let target = match parse_authority(authority) {
@@ -749,14 +761,33 @@ impl<H: Handler> Conn<H> {
             Err(error) => {
                 warn!(%error, "hbone: refused CONNECT");
                 self.stats.refused.fetch_add(1, Ordering::Relaxed);
-                return status(StatusCode::BAD_REQUEST);
+                let _ = respond.send_response(status(StatusCode::BAD_REQUEST), true);
+                return;
             }
         };
-        let upgrade = hyper::upgrade::on(&mut req);
+        let task = self.tasks.clone();
+        let span = tracing::Span::current();
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let _task = task;
+                let _active = active;
+                self.tunnel(target, req, respond).await
+            },
+            span,
+        ));
+    }
+
+    async fn tunnel(
+        self: Arc<Self>,
+        target: SocketAddr,
+        req: Request<RecvStream>,
+        mut respond: SendResponse<Bytes>,
+    ) {
+        let (parts, recv) = req.into_parts();
         let tunnel = Tunnel {
             target,
             peer_certificates: self.peer_certificates.clone(),
-            headers: std::mem::take(req.headers_mut()),
+            headers: parts.headers,
         };
         let upstream = match tokio::time::timeout(self.open_timeout, self.handler.open(tunnel))
             .await
@@ -765,45 +796,36 @@ impl<H: Handler> Conn<H> {
             Ok(Err(refusal)) => {
                 info!(dst = %target, %refusal, "hbone: tunnel refused");
                 self.stats.refused.fetch_add(1, Ordering::Relaxed);
-                return status(refusal.status());
+                let _ = respond.send_response(status(refusal.status()), true);
+                return;
             }
             Err(_) => {
                 warn!(dst = %target, after = ?self.open_timeout, "hbone: opening upstream timed out");
                 self.stats.refused.fetch_add(1, Ordering::Relaxed);
-                return status(StatusCode::GATEWAY_TIMEOUT);
+                let _ = respond.send_response(status(StatusCode::GATEWAY_TIMEOUT), true);
+                return;
             }
         };
         self.stats.tunnels.fetch_add(1, Ordering::Relaxed);
-        let conn = self.clone();
-        let span = tracing::Span::current();
-        tokio::spawn(tracing::Instrument::instrument(
-            async move {
-                let _active = active;
-                conn.copy(target, upgrade, upstream).await
-            },
-            span,
-        ));
-        status(StatusCode::OK)
+        let send = respond.send_response(status(StatusCode::OK), false);
+        self.copy(target, send.map(|send| H2Stream::new(send, recv)), upstream)
+            .await
     }
 
     async fn copy(
         self: Arc<Self>,
         target: SocketAddr,
-        upgrade: hyper::upgrade::OnUpgrade,
+        down: Result<H2Stream, h2::Error>,
         mut upstream: H::Stream,
     ) {
-        let _task = self.tasks.clone();
         let start = Instant::now();
-        let mut down = None;
         // When a byte last moved either way, in ms since `start`.
         let last_active = Arc::new(AtomicU64::new(0));
-        let outcome = match tokio::time::timeout(self.open_timeout, upgrade).await {
-            Err(_) => Err(TunnelEnd::UpgradeTimeout(self.open_timeout)),
-            Ok(Err(e)) => Err(TunnelEnd::Upgrade(e)),
-            Ok(Ok(upgraded)) => {
-                let io = down.insert(Counted::new(TokioIo::new(upgraded)));
-                io.activity = Some((start, last_active.clone()));
-                let copy = super::copy_bidirectional(io, &mut upstream, self.copy_buffer);
+        let (outcome, from_peer, to_peer) = match down {
+            Err(e) => (Err(TunnelEnd::Respond(e)), 0, 0),
+            Ok(mut io) => {
+                io.track_activity(start, last_active.clone());
+                let copy = super::copy_tunnel(&mut upstream, &mut io, self.copy_buffer);
                 let idle = self.tunnel_idle_timeout;
                 let outcome = until_idle(copy, start, &last_active, idle).await;
                 if matches!(outcome, Err(TunnelEnd::Idle(_)))
@@ -811,10 +833,9 @@ impl<H: Handler> Conn<H> {
                 {
                     c.idle_tunnels_closed.fetch_add(1, Ordering::Relaxed);
                 }
-                outcome
+                (outcome, io.read, io.written)
             }
         };
-        let (from_peer, to_peer) = down.as_ref().map_or((0, 0), |d| (d.read, d.written));
         self.stats
             .bytes_from_peer
             .fetch_add(from_peer, Ordering::Relaxed);
@@ -844,10 +865,8 @@ impl<H: Handler> Conn<H> {
 /// Why a tunnel's copy ended early.
 #[derive(Debug, thiserror::Error)]
 enum TunnelEnd {
-    #[error("upgrade timed out after {0:?}")]
-    UpgradeTimeout(Duration),
-    #[error("upgrade: {0}")]
-    Upgrade(#[source] hyper::Error),
+    #[error("answering 200: {0}")]
+    Respond(#[source] h2::Error),
     #[error("{0}")]
     Copy(#[source] io::Error),
     #[error("idle: no byte either way for {0:?}; closed")]
@@ -878,75 +897,5 @@ where
                 }
             }
         }
-    }
-}
-
-/// Counts the bytes read from and written to a stream, so the counts
-/// survive a copy that ends in an error, and notes when bytes last moved.
-pub(crate) struct Counted<T> {
-    inner: T,
-    pub(crate) read: u64,
-    pub(crate) written: u64,
-    /// Set to the ms since the instant on each read or write of bytes.
-    activity: Option<(Instant, Arc<AtomicU64>)>,
-}
-
-impl<T> Counted<T> {
-    pub(crate) fn new(inner: T) -> Self {
-        Counted {
-            inner,
-            read: 0,
-            written: 0,
-            activity: None,
-        }
-    }
-
-    fn moved(&self) {
-        if let Some((start, last)) = &self.activity {
-            let ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
-            last.store(ms, Ordering::Relaxed);
-        }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let res = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let n = (buf.filled().len() - before) as u64;
-        if n > 0 {
-            self.read += n;
-            self.moved();
-        }
-        res
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let res = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = res {
-            self.written += n as u64;
-            if n > 0 {
-                self.moved();
-            }
-        }
-        res
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

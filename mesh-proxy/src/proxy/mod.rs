@@ -28,7 +28,6 @@ use mesh_core::registry::{Pod, Snapshot};
 use mesh_ebpf::netns::PodSockets;
 use mesh_ebpf::{Datapath, OrigDstReader, PROXY_MARK};
 use parking_lot::{Mutex, RwLock};
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpSocket, TcpStream};
 use tracing::debug;
 
@@ -182,9 +181,9 @@ impl NodeProxy {
     pub(crate) async fn copy(
         &self,
         down: &mut TcpStream,
-        up: &mut (impl AsyncRead + AsyncWrite + Unpin + ?Sized),
+        up: &mut hbone::TunnelStream,
     ) -> std::io::Result<(u64, u64)> {
-        hbone::copy_bidirectional(down, up, self.h2.copy_buffer).await
+        hbone::copy_tunnel(down, up.stream_mut(), self.h2.copy_buffer).await
     }
 
     /// Copies both ways between two plaintext TCP legs inside the kernel
