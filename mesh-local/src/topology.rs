@@ -655,18 +655,21 @@ services:
             MeshDecision::Meshed(OptedInBy::PodAnnotation)
         );
         // The registry file reads the same decisions.
+        let snap = registry_of(&t);
+        for (p, r) in t.pods.iter().zip(&snap.pods) {
+            assert_eq!(t.decision(p), r.mesh, "{}", p.name);
+        }
+    }
+
+    /// What mesh-core's registry reads from `t`'s registry file (the
+    /// harness writes it with uids, as here).
+    fn registry_of(t: &Topology) -> mesh_core::registry::Snapshot {
         let mut with_uids = t.clone();
         for p in &mut with_uids.pods {
             p.uid.get_or_insert_with(|| format!("uid-{}", p.name));
         }
-        let snap = mesh_core::registry::Snapshot::parse(
-            Path::new("registry.yaml"),
-            &with_uids.registry_yaml(),
-        )
-        .unwrap();
-        for (p, r) in t.pods.iter().zip(&snap.pods) {
-            assert_eq!(t.decision(p), r.mesh, "{}", p.name);
-        }
+        mesh_core::registry::Snapshot::parse(Path::new("registry.yaml"), &with_uids.registry_yaml())
+            .unwrap()
     }
 
     #[test]
@@ -674,15 +677,7 @@ services:
         // The registry of mesh-core reads our `nodes:`/`pods:` (the harness
         // writes this file, with uids and ips, next to the state).
         let t = parse(GOOD).unwrap();
-        let mut with_uids = t.clone();
-        for p in &mut with_uids.pods {
-            p.uid.get_or_insert_with(|| format!("uid-{}", p.name));
-        }
-        let snap = mesh_core::registry::Snapshot::parse(
-            Path::new("registry.yaml"),
-            &with_uids.registry_yaml(),
-        )
-        .unwrap();
+        let snap = registry_of(&t);
         assert_eq!(snap.nodes.len(), 2);
         assert_eq!(snap.pods[0].ips, t.pods[0].ips);
         assert_eq!(snap.pods[0].labels["app"], "web");
