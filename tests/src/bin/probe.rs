@@ -116,6 +116,32 @@ enum Cmd {
         #[arg(long)]
         mark: bool,
     },
+    /// A relay that does the least possible work (the floor a proxy is
+    /// measured against): accept, dial `--to` for each connection, move the
+    /// bytes both ways (a half-close is passed on), a thread per
+    /// connection. No TLS, no HTTP/2, no original destination.
+    ///
+    /// Example: `sockmesh-probe relay --listen 10.0.0.1:19001 --to
+    /// 10.244.2.5:9000 --copy userspace --count 3`
+    Relay {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        to: SocketAddr,
+        /// `splice`: splice(2) through a pipe per direction, the bytes
+        /// never enter user space; `userspace`: a read/write loop.
+        #[arg(long, value_enum, default_value_t = CopyMode::Splice)]
+        copy: CopyMode,
+        /// Exit once this many connections are accepted and relayed to
+        /// their end (without it: until killed, or 10 minutes without a
+        /// new connection).
+        #[arg(long)]
+        count: Option<usize>,
+        /// The pipe's size (splice) or the buffer's (userspace), per
+        /// direction, in bytes.
+        #[arg(long, default_value_t = 64 << 10)]
+        buffer: usize,
+    },
     /// An app: connect somewhere, then banner or transfer.
     Connect {
         #[arg(long)]
@@ -134,6 +160,13 @@ enum Cmd {
         #[command(flatten)]
         traffic: Traffic,
     },
+}
+
+/// How a relay moves bytes.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum CopyMode {
+    Splice,
+    Userspace,
 }
 
 #[derive(clap::Args)]
@@ -251,6 +284,13 @@ fn main() -> Result<()> {
             idle,
             mark,
         )?,
+        Cmd::Relay {
+            listen,
+            to,
+            copy,
+            count,
+            buffer,
+        } => relay(listen, to, copy, count, buffer)?,
         Cmd::Connect {
             to,
             mark,
@@ -559,4 +599,147 @@ fn load(
                 "p50_us": pct(0.50), "p99_us": pct(0.99),
                 "mean_us": lat_ns.iter().sum::<u64>() as f64 / lat_ns.len() as f64 / 1000.0}));
     Ok(())
+}
+
+/// How long a relay waits for a connection, or for a byte on one.
+const RELAY_IDLE: Duration = Duration::from_secs(600);
+
+fn relay(
+    listen: SocketAddr,
+    to: SocketAddr,
+    copy: CopyMode,
+    count: Option<usize>,
+    buffer: usize,
+) -> Result<()> {
+    anyhow::ensure!(
+        buffer > 0,
+        "--buffer {buffer}: the relay needs at least 1 byte"
+    );
+    let l = TcpListener::bind(listen).with_context(|| format!("bind {listen}"))?;
+    // accept(2) honours SO_RCVTIMEO: an idle relay gives up.
+    let idle = nix::sys::time::TimeVal::new(RELAY_IDLE.as_secs() as i64, 0);
+    setsockopt(&l, sockopt::ReceiveTimeout, &idle).context("set SO_RCVTIMEO")?;
+    emit(
+        json!({"event": "listening", "listen": l.local_addr()?.to_string(),
+                "to": to.to_string(), "copy": format!("{copy:?}").to_lowercase()}),
+    );
+    let accepted = std::thread::scope(|scope| -> Result<usize> {
+        let mut n = 0usize;
+        while count.is_none_or(|c| n < c) {
+            let down = match l.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    anyhow::bail!("relay {listen}: no connection within {RELAY_IDLE:?}")
+                }
+                Err(e) => return Err(e).with_context(|| format!("accept on {listen}")),
+            };
+            n += 1;
+            scope.spawn(move || {
+                if let Err(e) = relay_conn(down, to, copy, buffer) {
+                    eprintln!("relay connection {n} to {to}: {e:#}");
+                }
+            });
+        }
+        Ok(n)
+    })?;
+    emit(json!({"event": "done", "connections": accepted}));
+    Ok(())
+}
+
+/// Relays one accepted connection to a new one to `to`, both directions,
+/// until both have ended.
+fn relay_conn(down: TcpStream, to: SocketAddr, copy: CopyMode, buffer: usize) -> Result<()> {
+    let up = TcpStream::connect_timeout(&to, Duration::from_secs(10))
+        .with_context(|| format!("connect {to}"))?;
+    for s in [&down, &up] {
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(RELAY_IDLE))?;
+        s.set_write_timeout(Some(RELAY_IDLE))?;
+    }
+    std::thread::scope(|scope| -> Result<()> {
+        let upward = scope.spawn(|| pump(&down, &up, copy, buffer));
+        let downward = pump(&up, &down, copy, buffer);
+        upward
+            .join()
+            .map_err(|_| anyhow::anyhow!("the relay's upward thread panicked"))?
+            .context("client -> server")?;
+        downward.context("server -> client")?;
+        Ok(())
+    })
+}
+
+/// One direction: `from` until EOF into `to`, then a half-close of `to`.
+/// On an error both sockets are shut down, which ends the other direction.
+fn pump(from: &TcpStream, to: &TcpStream, copy: CopyMode, buffer: usize) -> Result<u64> {
+    let moved = match copy {
+        CopyMode::Splice => pump_splice(from, to, buffer),
+        CopyMode::Userspace => pump_userspace(from, to, buffer),
+    };
+    match moved {
+        Ok(n) => {
+            let _ = to.shutdown(std::net::Shutdown::Write);
+            Ok(n)
+        }
+        Err(e) => {
+            let _ = from.shutdown(std::net::Shutdown::Both);
+            let _ = to.shutdown(std::net::Shutdown::Both);
+            Err(e)
+        }
+    }
+}
+
+fn pump_splice(from: &TcpStream, to: &TcpStream, pipe_size: usize) -> Result<u64> {
+    use nix::errno::Errno;
+    use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
+    let (pipe_r, pipe_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).context("pipe2")?;
+    // The kernel may refuse a larger pipe (pipe-max-size): the default
+    // (64 KiB) still works, with more calls.
+    let _ = fcntl(&pipe_w, FcntlArg::F_SETPIPE_SZ(pipe_size as libc::c_int));
+    let mut total = 0u64;
+    loop {
+        let n = match splice(
+            from,
+            None,
+            &pipe_w,
+            None,
+            pipe_size,
+            SpliceFFlags::SPLICE_F_MOVE,
+        ) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(Errno::EINTR) => continue,
+            Err(Errno::EAGAIN) => anyhow::bail!("no byte within {RELAY_IDLE:?}"),
+            Err(e) => return Err(e).context("splice from the socket"),
+        };
+        let mut left = n;
+        while left > 0 {
+            match splice(&pipe_r, None, to, None, left, SpliceFFlags::SPLICE_F_MOVE) {
+                Ok(0) => anyhow::bail!("splice into the socket moved 0 of {left} bytes"),
+                Ok(m) => left -= m,
+                Err(Errno::EINTR) => {}
+                Err(e) => return Err(e).context("splice into the socket"),
+            }
+        }
+        total += n as u64;
+    }
+}
+
+fn pump_userspace(mut from: &TcpStream, mut to: &TcpStream, buffer: usize) -> Result<u64> {
+    use std::io::Read;
+    let mut buf = vec![0u8; buffer];
+    let mut total = 0u64;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                anyhow::bail!("no byte within {RELAY_IDLE:?}")
+            }
+            Err(e) => return Err(e).context("read"),
+        };
+        to.write_all(&buf[..n]).context("write")?;
+        total += n as u64;
+    }
 }
