@@ -227,6 +227,83 @@ struct Case {
     client: &'static str,
     server: &'static str,
     to: String,
+    /// The relays the case runs through (the floor cases), in the order
+    /// the bytes cross them; none for the other cases.
+    relays: Vec<RelaySpec>,
+}
+
+/// One `sockmesh-probe relay` on a node, where the proxies run.
+struct RelaySpec {
+    node: &'static str,
+    listen: String,
+    to: String,
+    copy: &'static str,
+}
+
+/// The relays of one case, running; killed and waited for when dropped
+/// (also when the case fails).
+struct Relays(Vec<std::process::Child>);
+
+impl Relays {
+    /// Starts `specs` from the last (the one that dials the server) to the
+    /// first, each once it prints that it listens. `count`: connections
+    /// each relays before it exits by itself.
+    fn start(run: &MeshRun, specs: &[RelaySpec], count: usize) -> Result<Relays> {
+        use std::io::BufRead;
+        let mut relays = Relays(Vec::new());
+        let count = count.to_string();
+        for r in specs.iter().rev() {
+            let argv = [
+                run.probe.display().to_string(),
+                "relay".into(),
+                "--listen".into(),
+                r.listen.clone(),
+                "--to".into(),
+                r.to.clone(),
+                "--copy".into(),
+                r.copy.into(),
+                "--count".into(),
+                count.clone(),
+                // The proxies' copy buffer (and splice pipe): 256 KiB.
+                "--buffer".into(),
+                (256 << 10).to_string(),
+            ];
+            let mut cmd = run.mesh.node_command(r.node, &argv)?;
+            cmd.stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::piped());
+            let mut child = cmd
+                .spawn()
+                .with_context(|| format!("start the relay on {}", r.node))?;
+            let out = child.stdout.take();
+            relays.0.push(child);
+            let line = out
+                .and_then(|o| std::io::BufReader::new(o).lines().next())
+                .transpose()?
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "the relay on {} {} exited before listening",
+                        r.node,
+                        r.listen
+                    )
+                })?;
+            let v: Value = serde_json::from_str(&line)?;
+            ensure!(v["event"] == "listening", "relay on {}: {v}", r.node);
+        }
+        Ok(relays)
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        self.0.iter().map(std::process::Child::id).collect()
+    }
+}
+
+impl Drop for Relays {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 /// One repetition of a case.
@@ -285,6 +362,9 @@ struct Target {
     goal: f64,
     /// `true`: the value must be at least the goal; `false`: at most.
     at_least: bool,
+    /// The same measure through the relays that only move bytes (the
+    /// floor cases), paired alike: what even a minimal relay reaches.
+    floors: Vec<(&'static str, Spread)>,
 }
 
 impl Target {
@@ -303,6 +383,28 @@ const CASE_MESH_CROSS: &str = "mesh cross-node";
 const CASE_MESH_SAME: &str = "mesh same-node";
 const CASE_MESH_NOHIST: &str = "mesh cross, no hist";
 const CASE_SCRAPES: &str = "cross + scrapes";
+// The floors: plain pods, the same TCP hops as the mesh through relays on
+// the nodes (where the proxies run) that only move bytes: no TLS, no
+// HTTP/2. Cross-node: client -> relay on node-a -> relay on node-b ->
+// server (three TCP connections, like the mesh); same-node: client ->
+// relay on node-a -> server.
+const CASE_RELAY_CROSS: &str = "relay cross-node";
+const CASE_RELAY_SAME: &str = "relay same-node";
+const CASE_RELAY_COPY: &str = "relay cross, copy";
+const FLOOR_SPLICE_CHAIN: &str = "splice relay chain (no TLS)";
+const FLOOR_COPY_CHAIN: &str = "user-copy relay chain (no TLS)";
+const FLOOR_SPLICE: &str = "splice relay (no TLS)";
+
+/// A measured value as the target table prints it.
+fn fmt_measured(unit: &str, v: Spread) -> String {
+    if unit == "x" {
+        format!("{:.2}x ({:.2}-{:.2})", v.median, v.min, v.max)
+    } else if unit == "us" {
+        format!("{:+.1} ({:+.1}..{:+.1}) us", v.median, v.min, v.max)
+    } else {
+        format!("{:.2} ({:.2}-{:.2}) {}", v.median, v.min, v.max, unit)
+    }
+}
 
 fn mesh(json_out: Option<String>) -> Result<()> {
     use mesh_local::control::{Binaries, ControlOptions};
@@ -407,8 +509,36 @@ fn measure(
             client,
             server,
             to: format!("{}:9000", ip(pod)?),
+            relays: Vec::new(),
         })
     };
+    let fabric = |node: &str| -> Result<String> { Ok(run.mesh.node(node)?.fabric_ip.to_string()) };
+    let (fabric_a, fabric_b) = (fabric("node-a")?, fabric("node-b")?);
+    // A relay case: the client dials the first relay, the last dials the
+    // server on 9000.
+    let relay_case =
+        |label, server, hops: &[(&'static str, String)], copy: &'static str| -> Result<Case> {
+            let mut relays: Vec<RelaySpec> = Vec::new();
+            for (i, (node, listen)) in hops.iter().enumerate() {
+                let to = match hops.get(i + 1) {
+                    Some((_, next)) => next.clone(),
+                    None => format!("{}:9000", ip(server)?),
+                };
+                relays.push(RelaySpec {
+                    node,
+                    listen: listen.clone(),
+                    to,
+                    copy,
+                });
+            }
+            Ok(Case {
+                label,
+                client: "default/plain-client",
+                server,
+                to: hops[0].1.clone(),
+                relays,
+            })
+        };
     let cases = [
         case(
             CASE_PLAIN_CROSS,
@@ -447,6 +577,32 @@ fn measure(
         // control runtime and take no lock of the data path, so latency
         // must not move (one repetition: a regression check, not a target).
         case(CASE_SCRAPES, "default/client", "default/web", "default/web")?,
+        // The floors (see CASE_RELAY_CROSS): relays in the nodes' netns,
+        // listening on the nodes' fabric addresses.
+        relay_case(
+            CASE_RELAY_CROSS,
+            "default/plain-server", // node-b
+            &[
+                ("node-a", format!("{fabric_a}:19001")),
+                ("node-b", format!("{fabric_b}:19002")),
+            ],
+            "splice",
+        )?,
+        relay_case(
+            CASE_RELAY_SAME,
+            "default/plain-server-a", // node-a
+            &[("node-a", format!("{fabric_a}:19003"))],
+            "splice",
+        )?,
+        relay_case(
+            CASE_RELAY_COPY,
+            "default/plain-server", // node-b
+            &[
+                ("node-a", format!("{fabric_a}:19004")),
+                ("node-b", format!("{fabric_b}:19005")),
+            ],
+            "userspace",
+        )?,
     ];
     let metrics_url = format!(
         "http://{}:15020/metrics",
@@ -488,15 +644,26 @@ fn measure(
             if histograms_off {
                 set_histograms(run, false)?;
             }
-            let sample = mesh_case(
-                run,
-                c,
-                &proxies,
-                stream_bytes,
-                conns,
-                conn_threads,
-                rep == 0,
-            );
+            // A relay case: the relays run for this case only (their CPU
+            // is reported instead of the proxies'), each exits after the
+            // case's connections (RR, stream, then the rate), and is
+            // killed and waited for when the case ends, also on an error.
+            let sample = Relays::start(run, &c.relays, 2 + conns).and_then(|relays| {
+                let cpu_pids = if c.relays.is_empty() {
+                    proxies.clone()
+                } else {
+                    relays.pids()
+                };
+                mesh_case(
+                    run,
+                    c,
+                    &cpu_pids,
+                    stream_bytes,
+                    conns,
+                    conn_threads,
+                    rep == 0,
+                )
+            });
             if let Some(h) = hammer.as_mut() {
                 let _ = h.kill();
                 let _ = h.wait();
@@ -611,6 +778,27 @@ fn measure(
         min: v,
         max: v,
     };
+    // The cross-node floors of a measure, paired with plain cross-node.
+    let cross_floors = |f: Field, ratio: bool| {
+        vec![
+            (
+                FLOOR_SPLICE_CHAIN,
+                paired(CASE_RELAY_CROSS, CASE_PLAIN_CROSS, f, ratio),
+            ),
+            (
+                FLOOR_COPY_CHAIN,
+                paired(CASE_RELAY_COPY, CASE_PLAIN_CROSS, f, ratio),
+            ),
+        ]
+    };
+    let cpu = |label: &str| {
+        spread(
+            &by(label)
+                .iter()
+                .map(|s| s.cpu_s_per_gib)
+                .collect::<Vec<_>>(),
+        )
+    };
     let targets = [
         Target {
             name: "cross-node throughput / plain",
@@ -618,6 +806,7 @@ fn measure(
             value: paired(CASE_MESH_CROSS, CASE_PLAIN_CROSS, |s| s.gbit_s, true),
             goal: 0.5,
             at_least: true,
+            floors: cross_floors(|s| s.gbit_s, true),
         },
         Target {
             name: "cross-node RR 1KiB p50 delta",
@@ -625,6 +814,7 @@ fn measure(
             value: paired(CASE_MESH_CROSS, CASE_PLAIN_CROSS, |s| s.p50_us, false),
             goal: 60.0,
             at_least: false,
+            floors: cross_floors(|s| s.p50_us, false),
         },
         Target {
             name: "cross-node RR 1KiB p99 delta",
@@ -632,6 +822,7 @@ fn measure(
             value: paired(CASE_MESH_CROSS, CASE_PLAIN_CROSS, |s| s.p99_us, false),
             goal: 120.0,
             at_least: false,
+            floors: cross_floors(|s| s.p99_us, false),
         },
         Target {
             name: "same-node throughput / plain",
@@ -639,6 +830,10 @@ fn measure(
             value: paired(CASE_MESH_SAME, CASE_PLAIN_SAME, |s| s.gbit_s, true),
             goal: 0.9,
             at_least: true,
+            floors: vec![(
+                FLOOR_SPLICE,
+                paired(CASE_RELAY_SAME, CASE_PLAIN_SAME, |s| s.gbit_s, true),
+            )],
         },
         Target {
             name: "same-node RR 1KiB p50 delta",
@@ -646,18 +841,22 @@ fn measure(
             value: paired(CASE_MESH_SAME, CASE_PLAIN_SAME, |s| s.p50_us, false),
             goal: 20.0,
             at_least: false,
+            floors: vec![(
+                FLOOR_SPLICE,
+                paired(CASE_RELAY_SAME, CASE_PLAIN_SAME, |s| s.p50_us, false),
+            )],
         },
         Target {
             name: "proxy CPU cross-node (both)",
             unit: "s/GiB",
-            value: spread(
-                &by(CASE_MESH_CROSS)
-                    .iter()
-                    .map(|s| s.cpu_s_per_gib)
-                    .collect::<Vec<_>>(),
-            ),
+            value: cpu(CASE_MESH_CROSS),
             goal: 1.0,
             at_least: false,
+            // The relays' CPU (both relays of the chain).
+            floors: vec![
+                (FLOOR_SPLICE_CHAIN, cpu(CASE_RELAY_CROSS)),
+                (FLOOR_COPY_CHAIN, cpu(CASE_RELAY_COPY)),
+            ],
         },
         Target {
             name: "idle RSS per connection",
@@ -665,6 +864,7 @@ fn measure(
             value: single(rss_per_conn),
             goal: 16.0,
             at_least: false,
+            floors: Vec::new(),
         },
         Target {
             name: "new conn/s cross-node / plain",
@@ -672,6 +872,7 @@ fn measure(
             value: paired(CASE_MESH_CROSS, CASE_PLAIN_CROSS, |s| s.conn_per_s, true),
             goal: 1.0,
             at_least: true,
+            floors: cross_floors(|s| s.conn_per_s, true),
         },
     ];
     println!(
@@ -684,13 +885,7 @@ fn measure(
     let mut targets_json = Vec::new();
     for t in &targets {
         let v = t.value;
-        let measured = if t.unit == "x" {
-            format!("{:.2}x ({:.2}-{:.2})", v.median, v.min, v.max)
-        } else if t.unit == "us" {
-            format!("{:+.1} ({:+.1}..{:+.1}) us", v.median, v.min, v.max)
-        } else {
-            format!("{:.2} ({:.2}-{:.2}) {}", v.median, v.min, v.max, t.unit)
-        };
+        let measured = fmt_measured(t.unit, v);
         let goal = format!(
             "{} {}{}",
             if t.at_least { ">=" } else { "<=" },
@@ -734,6 +929,39 @@ fn measure(
          counts bytes also records each flow's original destination, which the proxy needs; \
          detaching only the counting needs a kernel-side switch)"
     );
+    // The floors: for each target that fails, what the relays that only
+    // move bytes reach on the same measure (the JSON has every target's).
+    println!(
+        "\nfloors: the same TCP hops through relays on the nodes that only move bytes (no TLS, \
+         no HTTP/2; cross-node 3 connections, same-node 2), paired per repetition with plain \
+         like the targets; the proxy CPU of a relay case is its relays' CPU"
+    );
+    let mut floors_json = Vec::new();
+    let mut printed = 0;
+    for t in targets.iter().filter(|t| !t.floors.is_empty()) {
+        let floors: Vec<String> = t
+            .floors
+            .iter()
+            .map(|(label, v)| format!("{label} {}", fmt_measured(t.unit, *v)))
+            .collect();
+        if !t.pass() {
+            println!(
+                "{}: mesh {}; {}",
+                t.name,
+                fmt_measured(t.unit, t.value),
+                floors.join("; ")
+            );
+            printed += 1;
+        }
+        floors_json.push(json!({
+            "target": t.name, "unit": t.unit, "pass": t.pass(), "mesh": t.value.json(),
+            "floors": t.floors.iter().map(|(label, v)| json!({"floor": label, "value": v.json()}))
+                .collect::<Vec<_>>(),
+        }));
+    }
+    if printed == 0 {
+        println!("(every target with a floor passes)");
+    }
     let secs = started.elapsed().as_secs_f64();
     println!("bench mesh took {secs:.0} s");
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
@@ -741,7 +969,7 @@ fn measure(
                      "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
                      "stream_bytes": stream_bytes, "connections": conns,
                      "connection_threads": conn_threads,
-                     "cases": cases_json, "targets": targets_json,
+                     "cases": cases_json, "targets": targets_json, "floors": floors_json,
                      "histograms_on_vs_off": {"throughput_ratio": hist_tput.json(),
                                               "rr_p50_delta_us": hist_p50.json(),
                                               "rr_p99_delta_us": hist_p99.json()},
