@@ -121,8 +121,8 @@ enum Cmd {
     /// bytes both ways (a half-close is passed on), a thread per
     /// connection. No TLS, no HTTP/2, no original destination.
     ///
-    /// Example: `sockmesh-probe relay --listen 10.0.0.1:19001 --to
-    /// 10.244.2.5:9000 --copy userspace --count 3`
+    /// Example: `sockmesh-probe relay --listen 127.0.0.1:19001 --to
+    /// 10.77.2.5:9000 --copy userspace --count 3`
     Relay {
         #[arg(long)]
         listen: SocketAddr,
@@ -141,6 +141,12 @@ enum Cmd {
         /// direction, in bytes.
         #[arg(long, default_value_t = 64 << 10)]
         buffer: usize,
+        /// Make the sockets that dial `--to` in this network namespace
+        /// (e.g. /run/netns/NAME), as the node proxy makes its delivery
+        /// socket in the destination pod's; the listener stays in the
+        /// relay's own.
+        #[arg(long)]
+        to_netns: Option<PathBuf>,
     },
     /// An app: connect somewhere, then banner or transfer.
     Connect {
@@ -290,7 +296,8 @@ fn main() -> Result<()> {
             copy,
             count,
             buffer,
-        } => relay(listen, to, copy, count, buffer)?,
+            to_netns,
+        } => relay(listen, to, copy, count, buffer, to_netns.as_deref())?,
         Cmd::Connect {
             to,
             mark,
@@ -610,11 +617,16 @@ fn relay(
     copy: CopyMode,
     count: Option<usize>,
     buffer: usize,
+    to_netns: Option<&std::path::Path>,
 ) -> Result<()> {
     anyhow::ensure!(
         buffer > 0,
         "--buffer {buffer}: the relay needs at least 1 byte"
     );
+    let to_netns = to_netns
+        .map(|p| std::fs::File::open(p).with_context(|| format!("open --to-netns {}", p.display())))
+        .transpose()?;
+    let to_netns = to_netns.as_ref();
     let l = TcpListener::bind(listen).with_context(|| format!("bind {listen}"))?;
     // accept(2) honours SO_RCVTIMEO: an idle relay gives up.
     let idle = nix::sys::time::TimeVal::new(RELAY_IDLE.as_secs() as i64, 0);
@@ -636,7 +648,7 @@ fn relay(
             };
             n += 1;
             scope.spawn(move || {
-                if let Err(e) = relay_conn(down, to, copy, buffer) {
+                if let Err(e) = relay_conn(down, to, to_netns, copy, buffer) {
                     eprintln!("relay connection {n} to {to}: {e:#}");
                 }
             });
@@ -647,9 +659,20 @@ fn relay(
     Ok(())
 }
 
-/// Relays one accepted connection to a new one to `to`, both directions,
-/// until both have ended.
-fn relay_conn(down: TcpStream, to: SocketAddr, copy: CopyMode, buffer: usize) -> Result<()> {
+/// Relays one accepted connection to a new one to `to` (from a socket made
+/// in `to_netns` if given), both directions, until both have ended. Runs on
+/// a thread of its own: the netns switch is this thread's only.
+fn relay_conn(
+    down: TcpStream,
+    to: SocketAddr,
+    to_netns: Option<&std::fs::File>,
+    copy: CopyMode,
+    buffer: usize,
+) -> Result<()> {
+    if let Some(ns) = to_netns {
+        nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+            .context("setns --to-netns")?;
+    }
     let up = TcpStream::connect_timeout(&to, Duration::from_secs(10))
         .with_context(|| format!("connect {to}"))?;
     for s in [&down, &up] {
