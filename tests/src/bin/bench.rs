@@ -232,11 +232,14 @@ struct Case {
     relays: Vec<RelaySpec>,
 }
 
-/// One `sockmesh-probe relay` on a node, where the proxies run.
+/// One `sockmesh-probe relay`, its sockets where a node proxy makes its
+/// own: it listens in `pod`'s netns and dials from there, or from
+/// `to_netns` (the destination pod's) when given.
 struct RelaySpec {
-    node: &'static str,
+    pod: &'static str,
     listen: String,
     to: String,
+    to_netns: Option<std::path::PathBuf>,
     copy: &'static str,
 }
 
@@ -253,7 +256,7 @@ impl Relays {
         let mut relays = Relays(Vec::new());
         let count = count.to_string();
         for r in specs.iter().rev() {
-            let argv = [
+            let mut argv = vec![
                 run.probe.display().to_string(),
                 "relay".into(),
                 "--listen".into(),
@@ -268,12 +271,15 @@ impl Relays {
                 "--buffer".into(),
                 (256 << 10).to_string(),
             ];
-            let mut cmd = run.mesh.node_command(r.node, &argv)?;
+            if let Some(ns) = &r.to_netns {
+                argv.extend(["--to-netns".into(), ns.display().to_string()]);
+            }
+            let mut cmd = run.mesh.pod_command(r.pod, &argv)?;
             cmd.stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::piped());
             let mut child = cmd
                 .spawn()
-                .with_context(|| format!("start the relay on {}", r.node))?;
+                .with_context(|| format!("start the relay in {}", r.pod))?;
             let out = child.stdout.take();
             relays.0.push(child);
             let line = out
@@ -281,13 +287,13 @@ impl Relays {
                 .transpose()?
                 .ok_or_else(|| {
                     anyhow::anyhow!(
-                        "the relay on {} {} exited before listening",
-                        r.node,
+                        "the relay in {} on {} exited before listening",
+                        r.pod,
                         r.listen
                     )
                 })?;
             let v: Value = serde_json::from_str(&line)?;
-            ensure!(v["event"] == "listening", "relay on {}: {v}", r.node);
+            ensure!(v["event"] == "listening", "relay in {}: {v}", r.pod);
         }
         Ok(relays)
     }
@@ -383,11 +389,13 @@ const CASE_MESH_CROSS: &str = "mesh cross-node";
 const CASE_MESH_SAME: &str = "mesh same-node";
 const CASE_MESH_NOHIST: &str = "mesh cross, no hist";
 const CASE_SCRAPES: &str = "cross + scrapes";
-// The floors: plain pods, the same TCP hops as the mesh through relays on
-// the nodes (where the proxies run) that only move bytes: no TLS, no
-// HTTP/2. Cross-node: client -> relay on node-a -> relay on node-b ->
-// server (three TCP connections, like the mesh); same-node: client ->
-// relay on node-a -> server.
+// The floors: plain pods, the same TCP connections as the mesh, each in
+// the netns where the mesh has it, through relays that only move bytes (no
+// TLS, no HTTP/2, no eBPF steering). Cross-node: client -> loopback ->
+// relay in the client's netns -> the plain path -> relay in the server's
+// netns -> the server's address (three connections); same-node: client ->
+// loopback -> relay -> a socket in the server's netns -> the server's
+// address (two).
 const CASE_RELAY_CROSS: &str = "relay cross-node";
 const CASE_RELAY_SAME: &str = "relay same-node";
 const CASE_RELAY_COPY: &str = "relay cross, copy";
@@ -512,33 +520,51 @@ fn measure(
             relays: Vec::new(),
         })
     };
-    let fabric = |node: &str| -> Result<String> { Ok(run.mesh.node(node)?.fabric_ip.to_string()) };
-    let (fabric_a, fabric_b) = (fabric("node-a")?, fabric("node-b")?);
-    // A relay case: the client dials the first relay, the last dials the
-    // server on 9000.
-    let relay_case =
-        |label, server, hops: &[(&'static str, String)], copy: &'static str| -> Result<Case> {
-            let mut relays: Vec<RelaySpec> = Vec::new();
-            for (i, (node, listen)) in hops.iter().enumerate() {
-                let to = match hops.get(i + 1) {
-                    Some((_, next)) => next.clone(),
-                    None => format!("{}:9000", ip(server)?),
-                };
-                relays.push(RelaySpec {
-                    node,
-                    listen: listen.clone(),
-                    to,
-                    copy,
-                });
-            }
-            Ok(Case {
-                label,
-                client: "default/plain-client",
-                server,
-                to: hops[0].1.clone(),
-                relays,
-            })
-        };
+    let relay = |pod, listen: &str, to: &str, to_netns: Option<&str>, copy| -> Result<RelaySpec> {
+        Ok(RelaySpec {
+            pod,
+            listen: listen.into(),
+            to: to.into(),
+            to_netns: to_netns
+                .map(|p| run.mesh.pod(p).map(|p| p.netns_path()))
+                .transpose()?,
+            copy,
+        })
+    };
+    // A relay case: the plain client dials the first relay on loopback
+    // in its own netns (as a meshed app's connect is steered to the proxy's
+    // 127.0.0.1:15001 there).
+    let relay_case = |label, server, relays: Vec<RelaySpec>| -> Result<Case> {
+        Ok(Case {
+            label,
+            client: "default/plain-client",
+            server,
+            to: relays[0].listen.clone(),
+            relays,
+        })
+    };
+    let (server_b, server_a) = (ip("default/plain-server")?, ip("default/plain-server-a")?);
+    // Cross-node: a relay in the client's netns dials one in the server's
+    // (the HBONE leg: the same veth, node and fabric hops as plain), which
+    // dials the server on its own address (the delivery leg).
+    let cross = |ports: (u16, u16), copy| -> Result<Vec<RelaySpec>> {
+        Ok(vec![
+            relay(
+                "default/plain-client",
+                &format!("127.0.0.1:{}", ports.0),
+                &format!("{server_b}:{}", ports.1),
+                None,
+                copy,
+            )?,
+            relay(
+                "default/plain-server",
+                &format!("{server_b}:{}", ports.1),
+                &format!("{server_b}:9000"),
+                None,
+                copy,
+            )?,
+        ])
+    };
     let cases = [
         case(
             CASE_PLAIN_CROSS,
@@ -577,31 +603,30 @@ fn measure(
         // control runtime and take no lock of the data path, so latency
         // must not move (one repetition: a regression check, not a target).
         case(CASE_SCRAPES, "default/client", "default/web", "default/web")?,
-        // The floors (see CASE_RELAY_CROSS): relays in the nodes' netns,
-        // listening on the nodes' fabric addresses.
+        // The floors (see CASE_RELAY_CROSS).
         relay_case(
             CASE_RELAY_CROSS,
             "default/plain-server", // node-b
-            &[
-                ("node-a", format!("{fabric_a}:19001")),
-                ("node-b", format!("{fabric_b}:19002")),
-            ],
-            "splice",
+            cross((19001, 19002), "splice")?,
         )?,
+        // Same-node: one relay, listening in the client's netns, dialing
+        // from a socket in the server's (two loopback legs, as the node
+        // proxy's same-node path).
         relay_case(
             CASE_RELAY_SAME,
             "default/plain-server-a", // node-a
-            &[("node-a", format!("{fabric_a}:19003"))],
-            "splice",
+            vec![relay(
+                "default/plain-client",
+                "127.0.0.1:19003",
+                &format!("{server_a}:9000"),
+                Some("default/plain-server-a"),
+                "splice",
+            )?],
         )?,
         relay_case(
             CASE_RELAY_COPY,
             "default/plain-server", // node-b
-            &[
-                ("node-a", format!("{fabric_a}:19004")),
-                ("node-b", format!("{fabric_b}:19005")),
-            ],
-            "userspace",
+            cross((19004, 19005), "userspace")?,
         )?,
     ];
     let metrics_url = format!(
@@ -932,9 +957,9 @@ fn measure(
     // The floors: for each target that fails, what the relays that only
     // move bytes reach on the same measure (the JSON has every target's).
     println!(
-        "\nfloors: the same TCP hops through relays on the nodes that only move bytes (no TLS, \
-         no HTTP/2; cross-node 3 connections, same-node 2), paired per repetition with plain \
-         like the targets; the proxy CPU of a relay case is its relays' CPU"
+        "\nfloors: the mesh's TCP connections, in the same netns, through relays that only move \
+         bytes (no TLS, no HTTP/2; cross-node 3 connections, same-node 2), paired per repetition \
+         with plain like the targets; the proxy CPU of a relay case is its relays' CPU"
     );
     let mut floors_json = Vec::new();
     let mut printed = 0;
