@@ -28,9 +28,10 @@ use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SkMsg, SockOps};
 use aya::{Ebpf, EbpfLoader};
 pub use mesh_ebpf_common::{
-    ABI_VERSION, AF_INET, AF_INET6, CONFIG_NO_HISTOGRAMS, Config, EnrolledNetns, FLOW_DELIVERY,
-    FLOW_REDIRECT, Flow, HBONE_PORT, HIST_BUCKETS, HIST_FLOW, HIST_TUNNEL_IN, HIST_TUNNEL_OUT,
-    HistKey, INBOUND_PLAINTEXT_PORT, IpKey, MAX_FLOWS, MAX_HIST, OUTBOUND_PORT, OrigDst, PEER_OPEN,
+    ABI_VERSION, AF_INET, AF_INET6, CONFIG_NO_ACCOUNTING, CONFIG_NO_HISTOGRAMS, Config,
+    DirectAllow, DirectAllowKey, EnrolledNetns, FLOW_DELIVERY, FLOW_DIRECT, FLOW_REDIRECT, Flow,
+    HBONE_PORT, HIST_BUCKETS, HIST_FLOW, HIST_TUNNEL_IN, HIST_TUNNEL_OUT, HistKey,
+    INBOUND_PLAINTEXT_PORT, IpKey, MAX_FLOWS, MAX_HIST, OUTBOUND_PORT, OrigDst, PEER_OPEN,
     PORT_APP, PROXY_MARK, PortKey, SockKey, Stat, TcpHist, hist_bucket, hist_bucket_max, tcp_state,
 };
 use mesh_ebpf_common::{map_names as maps, program_names as progs};
@@ -166,6 +167,9 @@ pub struct FlowEntry {
     /// (outbound, Istio's `reporter="source"`) or the destination proxy's
     /// delivery into a pod (inbound, `reporter="destination"`).
     pub direction: Direction,
+    /// A connection on the kernel same-node path: no proxy socket; an
+    /// inbound flow's `src` is then the source pod's address and port.
+    pub direct: bool,
 }
 
 /// Which end of a mesh connection a kernel flow describes.
@@ -435,6 +439,51 @@ impl Datapath {
         })
     }
 
+    /// Whether the kernel counts bytes on flows established from now on
+    /// (on by default). Off, flows are still recorded (original
+    /// destinations, states) with zero bytes and their sockets get no
+    /// per-ACK callback: what `./x bench` uses to measure the accounting's
+    /// own cost. A proxy never turns it off.
+    pub fn set_accounting(&mut self, on: bool) -> Result<()> {
+        let mut cfg = self.config_now()?;
+        if on {
+            cfg.flags &= !CONFIG_NO_ACCOUNTING;
+        } else {
+            cfg.flags |= CONFIG_NO_ACCOUNTING;
+        }
+        self.config.set(0, &cfg, 0).map_err(|source| Error::Map {
+            map: maps::CONFIG,
+            action: format!("set accounting={on}"),
+            source,
+        })
+    }
+
+    /// The generation of kernel same-node authorizations that connect4/6
+    /// honour (0: none).
+    pub fn direct_generation(&self) -> Result<u64> {
+        Ok(self.config_now()?.direct_generation)
+    }
+
+    /// Makes every `sm_direct_allow` entry not of `generation` void at
+    /// once (0 voids all). Connections already open are not touched.
+    pub fn set_direct_generation(&mut self, generation: u64) -> Result<()> {
+        let mut cfg = self.config_now()?;
+        cfg.direct_generation = generation;
+        self.config.set(0, &cfg, 0).map_err(|source| Error::Map {
+            map: maps::CONFIG,
+            action: format!("set direct generation {generation}"),
+            source,
+        })
+    }
+
+    /// A handle of its own on the same-node authorization map, for the
+    /// data path (no lock shared with the control plane).
+    pub fn direct_allow_table(&self) -> Result<DirectAllowTable> {
+        Ok(DirectAllowTable {
+            map: typed_map!(&self.pins, maps::DIRECT_ALLOW),
+        })
+    }
+
     /// What [`Datapath::set_histograms`] last set.
     pub fn histograms_on(&self) -> Result<bool> {
         Ok(self.config_now()?.flags & CONFIG_NO_HISTOGRAMS == 0)
@@ -599,6 +648,71 @@ impl OrigDstReader {
         app: SocketAddr,
     ) -> Result<Option<(SocketAddr, u64)>> {
         lookup_original(&self.map, netns_cookie, app)
+    }
+}
+
+/// The kernel same-node authorizations (see
+/// [`Datapath::direct_allow_table`]): `(source pod netns, destination as
+/// the app gives it)` -> the generation it was decided in.
+pub struct DirectAllowTable {
+    map: HashMap<MapData, DirectAllowKey, DirectAllow>,
+}
+
+impl DirectAllowTable {
+    /// Lets the apps of netns `netns_cookie` connect to `dst` without the
+    /// proxy while the map's generation is `generation`. When the map is
+    /// full it is emptied first (entries are only a cache of decisions).
+    pub fn allow(&mut self, netns_cookie: u64, dst: SocketAddr, generation: u64) -> Result<()> {
+        let (family, ip) = words_from_ip(dst.ip());
+        let key = DirectAllowKey {
+            netns: netns_cookie,
+            ip,
+            port: dst.port(),
+            family,
+            _pad: 0,
+        };
+        let value = DirectAllow { generation };
+        let err = |source| Error::Map {
+            map: maps::DIRECT_ALLOW,
+            action: format!("allow {dst} for netns {netns_cookie}"),
+            source,
+        };
+        match self.map.insert(&key, &value, 0) {
+            Ok(()) => Ok(()),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
+                self.clear()?;
+                self.map.insert(&key, &value, 0).map_err(err)
+            }
+            Err(e) => Err(err(e)),
+        }
+    }
+
+    /// Removes every entry.
+    pub fn clear(&mut self) -> Result<()> {
+        let keys: Vec<DirectAllowKey> = self.map.keys().filter_map(|k| k.ok()).collect();
+        for k in keys {
+            match self.map.remove(&k) {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(source) => {
+                    return Err(Error::Map {
+                        map: maps::DIRECT_ALLOW,
+                        action: "clear".into(),
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// How many entries there are (for `/stats`).
+    pub fn len(&self) -> usize {
+        self.map.keys().count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -789,6 +903,7 @@ fn read_flows(map: &HashMap<MapData, u64, Flow>) -> Result<Vec<FlowEntry>> {
                 } else {
                     Direction::Outbound
                 },
+                direct: f.flags & FLOW_DIRECT != 0,
             });
         }
         Ok(out)

@@ -17,7 +17,7 @@
 /// Bumped whenever a map layout, map name or program name changes. Pins live
 /// under `<pin root>/abi-v<ABI_VERSION>/`, so a proxy never re-opens maps of
 /// another layout.
-pub const ABI_VERSION: u32 = 5;
+pub const ABI_VERSION: u32 = 6;
 
 /// In-pod outbound capture listener (127.0.0.1 / [::1]).
 pub const OUTBOUND_PORT: u16 = 15001;
@@ -62,8 +62,16 @@ pub mod map_names {
     /// index 0: an all-zero [`super::TcpHist`], the initial value of a new
     /// `sm_tcp_hist` entry (too large for the BPF stack).
     pub const HIST_ZERO: &str = "sm_hist_zero";
+    /// [`super::DirectAllowKey`] -> [`super::DirectAllow`]: same-node
+    /// destinations the proxy has authorized for a source pod (the kernel
+    /// same-node path). Written by the proxy, read by connect4/6.
+    pub const DIRECT_ALLOW: &str = "sm_direct_allow";
+    /// [`super::DirectKey`] -> [`super::DirectConn`]: connections that took
+    /// the kernel same-node path, from the source's connect until its
+    /// close; sk_lookup in the destination pod lets only these through.
+    pub const DIRECT: &str = "sm_direct";
 
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 13] = [
         ENROLLED,
         CONNECT_DST,
         ORIG_DST,
@@ -75,6 +83,8 @@ pub mod map_names {
         SOCK_ACCT,
         TCP_HIST,
         HIST_ZERO,
+        DIRECT_ALLOW,
+        DIRECT,
     ];
 }
 
@@ -98,6 +108,9 @@ pub const MAX_INBOUND: u32 = 8_192;
 /// (`BPF_F_NO_PREALLOC`); once full, new keys are not recorded and
 /// [`Stat::HistDropped`] counts each sample lost.
 pub const MAX_HIST: u32 = 8_192;
+/// `sm_direct_allow` entries (source pod x same-node destination address
+/// and port); the proxy clears the map when it is full.
+pub const MAX_DIRECT_ALLOW: u32 = 16_384;
 
 /// Per-CPU event counters (index into the `sm_stats` array). Readable by
 /// `mesh explain`, which is how the data path is debugged (no printk).
@@ -135,9 +148,17 @@ pub enum Stat {
     /// A histogram sample was lost: `sm_tcp_hist` was full (or could not
     /// allocate) when its key was new.
     HistDropped = 12,
+    /// connect4/6 let a connect go straight to a same-node pod (the kernel
+    /// same-node path: authorized by the proxy, its listener alive).
+    ConnectDirect = 13,
+    /// sk_lookup let a kernel same-node connection reach the pod's app.
+    LookupDirect = 14,
+    /// sk_lookup dropped the SYN of a kernel same-node connection: the
+    /// destination's proxy listener is gone (fail closed).
+    LookupDirectRefused = 15,
 }
 
-pub const STAT_COUNT: u32 = 13;
+pub const STAT_COUNT: u32 = 16;
 
 impl Stat {
     pub const ALL: [Stat; STAT_COUNT as usize] = [
@@ -154,6 +175,9 @@ impl Stat {
         Stat::LookupRefused,
         Stat::ConnectDelivery,
         Stat::HistDropped,
+        Stat::ConnectDirect,
+        Stat::LookupDirect,
+        Stat::LookupDirectRefused,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -171,6 +195,9 @@ impl Stat {
             Stat::LookupRefused => "lookup_refused",
             Stat::ConnectDelivery => "connect_delivery",
             Stat::HistDropped => "hist_dropped",
+            Stat::ConnectDirect => "connect_direct",
+            Stat::LookupDirect => "lookup_direct",
+            Stat::LookupDirectRefused => "lookup_direct_refused",
         }
     }
 }
@@ -202,6 +229,10 @@ pub struct OrigDst {
 /// [`OrigDst::flags`]: the socket is the proxy's, connecting to the pod it
 /// sits in (the destination side of a mesh connection).
 pub const ORIG_DELIVERY: u32 = 1;
+/// [`OrigDst::flags`]: connect4/6 left the connect alone because the proxy
+/// authorized this destination for this pod (`sm_direct_allow`): the
+/// kernel same-node path. Never together with [`ORIG_DELIVERY`].
+pub const ORIG_DIRECT: u32 = 2;
 
 /// Key of `sm_orig_dst`: a local port inside a netns.
 #[repr(C)]
@@ -236,6 +267,11 @@ pub struct SockAcct {
     pub base: u32,
     /// [`ACCT_SENT`] or [`ACCT_RECEIVED`].
     pub role: u32,
+    /// A second flow fed the same way (same role), or 0: on the kernel
+    /// same-node path one connection is both the source's flow and the
+    /// destination's ([`FLOW_DIRECT`]). When the socket of role
+    /// [`ACCT_SENT`] closes, the mirror's `peer_state` becomes closed.
+    pub mirror: u64,
 }
 
 /// [`SockAcct::role`]: feeds [`Flow::bytes_sent`] and the flow's state.
@@ -289,13 +325,65 @@ pub struct IpKey {
 pub struct Config {
     /// [`FLOW_REDIRECT`] and friends: what new flows get.
     pub flow_flags: u32,
-    /// [`CONFIG_NO_HISTOGRAMS`]. Zero (a fresh map) means histograms on.
+    /// [`CONFIG_NO_HISTOGRAMS`], [`CONFIG_NO_ACCOUNTING`]. Zero (a fresh
+    /// map) means everything on.
     pub flags: u32,
+    /// The `sm_direct_allow` entries of this generation are valid; 0: none
+    /// is. The proxy moves it on every change of what it authorizes
+    /// (registry, policy, enrollment) and when it starts or stops.
+    pub direct_generation: u64,
 }
 
 /// [`Config::flags`]: record no histogram samples, and enable no per-ACK
 /// callback on tunnels established from then on (the cost switch).
 pub const CONFIG_NO_HISTOGRAMS: u32 = 1;
+/// [`Config::flags`]: count no bytes on flows established from then on
+/// (no `sm_sock_acct` entry, no per-ACK callback): the flows are still
+/// recorded (original destinations, states), with zero bytes. A benchmark
+/// switch, to measure what the accounting costs; a proxy never sets it.
+pub const CONFIG_NO_ACCOUNTING: u32 = 2;
+
+/// Key of `sm_direct_allow`: a source pod (its netns) and a destination
+/// exactly as its apps give it to connect().
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DirectAllowKey {
+    pub netns: u64,
+    pub ip: [u32; 4],
+    /// Host byte order.
+    pub port: u16,
+    pub family: u16,
+    pub _pad: u32,
+}
+
+/// Value of `sm_direct_allow`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirectAllow {
+    /// Valid while equal to [`Config::direct_generation`].
+    pub generation: u64,
+}
+
+/// Key of `sm_direct`: a kernel same-node connection's 4-tuple, source
+/// first (pod addresses are unique on a node: no netns needed).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DirectKey {
+    pub src_ip: [u32; 4],
+    pub dst_ip: [u32; 4],
+    /// Host byte order.
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub family: u32,
+}
+
+/// Value of `sm_direct`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirectConn {
+    /// The source app socket's cookie: its flow's key in `sm_flows`.
+    pub flow: u64,
+}
 
 /// Flow flag: sk_msg redirects the flow's bytes straight to the peer's
 /// ingress queue (both ends are in `sm_socks`) and counts them. Without it
@@ -306,6 +394,11 @@ pub const FLOW_REDIRECT: u32 = 1;
 /// Flow flag: the destination side of a mesh connection (the proxy's
 /// delivery into its pod), keyed by the proxy socket's cookie.
 pub const FLOW_DELIVERY: u32 = 2;
+/// Flow flag: a connection on the kernel same-node path (no proxy socket):
+/// the source's flow (keyed by the app's socket) and the destination's
+/// (with [`FLOW_DELIVERY`], keyed by the destination app's accepted socket,
+/// `src_ip`/`src_port` the source pod's) are fed by the same two sockets.
+pub const FLOW_DIRECT: u32 = 4;
 
 /// [`Flow::peer_state`]: no peer socket is counted (redirected flows).
 pub const PEER_NONE: u32 = 0;
@@ -508,8 +601,12 @@ const _: () = {
     assert!(core::mem::size_of::<SockKey>() == 56);
     assert!(core::mem::size_of::<IpKey>() == 20);
     assert!(core::mem::size_of::<Flow>() == 120);
-    assert!(core::mem::size_of::<Config>() == 8);
-    assert!(core::mem::size_of::<SockAcct>() == 16);
+    assert!(core::mem::size_of::<Config>() == 16);
+    assert!(core::mem::size_of::<SockAcct>() == 24);
+    assert!(core::mem::size_of::<DirectAllowKey>() == 32);
+    assert!(core::mem::size_of::<DirectAllow>() == 8);
+    assert!(core::mem::size_of::<DirectKey>() == 40);
+    assert!(core::mem::size_of::<DirectConn>() == 8);
 };
 
 #[cfg(feature = "user")]
@@ -536,6 +633,14 @@ mod pod {
     unsafe impl aya::Pod for HistKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for TcpHist {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for DirectAllowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for DirectAllow {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for DirectKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for DirectConn {}
 }
 
 #[cfg(test)]

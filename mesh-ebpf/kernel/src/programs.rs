@@ -9,19 +9,23 @@ use aya_ebpf::bindings::{
     BPF_ANY, BPF_F_INGRESS, BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
     BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RETRANS_CB, BPF_SOCK_OPS_RETRANS_CB_FLAG,
     BPF_SOCK_OPS_RTO_CB, BPF_SOCK_OPS_RTO_CB_FLAG, BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_RTT_CB_FLAG,
-    BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, sk_action,
+    BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, sk_action,
 };
-use aya_ebpf::helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns};
+use aya_ebpf::helpers::{
+    bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_map_lookup_elem,
+    bpf_sk_release,
+};
 use aya_ebpf::macros::{cgroup_sock_addr, map, sk_lookup, sk_msg, sock_ops};
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, SockHash};
 use aya_ebpf::programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext};
 use mesh_ebpf_common::{
-    ACCT_RECEIVED, ACCT_SENT, AF_INET, AF_INET6, CONFIG_NO_HISTOGRAMS, Config, EnrolledNetns,
-    FLOW_DELIVERY, FLOW_REDIRECT, Flow, HBONE_PORT, HIST_FLOW, HIST_TUNNEL_IN, HIST_TUNNEL_OUT,
-    HistKey, INBOUND_PLAINTEXT_PORT, IPPROTO_TCP, IpKey, MAX_ENROLLED, MAX_FLOWS, MAX_HIST,
-    MAX_INBOUND, MAX_SOCKS, ORIG_DELIVERY, OUTBOUND_PORT, OrigDst, PEER_CLOSED, PEER_OPEN,
-    PORT_APP, PORT_DELIVERY, PROXY_MARK, PortKey, STAT_COUNT, SockAcct, SockKey, Stat, TcpHist,
-    hist_bucket, tcp_state,
+    ACCT_RECEIVED, ACCT_SENT, AF_INET, AF_INET6, CONFIG_NO_ACCOUNTING, CONFIG_NO_HISTOGRAMS,
+    Config, DirectAllow, DirectAllowKey, DirectConn, DirectKey, EnrolledNetns, FLOW_DELIVERY,
+    FLOW_DIRECT, FLOW_REDIRECT, Flow, HBONE_PORT, HIST_FLOW, HIST_TUNNEL_IN, HIST_TUNNEL_OUT,
+    HistKey, INBOUND_PLAINTEXT_PORT, IPPROTO_TCP, IpKey, MAX_DIRECT_ALLOW, MAX_ENROLLED, MAX_FLOWS,
+    MAX_HIST, MAX_INBOUND, MAX_SOCKS, ORIG_DELIVERY, ORIG_DIRECT, OUTBOUND_PORT, OrigDst,
+    PEER_CLOSED, PEER_OPEN, PORT_APP, PORT_DELIVERY, PROXY_MARK, PortKey, STAT_COUNT, SockAcct,
+    SockKey, Stat, TcpHist, hist_bucket, tcp_state,
 };
 
 #[map(name = "sm_enrolled")]
@@ -57,6 +61,13 @@ static TCP_HIST: PerCpuHashMap<HistKey, TcpHist> =
 
 #[map(name = "sm_hist_zero")]
 static HIST_ZERO: Array<TcpHist> = Array::with_max_entries(1, 0);
+
+#[map(name = "sm_direct_allow")]
+static DIRECT_ALLOW: HashMap<DirectAllowKey, DirectAllow> =
+    HashMap::with_max_entries(MAX_DIRECT_ALLOW, 0);
+
+#[map(name = "sm_direct")]
+static DIRECT: LruHashMap<DirectKey, DirectConn> = LruHashMap::with_max_entries(MAX_SOCKS, 0);
 
 const SOCK_STREAM: u32 = 1;
 const ENOENT: i32 = 2;
@@ -170,11 +181,12 @@ fn connect(ctx: &SockAddrContext, family: u16) -> i32 {
         }
         return 1;
     }
+    let direct = direct_allowed(netns, &ip, port, family);
     let dst = OrigDst {
         ip,
         port,
         family,
-        flags: 0,
+        flags: if direct { ORIG_DIRECT } else { 0 },
         cookie,
     };
     if CONNECT_DST.insert(&cookie, &dst, BPF_ANY as u64).is_err() {
@@ -182,6 +194,15 @@ fn connect(ctx: &SockAddrContext, family: u16) -> i32 {
         // letting it out unrewritten would leak plaintext.
         bump(Stat::ConnectRecordFailed);
         return 0;
+    }
+    if direct {
+        // The kernel same-node path: the proxy authorized this destination
+        // for this pod and its listener is alive; the connect goes to the
+        // pod unchanged, and sockops (TCP_CONNECT_CB) registers its 4-tuple
+        // before the SYN leaves, which is what the destination's sk_lookup
+        // lets through.
+        bump(Stat::ConnectDirect);
+        return 1;
     }
     // SAFETY: connect hooks may write user_ip4/user_ip6/user_port (4 bytes).
     unsafe {
@@ -199,6 +220,80 @@ fn connect(ctx: &SockAddrContext, family: u16) -> i32 {
     1
 }
 
+/// Whether the proxy authorized `ip:port` for the pod in `netns` in the
+/// current generation, and that address's pod still has its proxy
+/// listener (the proxy is up and has not begun to drain it).
+#[inline(always)]
+fn direct_allowed(netns: u64, ip: &[u32; 4], port: u16, family: u16) -> bool {
+    let generation = match CONFIG.get(0) {
+        Some(c) if c.direct_generation != 0 => c.direct_generation,
+        _ => return false,
+    };
+    let key = DirectAllowKey {
+        netns,
+        ip: *ip,
+        port,
+        family,
+        _pad: 0,
+    };
+    // SAFETY: map lookup; the value is copied out at once.
+    match unsafe { DIRECT_ALLOW.get(&key) } {
+        Some(a) if a.generation == generation => {}
+        _ => return false,
+    }
+    inbound_listener_alive(&IpKey {
+        ip: *ip,
+        family: family as u32,
+    })
+}
+
+/// Whether the proxy's inbound listener for pod address `key` is alive:
+/// `sm_inbound` loses the entry when the socket closes (proxy exit, crash,
+/// drain, unenroll).
+#[inline(always)]
+fn inbound_listener_alive(key: &IpKey) -> bool {
+    // SAFETY: a lookup in a sockhash returns a referenced socket or NULL;
+    // the reference is released at once. The map pointer is the map's
+    // definition (SockHash is a transparent wrapper of it).
+    unsafe {
+        let sk = bpf_map_lookup_elem(
+            core::ptr::addr_of!(INBOUND) as *mut c_void,
+            key as *const IpKey as *const c_void,
+        );
+        if sk.is_null() {
+            return false;
+        }
+        bpf_sk_release(sk);
+    }
+    true
+}
+
+#[inline(always)]
+fn accounting_on() -> bool {
+    CONFIG
+        .get(0)
+        .map(|c| c.flags & CONFIG_NO_ACCOUNTING == 0)
+        .unwrap_or(true)
+}
+
+/// The `sm_direct` key of this socket's connection, source first: `local`
+/// is the source on the active side, the destination on the passive side.
+#[inline(always)]
+fn direct_key(k: &SockKey, local_is_source: bool) -> DirectKey {
+    let (src, dst) = if local_is_source {
+        ((k.local_ip, k.local_port), (k.remote_ip, k.remote_port))
+    } else {
+        ((k.remote_ip, k.remote_port), (k.local_ip, k.local_port))
+    };
+    DirectKey {
+        src_ip: src.0,
+        dst_ip: dst.0,
+        src_port: src.1 as u16,
+        dst_port: dst.1 as u16,
+        family: k.family,
+    }
+}
+
 // ---------------------------------------------------------------------------
 // sockops
 // ---------------------------------------------------------------------------
@@ -206,6 +301,7 @@ fn connect(ctx: &SockAddrContext, family: u16) -> i32 {
 #[sock_ops]
 pub fn sm_sockops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => tcp_connect(&ctx),
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => active_established(&ctx),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => passive_established(&ctx),
         BPF_SOCK_OPS_STATE_CB => state_changed(&ctx),
@@ -401,6 +497,26 @@ fn sockops_key(ctx: &SockOpsContext, netns: u64) -> SockKey {
     k
 }
 
+/// An app's connect on the kernel same-node path, right before its SYN is
+/// sent (its local port is bound by now): its 4-tuple goes into
+/// `sm_direct`, the only thing the destination's sk_lookup lets through.
+#[inline(always)]
+fn tcp_connect(ctx: &SockOpsContext) {
+    // SAFETY: helper on our context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
+    match CONNECT_DST.get_ptr(&cookie) {
+        // SAFETY: value pointer just returned for this key.
+        Some(p) if unsafe { (*p).flags } & ORIG_DIRECT != 0 => {}
+        _ => return,
+    }
+    // SAFETY: helper on our context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.ops as *mut c_void) };
+    let key = direct_key(&sockops_key(ctx, netns), true);
+    let _ = DIRECT.insert(&key, &DirectConn { flow: cookie }, BPF_ANY as u64);
+    // Its close (a refused or timed-out connect too) removes the entry.
+    let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+}
+
 /// The active side of a connection we track: an app whose connect was
 /// rewritten (outbound), or the proxy delivering a tunnel into its pod.
 #[inline(always)]
@@ -420,6 +536,7 @@ fn active_established(ctx: &SockOpsContext) {
     let netns = unsafe { bpf_get_netns_cookie(ctx.ops as *mut c_void) };
     let mut key = sockops_key(ctx, netns);
     let delivery = dst.flags & ORIG_DELIVERY != 0;
+    let direct = dst.flags & ORIG_DIRECT != 0;
     if delivery {
         // Only a connection to the pod's own address is a delivery; other
         // proxy sockets (passthrough) are not ours to count.
@@ -427,23 +544,29 @@ fn active_established(ctx: &SockOpsContext) {
             let _ = CONNECT_DST.remove(&cookie);
             return;
         }
-    } else if key.remote_port != OUTBOUND_PORT as u32 {
+    } else if !direct && key.remote_port != OUTBOUND_PORT as u32 {
         return;
     }
-    let port_key = PortKey {
-        netns,
-        port: key.local_port as u16,
-        family: key.family as u16,
-        kind: if delivery { PORT_DELIVERY } else { PORT_APP },
-    };
-    let _ = ORIG_DST.insert(&port_key, &dst, BPF_ANY as u64);
+    if !direct {
+        // The proxy looks the destination up when it accepts (a direct
+        // connection never reaches the proxy).
+        let port_key = PortKey {
+            netns,
+            port: key.local_port as u16,
+            family: key.family as u16,
+            kind: if delivery { PORT_DELIVERY } else { PORT_APP },
+        };
+        let _ = ORIG_DST.insert(&port_key, &dst, BPF_ANY as u64);
+    }
     let mut flags = if delivery {
         FLOW_DELIVERY
+    } else if direct {
+        FLOW_DIRECT
     } else {
         CONFIG.get(0).map(|c| c.flow_flags).unwrap_or(0)
     };
     let redirect = flags & FLOW_REDIRECT != 0;
-    flags &= FLOW_REDIRECT | FLOW_DELIVERY;
+    flags &= FLOW_REDIRECT | FLOW_DELIVERY | FLOW_DIRECT;
     let flow = Flow {
         netns,
         // SAFETY: helper without arguments.
@@ -461,11 +584,15 @@ fn active_established(ctx: &SockOpsContext) {
         ..Flow::default()
     };
     let _ = FLOWS.insert(&cookie, &flow, BPF_ANY as u64);
+    if !accounting_on() {
+        let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+        return;
+    }
     let _ = ctx.set_cb_flags((BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG) as i32);
     if !redirect {
         // Count-only: the socket is left exactly as its owner made it; its
         // acknowledged bytes are the flow's bytes_sent.
-        track(ctx, cookie, cookie, ACCT_SENT);
+        track(ctx, cookie, cookie, ACCT_SENT, 0);
         return;
     }
     // SAFETY: ctx.ops is the sock_ops context the helper expects.
@@ -486,6 +613,12 @@ fn passive_established(ctx: &SockOpsContext) {
     // SAFETY: helper on our context.
     let netns = unsafe { bpf_get_netns_cookie(ctx.ops as *mut c_void) };
     let mut key = sockops_key(ctx, netns);
+    if let Some(p) = DIRECT.get_ptr(&direct_key(&key, false)) {
+        // SAFETY: value pointer just returned for this key.
+        let source = unsafe { (*p).flow };
+        direct_accepted(ctx, &key, source);
+        return;
+    }
     let outbound = key.local_port == OUTBOUND_PORT as u32;
     let port_key = PortKey {
         netns,
@@ -509,7 +642,11 @@ fn passive_established(ctx: &SockOpsContext) {
     // SAFETY: helper on our context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
     if !redirect {
-        track(ctx, cookie, dst.cookie, ACCT_RECEIVED);
+        if !accounting_on() {
+            let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+            return;
+        }
+        track(ctx, cookie, dst.cookie, ACCT_RECEIVED, 0);
         if let Some(f) = FLOWS.get_ptr_mut(&dst.cookie) {
             // SAFETY: value pointer just returned; the peer's field.
             unsafe { (*f).peer_state = PEER_OPEN };
@@ -524,17 +661,81 @@ fn passive_established(ctx: &SockOpsContext) {
     }
 }
 
-/// Makes this socket's acknowledged bytes feed `role` of flow `flow`.
+/// The destination app's end of a kernel same-node connection (`source`:
+/// the source app socket's cookie, its flow's key). The connection becomes
+/// the destination's flow too (keyed by this socket, `FLOW_DELIVERY |
+/// FLOW_DIRECT`, the source pod's address as `src`), and the two sockets
+/// feed both flows: the source's acknowledged bytes are both flows'
+/// `bytes_sent`, this socket's both flows' `bytes_received`.
 #[inline(always)]
-fn track(ctx: &SockOpsContext, cookie: u64, flow: u64, role: u32) {
+fn direct_accepted(ctx: &SockOpsContext, key: &SockKey, source: u64) {
+    // SAFETY: helper on our context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
+    let Some(src_flow) = FLOWS.get_ptr_mut(&source) else {
+        return;
+    };
+    let flow = Flow {
+        netns: key.netns,
+        // SAFETY: helper without arguments.
+        start_ns: unsafe { bpf_ktime_get_ns() },
+        src_ip: key.remote_ip,
+        dst_ip: key.local_ip,
+        orig_ip: key.local_ip,
+        src_port: key.remote_port as u16,
+        dst_port: key.local_port as u16,
+        orig_port: key.local_port as u16,
+        family: key.family as u16,
+        state: tcp_state::ESTABLISHED,
+        protocol: IPPROTO_TCP,
+        flags: FLOW_DELIVERY | FLOW_DIRECT,
+        peer_state: PEER_OPEN,
+        ..Flow::default()
+    };
+    let _ = FLOWS.insert(&cookie, &flow, BPF_ANY as u64);
+    // SAFETY: value pointer just returned; the peer's field.
+    unsafe { (*src_flow).peer_state = PEER_OPEN };
+    if !accounting_on() {
+        let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+        return;
+    }
+    track(ctx, cookie, source, ACCT_RECEIVED, cookie);
+    if let Some(a) = SOCK_ACCT.get_ptr_mut(&source) {
+        // SAFETY: value pointer just returned (the source socket's entry,
+        // keyed by its cookie); one aligned 8-byte store.
+        unsafe { (*a).mirror = cookie };
+    }
+    let _ = ctx.set_cb_flags((BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG) as i32);
+}
+
+/// Makes this socket's acknowledged bytes feed `role` of flow `flow` (and
+/// of `mirror`, when not 0).
+#[inline(always)]
+fn track(ctx: &SockOpsContext, cookie: u64, flow: u64, role: u32, mirror: u64) {
     // SAFETY: context field.
     let acked = unsafe { read_volatile(&(*ctx.ops).bytes_acked) };
     let acct = SockAcct {
         flow,
         base: acked as u32,
         role,
+        mirror,
     };
     let _ = SOCK_ACCT.insert(&cookie, &acct, BPF_ANY as u64);
+}
+
+/// Adds `data` (a socket's total) to `role` of `flow`; counters only grow.
+#[inline(always)]
+fn feed(flow: *mut Flow, role: u32, data: u64) {
+    // SAFETY: a value pointer the caller just got from `sm_flows`; this
+    // socket is the only writer of the field it touches (see `Flow`).
+    unsafe {
+        if role == ACCT_SENT {
+            if data > (*flow).bytes_sent {
+                (*flow).bytes_sent = data;
+            }
+        } else if data > (*flow).bytes_received {
+            (*flow).bytes_received = data;
+        }
+    }
 }
 
 /// Brings the flow counter this socket feeds up to date: its data bytes
@@ -564,24 +765,23 @@ fn account_acked(ctx: &SockOpsContext, cookie: u64, state: u32) {
     // max below ignores; it never overcounts.
     let fin = u64::from(tcp_state::fin_queued(state) && una == nxt);
     let data = acked.saturating_sub(acct.base as u64 + fin);
-    let Some(flow) = FLOWS.get_ptr_mut(&acct.flow) else {
-        return;
-    };
     let closed = state == tcp_state::CLOSE;
-    // SAFETY: value pointer just returned for this key; this socket is the
-    // only writer of the fields it touches (see `Flow`).
-    unsafe {
-        if acct.role == ACCT_SENT {
-            if data > (*flow).bytes_sent {
-                (*flow).bytes_sent = data;
-            }
-        } else {
-            if data > (*flow).bytes_received {
-                (*flow).bytes_received = data;
-            }
-            if closed {
-                (*flow).peer_state = PEER_CLOSED;
-            }
+    if acct.mirror != 0
+        && let Some(m) = FLOWS.get_ptr_mut(&acct.mirror)
+    {
+        feed(m, acct.role, data);
+        if closed && acct.role == ACCT_SENT {
+            // The destination's flow of a kernel same-node connection:
+            // the source socket is its counted peer.
+            // SAFETY: value pointer just returned; the peer's field.
+            unsafe { (*m).peer_state = PEER_CLOSED };
+        }
+    }
+    if let Some(flow) = FLOWS.get_ptr_mut(&acct.flow) {
+        feed(flow, acct.role, data);
+        if closed && acct.role == ACCT_RECEIVED {
+            // SAFETY: value pointer just returned; the peer's field.
+            unsafe { (*flow).peer_state = PEER_CLOSED };
         }
     }
     if closed {
@@ -595,6 +795,9 @@ fn state_changed(ctx: &SockOpsContext) {
     // SAFETY: helper on our context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
     account_acked(ctx, cookie, new_state);
+    if new_state == tcp_state::CLOSE {
+        direct_closed(ctx, cookie);
+    }
     let Some(flow) = FLOWS.get_ptr_mut(&cookie) else {
         return;
     };
@@ -623,6 +826,21 @@ fn state_changed(ctx: &SockOpsContext) {
             }
         }
     }
+}
+
+/// A source socket of the kernel same-node path closed (or its connect
+/// failed): its 4-tuple no longer opens the destination's door.
+#[inline(always)]
+fn direct_closed(ctx: &SockOpsContext, cookie: u64) {
+    match CONNECT_DST.get_ptr(&cookie) {
+        // SAFETY: value pointer just returned for this key.
+        Some(p) if unsafe { (*p).flags } & ORIG_DIRECT != 0 => {}
+        _ => return,
+    }
+    // SAFETY: helper on our context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.ops as *mut c_void) };
+    let _ = DIRECT.remove(&direct_key(&sockops_key(ctx, netns), true));
+    let _ = CONNECT_DST.remove(&cookie);
 }
 
 #[inline(always)]
@@ -754,14 +972,17 @@ pub fn sm_sk_lookup(ctx: SkLookupContext) -> u32 {
     let c = ctx.lookup;
     let mut key = IpKey::default();
     let mut remote = [0u32; 4];
+    let (local_port, remote_port);
     // SAFETY: context fields, 4-byte loads.
     unsafe {
         if read_volatile(&(*c).protocol) != IPPROTO_TCP {
             return sk_action::SK_PASS;
         }
-        if is_proxy_port(read_volatile(&(*c).local_port)) {
+        local_port = read_volatile(&(*c).local_port);
+        if is_proxy_port(local_port) {
             return sk_action::SK_PASS;
         }
+        remote_port = u16::from_be(read_volatile(&(*c).remote_port));
         key.family = read_volatile(&(*c).family);
         if key.family == AF_INET as u32 {
             key.ip[0] = read_volatile(&(*c).local_ip4);
@@ -791,6 +1012,27 @@ pub fn sm_sk_lookup(ctx: SkLookupContext) -> u32 {
     // local address it names the device holding the address, not `lo`.)
     if remote == key.ip {
         return sk_action::SK_PASS;
+    }
+    // A kernel same-node connection: its source's sockops registered this
+    // exact 4-tuple before sending the SYN (only a captured app's connect
+    // the proxy authorized gets there). It reaches the app while the
+    // proxy's listener for this pod is alive; otherwise fail closed.
+    let direct = DirectKey {
+        src_ip: remote,
+        dst_ip: key.ip,
+        src_port: remote_port,
+        dst_port: local_port as u16,
+        family: key.family,
+    };
+    // SAFETY: map lookup; the value is not dereferenced.
+    if unsafe { DIRECT.get(&direct) }.is_some() {
+        if inbound_listener_alive(&key) {
+            bump(Stat::LookupDirect);
+            return sk_action::SK_PASS;
+        }
+        bump(Stat::LookupDirectRefused);
+        bump(Stat::LookupRefused);
+        return sk_action::SK_DROP;
     }
     match INBOUND.redirect_sk_lookup(&ctx, &key, 0) {
         Ok(()) => {
