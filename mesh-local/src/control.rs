@@ -56,6 +56,9 @@ pub struct ControlOptions {
     /// Each proxy serves mesh-cni at [`Mesh::cni_socket`]
     /// (`mesh-proxy --cni-socket`).
     pub cni_sockets: bool,
+    /// The kernel same-node path (`mesh-proxy --same-node-direct`); off,
+    /// every same-node connection is spliced by the proxy.
+    pub same_node_direct: bool,
 }
 
 impl Default for ControlOptions {
@@ -70,6 +73,7 @@ impl Default for ControlOptions {
             restart_proxies: true,
             restart_policy: RestartPolicy::default(),
             cni_sockets: false,
+            same_node_direct: true,
         }
     }
 }
@@ -474,6 +478,10 @@ impl Mesh {
             "--metrics-state".into(),
             metrics_state.display().to_string(),
         ];
+        if !opts.same_node_direct {
+            argv.push("--same-node-direct".into());
+            argv.push("off".into());
+        }
         if opts.cni_sockets {
             argv.push("--cni-socket".into());
             argv.push(self.cni_socket(node).display().to_string());

@@ -98,6 +98,12 @@ pub struct Config {
     /// Whether the kernel records the TCP RTT, retransmit and duration
     /// histograms (`sockmesh_tcp_*`; `Datapath::set_histograms`).
     pub tcp_histograms: bool,
+    /// The kernel same-node path: once this proxy has authorized a
+    /// same-node connection (policy allows it), later connects of that pod
+    /// to that address and port go pod to pod in the kernel, with no proxy
+    /// socket, while the destination's listener is alive; every change of
+    /// registry, policy or enrollment voids the authorizations.
+    pub same_node_direct: bool,
 }
 
 /// [`Config::api_stale_after`] unless told otherwise.
@@ -307,6 +313,7 @@ mod tests {
             dial_timeout: DEFAULT_DIAL_TIMEOUT,
             cni_socket: None,
             tcp_histograms: true,
+            same_node_direct: true,
         }
     }
 

@@ -162,9 +162,18 @@ struct Args {
     /// durations: the sockmesh_tcp_* metrics, `mesh top` RTT): `on` or
     /// `off`. Off, the kernel records nothing and new tunnels get no
     /// per-ACK callback (e.g. `--tcp-histograms off` to measure the cost).
-    #[arg(long, value_name = "on|off", default_value = "on",
+    #[arg(long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set, hide_possible_values = true,
           value_parser = clap::builder::BoolishValueParser::new())]
     tcp_histograms: bool,
+    /// The kernel same-node path: `on` or `off`. On, once this proxy has
+    /// allowed a connection between two pods of this node (same checks and
+    /// policy as a tunnel), later connects of that pod to that address and
+    /// port go straight to the pod in the kernel (no proxy copy), for as
+    /// long as nothing in the registry, policies or enrollment changes and
+    /// the proxy is up; the access log and metrics still record them.
+    #[arg(long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set, hide_possible_values = true,
+          value_parser = clap::builder::BoolishValueParser::new())]
+    same_node_direct: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -230,6 +239,7 @@ fn main() -> std::process::ExitCode {
         dial_timeout: mesh_proxy::config::DEFAULT_DIAL_TIMEOUT,
         cni_socket: args.cni_socket,
         tcp_histograms: args.tcp_histograms,
+        same_node_direct: args.same_node_direct,
     };
     match run(cfg, log) {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -591,7 +591,13 @@ pub struct TcpMetrics {
     state_path: Option<PathBuf>,
     retention: Duration,
     clock: Arc<dyn Clock>,
+    /// Called once for every flow seen closed (before it is dropped from
+    /// the kernel map), with its final counts.
+    on_closed: Option<ClosedHook>,
 }
+
+/// See [`TcpMetrics::with_closed_hook`].
+pub type ClosedHook = Box<dyn Fn(&FlowEntry) + Send + Sync>;
 
 impl std::fmt::Debug for TcpMetrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -612,7 +618,16 @@ impl TcpMetrics {
             state_path: None,
             retention: DEFAULT_RETENTION,
             clock: Arc::new(SystemClock),
+            on_closed: None,
         }
+    }
+
+    /// Calls `hook` once for each flow seen closed, with its final counts,
+    /// before the flow leaves the kernel map (the access log of the kernel
+    /// same-node path, which no proxy socket sees).
+    pub fn with_closed_hook(mut self, hook: ClosedHook) -> Self {
+        self.on_closed = Some(hook);
+        self
     }
 
     /// Persists the totals at `path` (`None`: memory only) and continues
@@ -734,6 +749,13 @@ impl TcpMetrics {
                 inner.touch(&t.series, now);
             }
             if f.is_closed() {
+                if let Some(hook) = &self.on_closed {
+                    hook(&FlowEntry {
+                        bytes_sent: req,
+                        bytes_received: resp,
+                        ..f.clone()
+                    });
+                }
                 inner.fold(&t, true, now);
                 match source.forget(f.cookie) {
                     Ok(()) => {
@@ -1303,6 +1325,7 @@ mod tests {
             redirected: false,
             peer_open: false,
             direction: Direction::Outbound,
+            direct: false,
         }
     }
 

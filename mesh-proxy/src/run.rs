@@ -138,7 +138,11 @@ pub fn run(cfg: Config, log: LogControl) -> Result<(), RunError> {
             node.clone(),
         )
         .with_state_file(cfg.metrics_state.clone())
-        .with_retention(cfg.metrics_retention),
+        .with_retention(cfg.metrics_retention)
+        .with_closed_hook({
+            let node = node.clone();
+            Box::new(move |f| node.log_direct(f))
+        }),
     );
     let mut registry = prometheus_client::registry::Registry::default();
     registry.register_collector(Box::new(tcp_metrics.clone()));
@@ -174,6 +178,23 @@ pub fn run(cfg: Config, log: LogControl) -> Result<(), RunError> {
                 .await
                 .map_err(|e| fail(format!("listen {addr} ({door:?})"), e))?;
             tokio::spawn(admin::serve(l, door, state.clone(), watch.clone()));
+        }
+        if cfg.same_node_direct {
+            // The kernel same-node path's connections are seen by no proxy
+            // socket: a sweep of the flow map writes their access-log
+            // records within a second of their close.
+            let table = node.datapath.lock().flow_table().map_err(|e| fail("open the flow map", e))?;
+            let sweeper = node.clone();
+            let mut stop = watch.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+                loop {
+                    tokio::select! {
+                        _ = stop.signaled() => return,
+                        _ = tick.tick() => sweeper.sweep_direct(&table),
+                    }
+                }
+            });
         }
         let problems = node.reconcile().await;
         node.report_status().await;
@@ -224,6 +245,9 @@ pub fn run(cfg: Config, log: LogControl) -> Result<(), RunError> {
             }
         }
         info!(open = node.conns.open(), "draining: no new connections; waiting for open ones");
+        // No new kernel same-node connection either (the listeners close
+        // next, which the kernel checks too).
+        node.void_direct(true);
         trigger.signal();
         let _ = cert_stop_tx.send(true);
         drop(watch);

@@ -191,6 +191,9 @@ impl NodeProxy {
         }
         let snap = self.registry.snapshot();
         *self.policies.write() = Arc::new(policy_set(&snap));
+        // What the kernel same-node path was authorized under may have
+        // changed: from here on it is decided again (by the proxy).
+        self.void_direct(false);
         let wanted: BTreeMap<String, Pod> = self
             .wanted_pods(&snap)
             .map(|p| (format!("{}/{}", p.namespace, p.name), p))
@@ -239,6 +242,8 @@ impl NodeProxy {
                 }
             }
         }
+        // Enrollment changed under decisions made during this round.
+        self.void_direct(false);
         problems
     }
 

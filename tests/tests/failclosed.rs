@@ -324,3 +324,120 @@ fn a_pod_leaving_does_not_take_the_certificate_its_service_account_still_uses() 
     );
     Ok(())
 }
+
+/// Whether an app in `pod` gets the banner of the app server at `to`
+/// (a dropped or refused connect gives up within 2 s).
+fn pod_banner(m: &TestMesh, pod: &str, to: &str) -> Result<Option<String>> {
+    let argv: Vec<String> = [
+        probe().display().to_string(),
+        "connect".into(),
+        "--to".into(),
+        to.into(),
+        "--connect-timeout-ms".into(),
+        "2000".into(),
+    ]
+    .into();
+    let out = m.mesh.pod_command(pod, &argv)?.output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    Ok(stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["event"] == "banner")
+        .and_then(|v| v["line"].as_str().map(str::to_owned)))
+}
+
+/// A kernel counter of `node`'s data path, read from its pins (works with
+/// the proxy dead).
+fn kernel_stat(m: &TestMesh, node: &str, name: &str) -> Result<u64> {
+    let dp = mesh_ebpf::Datapath::open(&m.mesh.node(node)?.pin_root)?;
+    Ok(dp.stats()?.get(name).copied().unwrap_or(0))
+}
+
+/// The kernel same-node path carries a connection with no proxy socket,
+/// so it must close with the proxy: once client -> web-2 (both on node-a)
+/// has been authorized and taken it, killing node-a's proxy, or draining
+/// it, leaves the client nothing that reaches web-2's app.
+#[test]
+fn the_kernel_same_node_path_closes_when_the_proxy_dies_or_drains() -> Result<()> {
+    let opts = ControlOptions {
+        restart_proxies: false,
+        ..ControlOptions::default()
+    };
+    let mut m = TestMesh::up("kd", opts)?;
+    let _srv = banner_server(&m, "default/web-2")?;
+    // IPv4 and IPv6.
+    let all = targets(&m, "default/web-2")?;
+    let authorize = |m: &TestMesh, when: &str| -> Result<()> {
+        for to in &all {
+            let before = kernel_stat(m, "node-a", "connect_direct")?;
+            // The first connect is decided by the proxy (and authorizes
+            // the path), the second takes it.
+            for i in 0..2 {
+                let got = pod_banner(m, "default/client", to)?;
+                ensure!(got.is_some(), "{when}: connect {i} to {to} got no banner");
+            }
+            ensure!(
+                kernel_stat(m, "node-a", "connect_direct")? == before + 1,
+                "{when}: the second connect to {to} did not take the kernel path"
+            );
+        }
+        Ok(())
+    };
+    let sealed = |m: &TestMesh, when: &str| -> Result<()> {
+        let direct = kernel_stat(m, "node-a", "connect_direct")?;
+        for to in &all {
+            let got = pod_banner(m, "default/client", to)?;
+            ensure!(got.is_none(), "{when}: the client reached {to}: {got:?}");
+        }
+        ensure!(
+            kernel_stat(m, "node-a", "connect_direct")? == direct,
+            "{when}: a connect still took the kernel path"
+        );
+        Ok(())
+    };
+    authorize(&m, "proxy up")?;
+
+    // Killed: no generation moved, but the listener the kernel checks is
+    // gone with the process.
+    let pid = one_pid(&m, "node-a", &m.bins.proxy)?;
+    signal(pid, nix::sys::signal::Signal::SIGKILL)?;
+    wait_until("the killed proxy's exit", Duration::from_secs(5), || {
+        Ok(gone(pid))
+    })?;
+    sealed(&m, "proxy killed")?;
+
+    // Restarted: what the dead proxy authorized is void; decided anew.
+    m.mesh.start_proxy("node-a", &m.bins, &m.opts)?;
+    m.mesh.wait_proxy_ready("node-a", Duration::from_secs(30))?;
+    authorize(&m, "proxy restarted")?;
+
+    // Draining (a connection held open keeps it draining).
+    let mut s = serve(&m, "default/web", 9090, 1, 100)?;
+    let web_9090 = format!("{}:9090", m.ip("default/web")?);
+    let mut held = m.spawn(
+        "default/client",
+        &[
+            "connect", "--to", &web_9090, "--send", "100", "--seed", "5", "--hold",
+        ],
+    )?;
+    held.event("connected")?;
+    held.event("holding")?;
+    let pid = one_pid(&m, "node-a", &m.bins.proxy)?;
+    signal(pid, nix::sys::signal::Signal::SIGTERM)?;
+    wait_until("the drain to start", Duration::from_secs(5), || {
+        Ok(m.log("proxy-node-a").contains("draining"))
+    })?;
+    sealed(&m, "proxy draining")?;
+    ensure!(!gone(pid), "the proxy exited with a connection still open");
+    {
+        use std::io::Write;
+        held.child
+            .stdin
+            .as_mut()
+            .context("stdin")?
+            .write_all(b"go\n")?;
+    }
+    held.event("transfer")?;
+    s.event("accepted")?;
+    Ok(())
+}

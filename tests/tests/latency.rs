@@ -181,13 +181,20 @@ fn spliced_agrees(m: &TestMesh, peer: &str, what: &str) -> Result<()> {
         .min_by_key(|f| f["age_ms"].as_u64().unwrap_or(u64::MAX))
         .with_context(|| format!("{what}: no delivery to {to} in {flows}"))?;
     let kernel = delivery["srtt_us"].as_u64().context("srtt_us")?;
-    // The proxy's delivering socket in the destination pod's netns.
-    // That very socket (not only established: the server has already
-    // half-closed).
+    // The proxy's delivering socket in the destination pod's netns, or on
+    // the kernel same-node path (no proxy socket) the app's own accepted
+    // socket, whose peer is the client's. That very socket (not only
+    // established: the server has already half-closed).
     let src = delivery["app_socket"].as_str().context("app_socket")?;
-    let argv = ["ss", "-tinH", "src", src, "dst", to.as_str()];
-    let out = m.mesh.pod_command("default/web-2", &argv)?.output()?;
-    let ss = rtts_of(&String::from_utf8_lossy(&out.stdout))?;
+    let ss_of = |from: &str, to: &str| -> Result<Vec<u64>> {
+        let argv = ["ss", "-tinH", "src", from, "dst", to];
+        let out = m.mesh.pod_command("default/web-2", &argv)?.output()?;
+        rtts_of(&String::from_utf8_lossy(&out.stdout))
+    };
+    let mut ss = ss_of(src, &to)?;
+    if ss.is_empty() {
+        ss = ss_of(&to, src)?;
+    }
     ensure!(!ss.is_empty(), "{what}: ss shows no socket to {to}");
     let near = ss
         .iter()

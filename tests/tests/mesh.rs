@@ -425,8 +425,49 @@ fn a_same_node_connection_skips_tls_but_not_identity_or_policy() -> Result<()> {
                 .any(|l| same_node(&l, "inbound") && l.contains("default/web-2"))
         },
     )?;
-    // Deny default (the client's namespace): the same-node connection is
-    // reset, and the denial names the rule.
+    // That decision authorized the kernel same-node path: the next connect
+    // of the client to web-2:8080 goes pod to pod (no proxy socket), the
+    // bytes checked end to end as before, and both records are still
+    // written, from the kernel's flows, with the same identities and counts.
+    let direct = |what: &str| -> Result<u64> {
+        let (code, body) = m.mesh.admin_get("node-a", "/stats")?;
+        anyhow::ensure!(code == 200, "{body}");
+        let v: Value = serde_json::from_str(&body)?;
+        Ok(v["kernel"][what].as_u64().unwrap_or(0))
+    };
+    let before = direct("connect_direct")?;
+    assert_eq!(attempt(&m, "default/client", &web2)?, Ok(500));
+    s.event("accepted")?;
+    s.event("transfer")?;
+    assert_eq!(
+        direct("connect_direct")?,
+        before + 1,
+        "the second connect did not go direct"
+    );
+    assert!(
+        direct("lookup_direct")? >= 1,
+        "web-2's sk_lookup saw no direct connection"
+    );
+    let kernel_path = |l: &&str, direction: &str| {
+        let l = l.replace('"', "");
+        l.contains("security=same_node_direct")
+            && l.contains(&format!("direction={direction}"))
+            && l.contains("src_identity=spiffe://cluster.local/ns/default/sa/client")
+            && l.contains("dst_identity=spiffe://cluster.local/ns/default/sa/web")
+            && l.contains("bytes_received=1000 bytes_sent=500")
+    };
+    wait_log(
+        &m,
+        "proxy-node-a",
+        "both kernel same-node records, with both identities and exact counts",
+        |log| {
+            log.lines().any(|l| kernel_path(&l, "outbound"))
+                && log.lines().any(|l| kernel_path(&l, "inbound"))
+        },
+    )?;
+    // Deny default (the client's namespace): the policy change voids the
+    // kernel path's authorization, so the connect is decided by the proxy
+    // again: reset, and the denial names the rule.
     deny_default_and_wait(&m, &mut s, &web2)?;
     let err = attempt(&m, "default/client", &web2)?
         .err()

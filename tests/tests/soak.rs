@@ -102,6 +102,15 @@ fn soak_path(
     Ok(moved)
 }
 
+/// A kernel counter of `node`'s data path (`/stats`).
+fn kernel_stat(m: &TestMesh, node: &str, name: &str) -> Result<u64> {
+    let (_, body) = m.mesh.admin_get(node, "/stats")?;
+    let v: Value = serde_json::from_str(&body)?;
+    v["kernel"][name]
+        .as_u64()
+        .with_context(|| format!("no kernel counter {name} in {body}"))
+}
+
 /// The source proxy's kernel counters for flows to `orig` (closed ones
 /// included): what the clients sent and received, exactly.
 fn counted(m: &TestMesh, node: &str, orig_ip: &str, port: u16) -> Result<(u64, u64, usize)> {
@@ -128,7 +137,7 @@ fn soak_mesh(tag: &str, opts: ControlOptions, paths: &[&str]) -> Result<()> {
         let port = 9100 + i as u16;
         let (server, dst) = match *path {
             "cross-node" => ("default/web", m.ip("default/web")?),
-            "same-node" => ("default/web-2", m.ip("default/web-2")?),
+            "same-node" | "same-node-kernel" => ("default/web-2", m.ip("default/web-2")?),
             "service" => ("other/iperf", m.vip("other/iperf")?),
             "passthrough" => ("default/plain", m.ip("default/plain")?),
             other => anyhow::bail!("no such path {other}"),
@@ -140,7 +149,37 @@ fn soak_mesh(tag: &str, opts: ControlOptions, paths: &[&str]) -> Result<()> {
             (port, format!("{dst}:{port}"))
         };
         let name = format!("{tag}/{path}");
+        // The kernel same-node path: one connection decided by the proxy
+        // authorizes client -> web-2:port; the streams then go pod to pod.
+        let (base, direct_before) = if *path == "same-node-kernel" {
+            let s = serve(&m, server, port, 1, 1000)?;
+            ensure!(
+                attempt(&m, "default/client", &to)? == Ok(1000),
+                "{name}: the authorizing connection failed"
+            );
+            s.wait()?;
+            let mut base = (0, 0, 0);
+            wait_until(
+                &format!("{name}: the first connection's counts"),
+                std::time::Duration::from_secs(10),
+                || {
+                    base = counted(&m, "node-a", &dst, port)?;
+                    Ok((base.0, base.1) == (1000, 1000))
+                },
+            )?;
+            (base, Some(kernel_stat(&m, "node-a", "connect_direct")?))
+        } else {
+            ((0, 0, 0), None)
+        };
         soak_path(&m, &name, "default/client", server, port, &to, per_way)?;
+        if let Some(before) = direct_before {
+            let after = kernel_stat(&m, "node-a", "connect_direct")?;
+            ensure!(
+                after == before + STREAMS,
+                "{name}: {} of {STREAMS} streams took the kernel path",
+                after - before
+            );
+        }
         // The kernel counted exactly what moved, on the client's node.
         let mut last = (0, 0, 0);
         wait_until(
@@ -148,6 +187,11 @@ fn soak_mesh(tag: &str, opts: ControlOptions, paths: &[&str]) -> Result<()> {
             std::time::Duration::from_secs(10),
             || {
                 last = counted(&m, "node-a", &dst, port)?;
+                last = (
+                    last.0.saturating_sub(base.0),
+                    last.1.saturating_sub(base.1),
+                    last.2.saturating_sub(base.2),
+                );
                 Ok(last.0 == STREAMS * per_way && last.1 == STREAMS * per_way)
             },
         )
@@ -166,6 +210,17 @@ fn every_path_carries_gibibytes_checksummed_with_nothing_lost_or_repeated() -> R
     soak_mesh(
         "sk",
         ControlOptions::default(),
-        &["cross-node", "same-node", "service", "passthrough"],
+        &["cross-node", "same-node-kernel", "service", "passthrough"],
+    )?;
+    // Same node through the proxy (its splice): what a pod's first
+    // connection to an address takes, and every connection with the
+    // kernel path off.
+    soak_mesh(
+        "sp",
+        ControlOptions {
+            same_node_direct: false,
+            ..ControlOptions::default()
+        },
+        &["same-node"],
     )
 }

@@ -89,11 +89,25 @@ impl NodeProxy {
             connection_security_policy: "none".into(),
             ..FlowLabels::default()
         };
-        if let Some(Note::Delivery {
-            source_principal,
-            source_ip,
-        }) = self.notes.get(f.cookie)
-        {
+        let source = match self.notes.get(f.cookie) {
+            Some(Note::Delivery {
+                source_principal,
+                source_ip,
+            }) => Some((source_principal, source_ip)),
+            // The kernel same-node path: no proxy socket, so no note; the
+            // source is the pod of this node whose address the kernel
+            // recorded (only a captured app of an enrolled pod gets there).
+            _ if f.direct => {
+                let ip = f.src.ip();
+                let principal = snap
+                    .pod_by_ip(ip)
+                    .and_then(|p| self.enrolled(&format!("{}/{}", p.namespace, p.name)))
+                    .map(|e| e.spec().identity.to_string());
+                Some((principal, ip))
+            }
+            _ => None,
+        };
+        if let Some((source_principal, source_ip)) = source {
             if let Some(principal) = source_principal {
                 l.source_principal = principal;
                 l.connection_security_policy = "mutual_tls".into();

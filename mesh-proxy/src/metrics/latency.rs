@@ -210,6 +210,7 @@ pub fn hist_labels(resolver: &dyn FlowResolver, e: &HistEntry) -> Option<(Report
         redirected: false,
         peer_open: false,
         direction: Direction::Outbound,
+        direct: false,
     };
     let l = resolver.labels(&probe)?;
     Some(match e.kind {

@@ -42,6 +42,11 @@ pub enum Security {
     /// same-node path"). Metrics still label it `mutual_tls`, as Istio
     /// labels any connection between authenticated identities.
     SameNode,
+    /// The kernel same-node path: as [`Security::SameNode`], authorized by
+    /// this proxy for an earlier connection of the same pod to the same
+    /// address, and carried by the kernel alone (the record is written
+    /// from the kernel's flow once it has closed).
+    SameNodeDirect,
     /// Plaintext into a meshed pod (PERMISSIVE).
     Plaintext,
     /// Not a mesh connection (passthrough, or refused before it was one).
@@ -53,6 +58,7 @@ impl Security {
         match self {
             Security::MutualTls => "mutual_tls",
             Security::SameNode => "same_node",
+            Security::SameNodeDirect => "same_node_direct",
             Security::Plaintext => "plaintext",
             Security::None => "none",
         }
@@ -111,6 +117,9 @@ pub struct Connection {
     pub bytes_received: u64,
     /// Destination -> source.
     pub bytes_sent: u64,
+    /// How long it lasted, when known otherwise than from this record's
+    /// own lifetime (a kernel flow's).
+    pub duration: Option<std::time::Duration>,
     outcome: Outcome,
 }
 
@@ -133,6 +142,7 @@ impl Connection {
             service: None,
             bytes_received: 0,
             bytes_sent: 0,
+            duration: None,
             outcome: Outcome::Closed,
         }
     }
@@ -209,7 +219,7 @@ impl Drop for Connection {
               security = self.security.as_str(),
               bytes_received = self.bytes_received,
               bytes_sent = self.bytes_sent,
-              duration_ms = self.start.elapsed().as_millis() as u64,
+              duration_ms = self.duration.unwrap_or_else(|| self.start.elapsed()).as_millis() as u64,
               result,
               status = status.unwrap_or(0),
               reason = reason.unwrap_or("-"),

@@ -13,6 +13,7 @@
 //! [`crate::workloads`], the routing decision in [`crate::route`].
 
 pub mod connection;
+mod direct;
 pub mod inbound;
 pub mod inbound_passthrough;
 pub mod outbound;
@@ -20,13 +21,13 @@ mod splice;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use mesh_core::identity::Identity;
 use mesh_core::policy::{self, PolicySet};
 use mesh_core::registry::{Pod, Snapshot};
 use mesh_ebpf::netns::PodSockets;
-use mesh_ebpf::{Datapath, OrigDstReader, PROXY_MARK};
+use mesh_ebpf::{Datapath, DirectAllowTable, OrigDstReader, PROXY_MARK};
 use parking_lot::{Mutex, RwLock};
 use tokio::net::{TcpSocket, TcpStream};
 use tracing::debug;
@@ -44,6 +45,8 @@ pub use outbound::MeshConnector;
 pub enum ProxyError {
     #[error("open the original-destination map: {0}")]
     OrigDst(#[source] Box<mesh_ebpf::Error>),
+    #[error("the kernel same-node path (--same-node-direct): {0}")]
+    Direct(#[source] Box<mesh_ebpf::Error>),
 }
 
 /// Counters of the proxy's own health (exported next to the Istio metrics).
@@ -68,6 +71,15 @@ pub struct NodeProxy {
     pub datapath: Mutex<Datapath>,
     /// The data path's own original-destination lookups (no lock).
     pub(crate) orig: OrigDstReader,
+    /// The kernel same-node path's authorizations (`None`: off). Written
+    /// by the data path only, under its own lock (one map update).
+    pub(crate) direct: Option<Mutex<DirectAllowTable>>,
+    /// The generation authorizations are written in; the kernel honours
+    /// only the current one. 0: none (stopping, or off).
+    pub(crate) direct_generation: AtomicU64,
+    /// Kernel same-node flows whose access-log record is written (cookie,
+    /// start), until they leave the flow map.
+    pub(crate) direct_logged: Mutex<std::collections::HashSet<(u64, u64)>>,
     /// The file or the Kubernetes source: both serve the same snapshot.
     pub registry: crate::registry::RegistrySource,
     pub certs: CertManager,
@@ -98,7 +110,7 @@ pub struct NodeProxy {
 impl NodeProxy {
     pub fn new(
         cfg: Config,
-        datapath: Datapath,
+        mut datapath: Datapath,
         registry: crate::registry::RegistrySource,
         certs: CertManager,
         data: tokio::runtime::Handle,
@@ -109,12 +121,32 @@ impl NodeProxy {
         let orig = datapath
             .orig_dst_reader()
             .map_err(|e| ProxyError::OrigDst(Box::new(e)))?;
+        let direct_err = |e| ProxyError::Direct(Box::new(e));
+        // A new generation: what an earlier proxy authorized is void.
+        let generation = if cfg.same_node_direct {
+            datapath.direct_generation().map_err(direct_err)?.max(1) + 1
+        } else {
+            0
+        };
+        let direct = if cfg.same_node_direct {
+            let mut table = datapath.direct_allow_table().map_err(direct_err)?;
+            table.clear().map_err(direct_err)?;
+            Some(Mutex::new(table))
+        } else {
+            None
+        };
+        datapath
+            .set_direct_generation(generation)
+            .map_err(direct_err)?;
         Ok(Arc::new_cyclic(|weak| NodeProxy {
             pool: Pool::new(MeshConnector::new(weak.clone()), h2.clone()),
             h2,
             hbone_limiter: hbone::Limiter::new(cfg.hbone_limits.clone()),
             cfg,
             orig,
+            direct,
+            direct_generation: AtomicU64::new(generation),
+            direct_logged: Mutex::default(),
             datapath: Mutex::new(datapath),
             registry,
             certs,
@@ -152,6 +184,52 @@ impl NodeProxy {
             },
         };
         self.policies.read().evaluate(&request)
+    }
+
+    /// Voids every kernel same-node authorization (called after registry,
+    /// policy or enrollment changes are in place, so a decision made before
+    /// the change is never honoured after it), or with `stop` all of them
+    /// for good (draining).
+    pub(crate) fn void_direct(&self, stop: bool) {
+        if self.direct.is_none() {
+            return;
+        }
+        let generation = if stop {
+            self.direct_generation.store(0, Ordering::SeqCst);
+            0
+        } else {
+            self.direct_generation.fetch_add(1, Ordering::SeqCst) + 1
+        };
+        if let Err(e) = self.datapath.lock().set_direct_generation(generation) {
+            // The kernel would keep honouring the old generation: remove
+            // the authorizations themselves instead.
+            tracing::error!(error = %e, "could not move the kernel same-node generation; removing every authorization");
+            if let Some(table) = &self.direct
+                && let Err(e) = table.lock().clear()
+            {
+                tracing::error!(error = %e, "could not remove the kernel same-node authorizations");
+            }
+        }
+    }
+
+    /// The generation a decision made now is written in.
+    pub(crate) fn direct_generation(&self) -> u64 {
+        self.direct_generation.load(Ordering::SeqCst)
+    }
+
+    /// Lets the apps of netns `netns` reach `dst` (as they gave it to
+    /// connect) in the kernel from now on, until generation `generation`
+    /// is voided.
+    pub(crate) fn allow_direct(&self, netns: u64, dst: SocketAddr, generation: u64) {
+        let Some(table) = &self.direct else {
+            return;
+        };
+        if generation == 0 {
+            return;
+        }
+        if let Err(e) = table.lock().allow(netns, dst, generation) {
+            debug!(error = %e, %dst, "kernel same-node authorization not written");
+        }
     }
 
     /// Tells metrics who is behind the delivery socket `app` (its kernel

@@ -125,8 +125,11 @@ impl NodeProxy {
         conn.src = Some(peer);
         conn.src_workload = Some(pod.key.clone());
         conn.src_identity = Some(spec.identity.to_string());
-        let (orig, flow_cookie) = match self.orig.original(pod.cookie, peer) {
-            Ok(Some((o, c))) => (canonical(o), c),
+        // Read before anything is decided: a change made after this point
+        // voids what this connection authorizes (see `void_direct`).
+        let generation = self.direct_generation();
+        let (raw, orig, flow_cookie) = match self.orig.original(pod.cookie, peer) {
+            Ok(Some((o, c))) => (o, canonical(o), c),
             Ok(None) => {
                 warn!(pod = %pod.key, %peer, "no original destination for this connection; closing");
                 conn.refuse(Refused::Unroutable("no original destination".into()));
@@ -163,9 +166,14 @@ impl NodeProxy {
                     .ok();
                 conn.service = service;
                 if let Some(dst_pod) = self.enrolled(&endpoint) {
-                    // Both pods on this node: no TLS, no HBONE hop.
+                    // Both pods on this node: no TLS, no HBONE hop. A pod
+                    // address as the app gave it (not a Service, which
+                    // picks an endpoint each time; not v4-mapped) may take
+                    // the kernel same-node path from the next connect on.
+                    let direct = (conn.service.is_none() && raw == orig)
+                        .then_some((pod.cookie, raw, generation));
                     return self
-                        .same_node(&spec, app, peer, conn, &dst_pod, target)
+                        .same_node(&spec, app, peer, conn, &dst_pod, target, direct)
                         .await;
                 }
                 conn.security = Security::MutualTls;
@@ -214,9 +222,15 @@ impl NodeProxy {
     /// proxy ports, the pod's address, `dst`'s policies for `src`'s
     /// identity and address) and is then spliced between the two
     /// plaintext legs in the kernel, with no TLS and no second proxy hop.
+    /// Once allowed, `direct` (the source netns, the destination as the app
+    /// gave it, the generation read before deciding) is written to the
+    /// kernel: later connects of that pod to that address go pod to pod.
     /// Both records are written, as for a tunnel: `out` (outbound) and an
     /// inbound one; metrics see the same two kernel flows (the app's, and
     /// the delivery's, noted with the source identity).
+    // Each argument is a distinct fact of the connection; a struct to
+    // carry them would only rename them.
+    #[allow(clippy::too_many_arguments)]
     async fn same_node(
         &self,
         src: &PodSpec,
@@ -225,6 +239,7 @@ impl NodeProxy {
         mut out: Connection,
         dst: &EnrolledPod,
         target: SocketAddr,
+        direct: Option<(u64, SocketAddr, u64)>,
     ) {
         out.security = Security::SameNode;
         let dst_spec = dst.spec();
@@ -250,20 +265,23 @@ impl NodeProxy {
             .deliver(dst, &dst_spec, target, principal, from, &mut inb)
             .await
         {
-            // The bound a tunnel has (--tunnel-idle-seconds).
-            Ok(up) => match self
-                .splice(&app, &up, Some(self.cfg.hbone_limits.tunnel_idle_timeout))
-                .await
-            {
-                Ok(moved) => {
-                    out.copied(Ok(moved));
-                    inb.copied(Ok(moved));
+            Ok(up) => {
+                if let Some((netns, dst, generation)) = direct {
+                    self.allow_direct(netns, dst, generation);
                 }
-                Err(e) => {
-                    out.failed(e.to_string());
-                    inb.failed(e.to_string());
+                // The bound a tunnel has (--tunnel-idle-seconds).
+                let idle = Some(self.cfg.hbone_limits.tunnel_idle_timeout);
+                match self.splice(&app, &up, idle).await {
+                    Ok(moved) => {
+                        out.copied(Ok(moved));
+                        inb.copied(Ok(moved));
+                    }
+                    Err(e) => {
+                        out.failed(e.to_string());
+                        inb.failed(e.to_string());
+                    }
                 }
-            },
+            }
             Err(refusal) => {
                 // What the app of a refused tunnel sees: a reset.
                 reset(&app);
