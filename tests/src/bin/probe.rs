@@ -8,6 +8,7 @@ use std::io::{BufRead, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -623,10 +624,13 @@ fn relay(
         buffer > 0,
         "--buffer {buffer}: the relay needs at least 1 byte"
     );
-    let to_netns = to_netns
-        .map(|p| std::fs::File::open(p).with_context(|| format!("open --to-netns {}", p.display())))
-        .transpose()?;
-    let to_netns = to_netns.as_ref();
+    // Lives as long as the process; every connection's thread reads it.
+    let to_netns: Option<&'static std::fs::File> = match to_netns {
+        Some(p) => Some(Box::leak(Box::new(
+            std::fs::File::open(p).with_context(|| format!("open --to-netns {}", p.display()))?,
+        ))),
+        None => None,
+    };
     let l = TcpListener::bind(listen).with_context(|| format!("bind {listen}"))?;
     // accept(2) honours SO_RCVTIMEO: an idle relay gives up.
     let idle = nix::sys::time::TimeVal::new(RELAY_IDLE.as_secs() as i64, 0);
@@ -635,8 +639,10 @@ fn relay(
         json!({"event": "listening", "listen": l.local_addr()?.to_string(),
                 "to": to.to_string(), "copy": format!("{copy:?}").to_lowercase()}),
     );
-    let accepted = std::thread::scope(|scope| -> Result<usize> {
-        let mut n = 0usize;
+    let workers = Workers::default();
+    let open = Arc::new((Mutex::new(0usize), Condvar::new()));
+    let mut n = 0usize;
+    let accepting = (|| -> Result<()> {
         while count.is_none_or(|c| n < c) {
             let down = match l.accept() {
                 Ok((s, _)) => s,
@@ -647,27 +653,108 @@ fn relay(
                 Err(e) => return Err(e).with_context(|| format!("accept on {listen}")),
             };
             n += 1;
-            scope.spawn(move || {
-                if let Err(e) = relay_conn(down, to, to_netns, copy, buffer) {
-                    eprintln!("relay connection {n} to {to}: {e:#}");
+            let conn = Open::new(&open);
+            let w = workers.clone();
+            let i = n;
+            workers.run(Box::new(move || {
+                let _open = conn;
+                if let Err(e) = relay_conn(down, to, to_netns, copy, buffer, &w) {
+                    eprintln!("relay connection {i} to {to}: {e:#}");
                 }
-            });
+            }))?;
         }
-        Ok(n)
-    })?;
-    emit(json!({"event": "done", "connections": accepted}));
+        Ok(())
+    })();
+    // Every accepted connection relayed to its end (each read gives up
+    // after RELAY_IDLE).
+    let (lock, ended) = &*open;
+    let mut left = lock.lock().unwrap_or_else(PoisonError::into_inner);
+    while *left > 0 {
+        left = ended.wait(left).unwrap_or_else(PoisonError::into_inner);
+    }
+    accepting?;
+    emit(json!({"event": "done", "connections": n}));
     Ok(())
 }
 
+/// One open connection of the relay, counted until dropped.
+struct Open(Arc<(Mutex<usize>, Condvar)>);
+
+impl Open {
+    fn new(open: &Arc<(Mutex<usize>, Condvar)>) -> Open {
+        *open.0.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+        Open(open.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        *self.0.0.lock().unwrap_or_else(PoisonError::into_inner) -= 1;
+        self.0.1.notify_all();
+    }
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The relay's threads, reused: a thread that finished its job waits for
+/// the next, so a connection costs no thread creation once the relay has
+/// as many threads as it has directions in flight (a relay that spawned
+/// two threads per connection measured its spawns in the connection
+/// rate). Idle threads wait until the process exits; there are never more
+/// than the directions open at once.
+#[derive(Clone, Default)]
+struct Workers {
+    idle: Arc<Mutex<Vec<std::sync::mpsc::Sender<Job>>>>,
+}
+
+impl Workers {
+    fn run(&self, mut job: Job) -> Result<()> {
+        loop {
+            let next = self
+                .idle
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .pop();
+            match next {
+                // An idle thread waits in recv(), so the send succeeds;
+                // should it not, the job comes back: try the next.
+                Some(tx) => match tx.send(job) {
+                    Ok(()) => return Ok(()),
+                    Err(std::sync::mpsc::SendError(j)) => job = j,
+                },
+                None => break,
+            }
+        }
+        let idle = self.idle.clone();
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("relay".into())
+            .spawn(move || {
+                let mut job = Some(job);
+                while let Some(j) = job.take() {
+                    j();
+                    idle.lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push(tx.clone());
+                    job = rx.recv().ok();
+                }
+            })
+            .context("spawn a relay thread")?;
+        Ok(())
+    }
+}
+
 /// Relays one accepted connection to a new one to `to` (from a socket made
-/// in `to_netns` if given), both directions, until both have ended. Runs on
-/// a thread of its own: the netns switch is this thread's only.
+/// in `to_netns` if given), both directions (the other on another of
+/// `workers`), until both have ended. The netns switch is this thread's
+/// only (and every dial of the relay makes the same).
 fn relay_conn(
     down: TcpStream,
     to: SocketAddr,
     to_netns: Option<&std::fs::File>,
     copy: CopyMode,
     buffer: usize,
+    workers: &Workers,
 ) -> Result<()> {
     if let Some(ns) = to_netns {
         nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
@@ -680,16 +767,20 @@ fn relay_conn(
         s.set_read_timeout(Some(RELAY_IDLE))?;
         s.set_write_timeout(Some(RELAY_IDLE))?;
     }
-    std::thread::scope(|scope| -> Result<()> {
-        let upward = scope.spawn(|| pump(&down, &up, copy, buffer));
-        let downward = pump(&up, &down, copy, buffer);
-        upward
-            .join()
-            .map_err(|_| anyhow::anyhow!("the relay's upward thread panicked"))?
-            .context("client -> server")?;
-        downward.context("server -> client")?;
-        Ok(())
-    })
+    let (down, up) = (Arc::new(down), Arc::new(up));
+    let (tx, rx) = std::sync::mpsc::channel();
+    {
+        let (down, up) = (down.clone(), up.clone());
+        workers.run(Box::new(move || {
+            let _ = tx.send(pump(&down, &up, copy, buffer));
+        }))?;
+    }
+    let downward = pump(&up, &down, copy, buffer);
+    rx.recv()
+        .map_err(|_| anyhow::anyhow!("the relay's upward direction ended without a result"))?
+        .context("client -> server")?;
+    downward.context("server -> client")?;
+    Ok(())
 }
 
 /// One direction: `from` until EOF into `to`, then a half-close of `to`.
