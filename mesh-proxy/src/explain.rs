@@ -91,6 +91,26 @@ impl NodeProxy {
                         .collect(),
                     None => vec![format!("{}/{}", dpod.namespace, dpod.name)],
                 };
+                let same_node = self
+                    .enrolled(&format!("{}/{}", dpod.namespace, dpod.name))
+                    .is_some();
+                let tunnel = if !same_node {
+                    format!(
+                        "HBONE (HTTP/2 CONNECT {target}) over mTLS to {}:{}",
+                        target.ip(),
+                        hbone::HBONE_PORT
+                    )
+                } else if service.is_none() && self.direct.is_some() {
+                    "none: same node (both identities known from enrollment); the proxy decides \
+                     and splices the first connection, then the kernel carries this pod's \
+                     connects to this address pod to pod until registry, policy or enrollment \
+                     change"
+                        .to_owned()
+                } else {
+                    "none: same node (both identities known from enrollment); the proxy decides \
+                     and splices each connection"
+                        .to_owned()
+                };
                 (
                     json!({
                         "kind": "mesh",
@@ -98,7 +118,8 @@ impl NodeProxy {
                         "endpoint_pod": format!("{}/{}", dpod.namespace, dpod.name),
                         "endpoints": endpoints,
                         "target": target.to_string(),
-                        "tunnel": format!("HBONE (HTTP/2 CONNECT {target}) over mTLS to {}:{}", target.ip(), hbone::HBONE_PORT),
+                        "same_node": same_node,
+                        "tunnel": tunnel,
                         "expected_identity": dpod.identity(&self.cfg.trust_domain).map(|i| i.to_string()).unwrap_or_default(),
                         "destination_node": dpod.node,
                     }),
@@ -151,8 +172,16 @@ impl NodeProxy {
                     },
                     Some(d),
                 ) if d.allowed => format!(
-                    "{key} -> {dst} is carried over mTLS to {}/{} at {target} on {}; policy allows it ({})",
-                    dpod.namespace, dpod.name, dpod.node, d.reason
+                    "{key} -> {dst} is carried {} to {}/{} at {target} on {}; policy allows it ({})",
+                    if dpod.node == self.cfg.node {
+                        "on this node (no TLS hop)"
+                    } else {
+                        "over mTLS"
+                    },
+                    dpod.namespace,
+                    dpod.name,
+                    dpod.node,
+                    d.reason
                 ),
                 (Route::Mesh { dst: dpod, .. }, Some(d)) => format!(
                     "{key} -> {dst} is DENIED by the destination {}/{}: {}",

@@ -435,6 +435,14 @@ fn a_same_node_connection_skips_tls_but_not_identity_or_policy() -> Result<()> {
         let v: Value = serde_json::from_str(&body)?;
         Ok(v["kernel"][what].as_u64().unwrap_or(0))
     };
+    let (code, body) = m
+        .mesh
+        .admin_get("node-a", &format!("/explain?pod=default/client&dst={web2}"))?;
+    ensure!(code == 200, "{body}");
+    ensure!(
+        body.contains("same node") && body.contains("on this node (no TLS hop)"),
+        "explain does not say the path stays on the node: {body}"
+    );
     let before = direct("connect_direct")?;
     assert_eq!(attempt(&m, "default/client", &web2)?, Ok(500));
     s.event("accepted")?;
