@@ -388,6 +388,8 @@ const CASE_PLAIN_SAME: &str = "plain same-node";
 const CASE_MESH_CROSS: &str = "mesh cross-node";
 const CASE_MESH_SAME: &str = "mesh same-node";
 const CASE_MESH_NOHIST: &str = "mesh cross, no hist";
+const CASE_MESH_NOACCT: &str = "mesh cross, no acct";
+const CASE_MESH_SPLICE: &str = "mesh same, proxy";
 const CASE_SCRAPES: &str = "cross + scrapes";
 // The floors: plain pods, the same TCP connections as the mesh, each in
 // the netns where the mesh has it, through relays that only move bytes (no
@@ -598,6 +600,24 @@ fn measure(
             "default/web",
             "default/web",
         )?,
+        // The cross-node case with the kernel's byte accounting off on both
+        // nodes for the case's connections (what counting costs).
+        case(
+            CASE_MESH_NOACCT,
+            "default/client",
+            "default/web",
+            "default/web",
+        )?,
+        // The same-node case through the proxy's splice: the kernel
+        // same-node path's authorizations voided for the case (what a
+        // pod's first connection to an address takes, and every one with
+        // `--same-node-direct off`).
+        case(
+            CASE_MESH_SPLICE,
+            "default/client",
+            "default/web-2",
+            "default/web-2",
+        )?,
         // The cross-node path while an opted-out pod on the client's node
         // scrapes that node's /metrics in a loop: scrapes run on the
         // control runtime and take no lock of the data path, so latency
@@ -669,11 +689,20 @@ fn measure(
             if histograms_off {
                 set_histograms(run, false)?;
             }
+            let accounting_off = c.label == CASE_MESH_NOACCT;
+            if accounting_off {
+                set_accounting(run, false)?;
+            }
+            let voided = if c.label == CASE_MESH_SPLICE {
+                Some(void_same_node_direct(run)?)
+            } else {
+                None
+            };
             // A relay case: the relays run for this case only (their CPU
             // is reported instead of the proxies'), each exits after the
             // case's connections (RR, stream, then the rate), and is
             // killed and waited for when the case ends, also on an error.
-            let sample = Relays::start(run, &c.relays, 2 + conns).and_then(|relays| {
+            let sample = Relays::start(run, &c.relays, 3 + conns).and_then(|relays| {
                 let cpu_pids = if c.relays.is_empty() {
                     proxies.clone()
                 } else {
@@ -695,6 +724,12 @@ fn measure(
             }
             if histograms_off {
                 set_histograms(run, true)?;
+            }
+            if accounting_off {
+                set_accounting(run, true)?;
+            }
+            if let Some(generations) = voided {
+                restore_same_node_direct(run, &generations)?;
             }
             samples[i].push(sample?);
         }
@@ -949,11 +984,48 @@ fn measure(
         hist_p99.min,
         hist_p99.max
     );
-    println!(
-        "not measured: the mesh with the eBPF byte accounting detached (the sockops program that \
-         counts bytes also records each flow's original destination, which the proxy needs; \
-         detaching only the counting needs a kernel-side switch)"
-    );
+    // What the kernel's byte accounting costs, and what the kernel
+    // same-node path gains over the proxy's splice, paired the same way.
+    let versus = |a: &str, b: &str| {
+        (
+            paired(a, b, |s| s.gbit_s, true),
+            paired(a, b, |s| s.p50_us, false),
+            paired(a, b, |s| s.p99_us, false),
+            paired(a, b, |s| s.cpu_s_per_gib, false),
+            paired(a, b, |s| s.conn_per_s, true),
+        )
+    };
+    let show_versus = |what: &str, v: &(Spread, Spread, Spread, Spread, Spread)| {
+        println!(
+            "{what}: throughput {:.2}x ({:.2}-{:.2}), RR p50 {:+.1} us ({:+.1}..{:+.1}), \
+             p99 {:+.1} us ({:+.1}..{:+.1}), proxy CPU {:+.2} s/GiB ({:+.2}..{:+.2}), \
+             new conn/s {:.2}x ({:.2}-{:.2})",
+            v.0.median,
+            v.0.min,
+            v.0.max,
+            v.1.median,
+            v.1.min,
+            v.1.max,
+            v.2.median,
+            v.2.min,
+            v.2.max,
+            v.3.median,
+            v.3.min,
+            v.3.max,
+            v.4.median,
+            v.4.min,
+            v.4.max
+        );
+    };
+    let versus_json = |v: &(Spread, Spread, Spread, Spread, Spread)| {
+        json!({"throughput_ratio": v.0.json(), "rr_p50_delta_us": v.1.json(),
+               "rr_p99_delta_us": v.2.json(), "proxy_cpu_delta_s_per_gib": v.3.json(),
+               "new_connections_ratio": v.4.json()})
+    };
+    let acct = versus(CASE_MESH_CROSS, CASE_MESH_NOACCT);
+    show_versus("byte accounting on vs off (cross-node)", &acct);
+    let kernel_path = versus(CASE_MESH_SAME, CASE_MESH_SPLICE);
+    show_versus("same-node: kernel path vs the proxy's splice", &kernel_path);
     // The floors: for each target that fails, what the relays that only
     // move bytes reach on the same measure (the JSON has every target's).
     println!(
@@ -998,6 +1070,8 @@ fn measure(
                      "histograms_on_vs_off": {"throughput_ratio": hist_tput.json(),
                                               "rr_p50_delta_us": hist_p50.json(),
                                               "rr_p99_delta_us": hist_p99.json()},
+                     "accounting_on_vs_off": versus_json(&acct),
+                     "same_node_kernel_vs_splice": versus_json(&kernel_path),
                      "proxy_rss_kib": {"before": rss_before, "with_idle": rss_held,
                                        "idle_connections": idle, "per_connection": rss_per_conn},
                      "seconds": secs});
@@ -1021,6 +1095,15 @@ fn mesh_case(
 ) -> Result<Sample> {
     const GIB: f64 = (1u64 << 30) as f64;
     let to = c.to.as_str();
+    // One short exchange first: what is measured is the path's steady
+    // state (a pooled tunnel up; the kernel same-node path authorized).
+    let warm = run.case(
+        c.client,
+        c.server,
+        &["bench", "--listen", "0.0.0.0:9000"],
+        &["load", "--to", to, "--size", "1024", "--rounds", "10"],
+    )?;
+    ensure!(warm["event"] == "rr", "{}: warm-up: {warm}", c.label);
     let rr = run.case(
         c.client,
         c.server,
@@ -1088,6 +1171,46 @@ fn mesh_case(
         cpu_s_per_gib: cpu / (stream_bytes as f64 / GIB),
         conn_per_s: num(&cn, "per_second"),
     })
+}
+
+/// Switches the kernel's byte accounting on every node of the bench mesh
+/// (flows established from then on).
+fn set_accounting(run: &MeshRun, on: bool) -> Result<()> {
+    for node in ["node-a", "node-b"] {
+        let pins = &run.mesh.node(node)?.pin_root;
+        let mut dp = Datapath::open(pins)
+            .map_err(|e| anyhow::anyhow!("open the data path at {}: {e}", pins.display()))?;
+        dp.set_accounting(on)
+            .map_err(|e| anyhow::anyhow!("accounting {on} on {node}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Voids the kernel same-node path's authorizations on every node (the
+/// kernel honours generation 0 for none) and returns the generations to
+/// restore; the proxies keep authorizing in theirs, which the kernel
+/// ignores until [`restore_same_node_direct`].
+fn void_same_node_direct(run: &MeshRun) -> Result<Vec<(String, u64)>> {
+    let mut saved = Vec::new();
+    for node in ["node-a", "node-b"] {
+        let pins = &run.mesh.node(node)?.pin_root;
+        let mut dp = Datapath::open(pins)
+            .map_err(|e| anyhow::anyhow!("open the data path at {}: {e}", pins.display()))?;
+        let generation = dp.direct_generation()?;
+        dp.set_direct_generation(0)?;
+        saved.push((node.to_owned(), generation));
+    }
+    Ok(saved)
+}
+
+fn restore_same_node_direct(run: &MeshRun, saved: &[(String, u64)]) -> Result<()> {
+    for (node, generation) in saved {
+        let pins = &run.mesh.node(node)?.pin_root;
+        let mut dp = Datapath::open(pins)
+            .map_err(|e| anyhow::anyhow!("open the data path at {}: {e}", pins.display()))?;
+        dp.set_direct_generation(*generation)?;
+    }
+    Ok(())
 }
 
 /// Switches the kernel's latency histograms on every node of the bench
