@@ -436,10 +436,13 @@ impl<C: Connector> Pool<C> {
             if let Err(e) = tcp.set_nodelay(true) {
                 warn!(pool = %key, error = %e, "hbone: TCP_NODELAY");
             }
-            let tls = tokio_rustls::TlsConnector::from(tls)
+            let mut tls = tokio_rustls::TlsConnector::from(tls)
                 .connect(server_name, super::buffer_reads(tcp))
                 .await
                 .map_err(|source| HboneError::Tls { dest, source })?;
+            tls.get_mut()
+                .1
+                .set_buffer_limit(Some(super::server::TLS_WRITE_BUFFER));
             let session = tls.get_ref().1;
             if session.alpn_protocol() != Some(ALPN_H2) {
                 return Err(HboneError::Alpn {

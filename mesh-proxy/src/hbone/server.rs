@@ -42,6 +42,11 @@ use super::{ALPN_H2, H2Config, HboneError, ServerLimits, parse_authority};
 /// below TLS turns them into one large read.
 pub const TLS_READ_BUFFER: usize = 256 * 1024;
 
+/// How much encrypted data a tunnel's TLS session may hold for the socket
+/// (rustls' default is 64 KiB): up to one maximal HTTP/2 DATA frame's
+/// records go out in one `writev`.
+pub const TLS_WRITE_BUFFER: usize = 1024 * 1024;
+
 /// Wraps the socket under TLS in a large read buffer ([`TLS_READ_BUFFER`]).
 /// Use it below the TLS connect (the pool does it on the client side); the
 /// server uses [`ReadBuffer`], which waits for the handshake.
@@ -170,6 +175,7 @@ pub async fn accept(
     match tokio::time::timeout(timeout, acceptor.accept(ReadBuffer::unbuffered(tcp))).await {
         Ok(Ok(mut tls)) => {
             tls.get_mut().0.grow();
+            tls.get_mut().1.set_buffer_limit(Some(TLS_WRITE_BUFFER));
             Ok(tls)
         }
         Ok(Err(source)) => Err(HboneError::Accept { peer, source }),
