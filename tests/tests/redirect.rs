@@ -326,8 +326,9 @@ fn uninstall_leaves_no_attachment_pin_or_map_behind() -> Result<()> {
     let ids = dp.kernel_ids()?;
     assert_eq!(ids.links.len(), 5, "4 links + 1 sk_lookup link: {ids:?}");
     // 9 of the data path, 2 of the latency histograms (sm_tcp_hist,
-    // sm_hist_zero).
-    assert_eq!(ids.maps.len(), 11, "{ids:?}");
+    // sm_hist_zero), 2 of the kernel same-node path (sm_direct_allow,
+    // sm_direct).
+    assert_eq!(ids.maps.len(), 13, "{ids:?}");
     drop(dp);
 
     let report = mesh_ebpf::uninstall(&sb.pin_root)?;
