@@ -182,16 +182,28 @@ pub fn run(cfg: Config, log: LogControl) -> Result<(), RunError> {
         if cfg.same_node_direct {
             // The kernel same-node path's connections are seen by no proxy
             // socket: a sweep of the flow map writes their access-log
-            // records within a second of their close.
+            // records within a second of their close. It reads the map only
+            // while there is something to record: a connect took the path
+            // since the last tick, or a flow of it was still open.
             let table = node.datapath.lock().flow_table().map_err(|e| fail("open the flow map", e))?;
             let sweeper = node.clone();
             let mut stop = watch.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+                let (mut seen, mut open) = (None, false);
                 loop {
                     tokio::select! {
                         _ = stop.signaled() => return,
-                        _ = tick.tick() => sweeper.sweep_direct(&table),
+                        _ = tick.tick() => {
+                            let connects = sweeper.direct_connects();
+                            let new = connects.is_none() || connects != seen;
+                            if new || open {
+                                // A connect counted now may not be
+                                // established yet: look again next tick.
+                                open = sweeper.sweep_direct(&table) || new;
+                                seen = connects;
+                            }
+                        }
                     }
                 }
             });

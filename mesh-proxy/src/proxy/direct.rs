@@ -3,8 +3,9 @@
 //! they have closed, with the final counts: one outbound record from the
 //! source's flow, one inbound record from the destination's, with both
 //! identities, as for any same-node connection. A sweep reads the flow map
-//! every second ([`NodeProxy::sweep_direct`]); a metrics scrape that drops
-//! a closed flow first writes its record too; each is written once.
+//! every second while the path has new or open connections
+//! ([`NodeProxy::sweep_direct`]); a metrics scrape that drops a closed flow
+//! first writes its record too; each is written once.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -65,12 +66,14 @@ impl NodeProxy {
     /// Writes the records of the kernel same-node path's connections that
     /// closed since the last sweep (the flow map is only read: dropping a
     /// closed flow is the metrics reader's, after it has folded it).
-    pub fn sweep_direct(&self, table: &FlowTable) {
+    /// Returns whether a kernel-path flow is still open (or the map could
+    /// not be read): whether the next sweep has anything to wait for.
+    pub fn sweep_direct(&self, table: &FlowTable) -> bool {
         let flows = match table.flows() {
             Ok(f) => f,
             Err(e) => {
                 debug!(error = %e, "flow sweep");
-                return;
+                return true;
             }
         };
         for f in &flows {
@@ -78,5 +81,14 @@ impl NodeProxy {
         }
         let live: HashSet<(u64, u64)> = flows.iter().map(|f| (f.cookie, f.start_ns)).collect();
         self.direct_logged.lock().retain(|k| live.contains(k));
+        flows.iter().any(|f| f.direct && !f.is_closed())
+    }
+
+    /// How many connects took the kernel same-node path so far (the
+    /// kernel's `connect_direct`), to sweep only when there is something
+    /// new; `None` when the counters cannot be read.
+    pub fn direct_connects(&self) -> Option<u64> {
+        let stats = self.datapath.lock().stats().ok()?;
+        stats.get(mesh_ebpf::Stat::ConnectDirect.name()).copied()
     }
 }
