@@ -14,11 +14,9 @@ use mesh_local::control::ControlOptions;
 use serde_json::Value;
 use sockmesh_tests::e2e::*;
 
-/// Whether a plain TCP client in `node`'s own netns (outside the mesh) gets
-/// the banner of the app server at `to`: `Ok(Some(banner))` if plaintext
-/// reached the app. A dropped SYN gives up after 2 s.
-fn plain_banner(m: &TestMesh, node: &str, to: &str) -> Result<Option<String>> {
-    let argv: Vec<String> = [
+/// The probe's `connect` to `to`, giving up on a dropped SYN after 2 s.
+fn connect_argv(to: &str) -> Vec<String> {
+    [
         probe().display().to_string(),
         "connect".into(),
         "--to".into(),
@@ -26,14 +24,25 @@ fn plain_banner(m: &TestMesh, node: &str, to: &str) -> Result<Option<String>> {
         "--connect-timeout-ms".into(),
         "2000".into(),
     ]
-    .into();
-    let out = m.mesh.node_command(node, &argv)?.output()?;
+    .into()
+}
+
+/// The banner a `connect_argv` client printed, if it got one.
+fn banner_of(mut cmd: std::process::Command) -> Result<Option<String>> {
+    let out = cmd.output()?;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     Ok(stdout
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .find(|v| v["event"] == "banner")
         .and_then(|v| v["line"].as_str().map(str::to_owned)))
+}
+
+/// Whether a plain TCP client in `node`'s own netns (outside the mesh) gets
+/// the banner of the app server at `to`: `Ok(Some(banner))` if plaintext
+/// reached the app. A dropped SYN gives up after 2 s.
+fn plain_banner(m: &TestMesh, node: &str, to: &str) -> Result<Option<String>> {
+    banner_of(m.mesh.node_command(node, &connect_argv(to))?)
 }
 
 /// An app server in `pod` answering every connection on `[::]:8080` (IPv4
@@ -328,22 +337,7 @@ fn a_pod_leaving_does_not_take_the_certificate_its_service_account_still_uses() 
 /// Whether an app in `pod` gets the banner of the app server at `to`
 /// (a dropped or refused connect gives up within 2 s).
 fn pod_banner(m: &TestMesh, pod: &str, to: &str) -> Result<Option<String>> {
-    let argv: Vec<String> = [
-        probe().display().to_string(),
-        "connect".into(),
-        "--to".into(),
-        to.into(),
-        "--connect-timeout-ms".into(),
-        "2000".into(),
-    ]
-    .into();
-    let out = m.mesh.pod_command(pod, &argv)?.output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    Ok(stdout
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find(|v| v["event"] == "banner")
-        .and_then(|v| v["line"].as_str().map(str::to_owned)))
+    banner_of(m.mesh.pod_command(pod, &connect_argv(to))?)
 }
 
 /// A kernel counter of `node`'s data path, read from its pins (works with

@@ -1186,17 +1186,27 @@ fn mesh_case(
     })
 }
 
-/// Switches the kernel's byte accounting on every node of the bench mesh
-/// (flows established from then on).
-fn set_accounting(run: &MeshRun, on: bool) -> Result<()> {
+/// Runs `f` on the data path of each node of the bench mesh (opened from
+/// the proxies' pins), naming the node when it fails.
+fn each_node<T>(
+    run: &MeshRun,
+    mut f: impl FnMut(&str, &mut Datapath) -> Result<T>,
+) -> Result<Vec<(String, T)>> {
+    let mut out = Vec::new();
     for node in ["node-a", "node-b"] {
         let pins = &run.mesh.node(node)?.pin_root;
         let mut dp = Datapath::open(pins)
             .map_err(|e| anyhow::anyhow!("open the data path at {}: {e}", pins.display()))?;
-        dp.set_accounting(on)
-            .map_err(|e| anyhow::anyhow!("accounting {on} on {node}: {e}"))?;
+        let v = f(node, &mut dp).with_context(|| format!("on {node}"))?;
+        out.push((node.to_owned(), v));
     }
-    Ok(())
+    Ok(out)
+}
+
+/// Switches the kernel's byte accounting on every node of the bench mesh
+/// (flows established from then on).
+fn set_accounting(run: &MeshRun, on: bool) -> Result<()> {
+    each_node(run, |_, dp| Ok(dp.set_accounting(on)?)).map(drop)
 }
 
 /// Voids the kernel same-node path's authorizations on every node (the
@@ -1204,37 +1214,23 @@ fn set_accounting(run: &MeshRun, on: bool) -> Result<()> {
 /// restore; the proxies keep authorizing in theirs, which the kernel
 /// ignores until [`restore_same_node_direct`].
 fn void_same_node_direct(run: &MeshRun) -> Result<Vec<(String, u64)>> {
-    let mut saved = Vec::new();
-    for node in ["node-a", "node-b"] {
-        let pins = &run.mesh.node(node)?.pin_root;
-        let mut dp = Datapath::open(pins)
-            .map_err(|e| anyhow::anyhow!("open the data path at {}: {e}", pins.display()))?;
+    each_node(run, |_, dp| {
         let generation = dp.direct_generation()?;
         dp.set_direct_generation(0)?;
-        saved.push((node.to_owned(), generation));
-    }
-    Ok(saved)
+        Ok(generation)
+    })
 }
 
 fn restore_same_node_direct(run: &MeshRun, saved: &[(String, u64)]) -> Result<()> {
-    for (node, generation) in saved {
-        let pins = &run.mesh.node(node)?.pin_root;
-        let mut dp = Datapath::open(pins)
-            .map_err(|e| anyhow::anyhow!("open the data path at {}: {e}", pins.display()))?;
-        dp.set_direct_generation(*generation)?;
-    }
-    Ok(())
+    each_node(run, |node, dp| {
+        let generation = saved.iter().find(|(n, _)| n == node).map_or(0, |(_, g)| *g);
+        Ok(dp.set_direct_generation(generation)?)
+    })
+    .map(drop)
 }
 
 /// Switches the kernel's latency histograms on every node of the bench
 /// mesh (through the proxies' pinned config map).
 fn set_histograms(run: &MeshRun, on: bool) -> Result<()> {
-    for node in ["node-a", "node-b"] {
-        let pins = &run.mesh.node(node)?.pin_root;
-        let mut dp = Datapath::open(pins)
-            .map_err(|e| anyhow::anyhow!("open the data path at {}: {e}", pins.display()))?;
-        dp.set_histograms(on)
-            .map_err(|e| anyhow::anyhow!("histograms {on} on {node}: {e}"))?;
-    }
-    Ok(())
+    each_node(run, |_, dp| Ok(dp.set_histograms(on)?)).map(drop)
 }
