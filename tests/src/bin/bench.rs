@@ -659,10 +659,18 @@ fn measure(
     );
     const GIB: u64 = 1 << 30;
     let stream_bytes = 2 * GIB;
-    let conns = 2000usize;
+    let conns = 4000usize;
     // Client threads for the connection rate: enough that the client is
-    // not what limits it (the server answers each connection on a thread).
-    let conn_threads = 4;
+    // not what limits it. Each thread opens its connections one after
+    // another, so few threads measure the client's round trips: plain TCP
+    // cross-node made 915/s with 1 thread, ~3,500/s with 4, 11,539/s with
+    // 16 and 9,770/s with 64 (the machine is saturated by then).
+    // `SOCKMESH_BENCH_CONN_THREADS` sets it.
+    let conn_threads = std::env::var("SOCKMESH_BENCH_CONN_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(16)
+        .max(1);
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); cases.len()];
     for rep in 0..reps {
         for (i, c) in cases.iter().enumerate() {
