@@ -403,12 +403,32 @@ impl Datapath {
     /// the redirect has no such bound). Flows already established keep
     /// their path. Has no effect in degraded mode (sk_msg not attached).
     pub fn set_redirect(&mut self, on: bool) -> Result<()> {
+        self.update_config(&format!("set redirect={on}"), |cfg| {
+            cfg.flow_flags = if on { FLOW_REDIRECT } else { 0 };
+        })
+    }
+
+    /// Reads `sm_config`, changes it with `change`, writes it back (the
+    /// caller holds `&mut self`: no other writer of this handle between).
+    fn update_config(&mut self, action: &str, change: impl FnOnce(&mut Config)) -> Result<()> {
         let mut cfg = self.config_now()?;
-        cfg.flow_flags = if on { FLOW_REDIRECT } else { 0 };
+        change(&mut cfg);
         self.config.set(0, &cfg, 0).map_err(|source| Error::Map {
             map: maps::CONFIG,
-            action: format!("set redirect={on}"),
+            action: action.to_owned(),
             source,
+        })
+    }
+
+    /// Clears `flag` in `Config::flags` when `on`, sets it when not (the
+    /// flags name what is switched off).
+    fn set_off_flag(&mut self, flag: u32, on: bool, what: &str) -> Result<()> {
+        self.update_config(&format!("set {what}={on}"), |cfg| {
+            if on {
+                cfg.flags &= !flag;
+            } else {
+                cfg.flags |= flag;
+            }
         })
     }
 
@@ -426,17 +446,7 @@ impl Datapath {
     /// callback; tunnels already established keep their callbacks (which
     /// then return at once) until they close.
     pub fn set_histograms(&mut self, on: bool) -> Result<()> {
-        let mut cfg = self.config_now()?;
-        if on {
-            cfg.flags &= !CONFIG_NO_HISTOGRAMS;
-        } else {
-            cfg.flags |= CONFIG_NO_HISTOGRAMS;
-        }
-        self.config.set(0, &cfg, 0).map_err(|source| Error::Map {
-            map: maps::CONFIG,
-            action: format!("set histograms={on}"),
-            source,
-        })
+        self.set_off_flag(CONFIG_NO_HISTOGRAMS, on, "histograms")
     }
 
     /// Whether the kernel counts bytes on flows established from now on
@@ -445,17 +455,7 @@ impl Datapath {
     /// per-ACK callback: what `./x bench` uses to measure the accounting's
     /// own cost. A proxy never turns it off.
     pub fn set_accounting(&mut self, on: bool) -> Result<()> {
-        let mut cfg = self.config_now()?;
-        if on {
-            cfg.flags &= !CONFIG_NO_ACCOUNTING;
-        } else {
-            cfg.flags |= CONFIG_NO_ACCOUNTING;
-        }
-        self.config.set(0, &cfg, 0).map_err(|source| Error::Map {
-            map: maps::CONFIG,
-            action: format!("set accounting={on}"),
-            source,
-        })
+        self.set_off_flag(CONFIG_NO_ACCOUNTING, on, "accounting")
     }
 
     /// The generation of kernel same-node authorizations that connect4/6
@@ -467,12 +467,8 @@ impl Datapath {
     /// Makes every `sm_direct_allow` entry not of `generation` void at
     /// once (0 voids all). Connections already open are not touched.
     pub fn set_direct_generation(&mut self, generation: u64) -> Result<()> {
-        let mut cfg = self.config_now()?;
-        cfg.direct_generation = generation;
-        self.config.set(0, &cfg, 0).map_err(|source| Error::Map {
-            map: maps::CONFIG,
-            action: format!("set direct generation {generation}"),
-            source,
+        self.update_config(&format!("set direct generation {generation}"), |cfg| {
+            cfg.direct_generation = generation;
         })
     }
 

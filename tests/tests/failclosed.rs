@@ -92,6 +92,64 @@ fn assert_sealed(m: &TestMesh, node: &str, pod: &str, when: &str) -> Result<()> 
     Ok(())
 }
 
+/// `node`'s proxy draining after SIGTERM, kept draining by a connection
+/// from default/client to default/web:9090 held open.
+struct Draining {
+    node: String,
+    pid: u32,
+    server: Proc,
+    held: Proc,
+}
+
+impl Draining {
+    fn start(m: &TestMesh, node: &str) -> Result<Draining> {
+        let server = serve(m, "default/web", 9090, 1, 100)?;
+        let web_9090 = format!("{}:9090", m.ip("default/web")?);
+        let mut held = m.spawn(
+            "default/client",
+            &[
+                "connect", "--to", &web_9090, "--send", "100", "--seed", "5", "--hold",
+            ],
+        )?;
+        held.event("connected")?;
+        held.event("holding")?;
+        let pid = one_pid(m, node, &m.bins.proxy)?;
+        signal(pid, nix::sys::signal::Signal::SIGTERM)?;
+        let log = format!("proxy-{node}");
+        wait_until("the drain to start", Duration::from_secs(5), || {
+            Ok(m.log(&log).contains("draining"))
+        })?;
+        Ok(Draining {
+            node: node.to_owned(),
+            pid,
+            server,
+            held,
+        })
+    }
+
+    /// Checks the proxy is still draining, then lets the held connection
+    /// finish; returns the proxy's pid.
+    fn finish(mut self, m: &TestMesh) -> Result<u32> {
+        ensure!(
+            !gone(self.pid),
+            "the proxy exited with a connection still open:\n{}",
+            m.log(&format!("proxy-{}", self.node))
+        );
+        {
+            use std::io::Write;
+            self.held
+                .child
+                .stdin
+                .as_mut()
+                .context("stdin")?
+                .write_all(b"go\n")?;
+        }
+        self.held.event("transfer")?;
+        self.server.event("accepted")?;
+        Ok(self.pid)
+    }
+}
+
 fn signal(pid: u32, sig: nix::sys::signal::Signal) -> Result<()> {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig)?;
     Ok(())
@@ -142,37 +200,9 @@ fn plaintext_never_reaches_a_meshed_pod_whether_its_proxy_is_up_killed_draining_
     // 3. Draining after SIGTERM (a tunnel held open keeps it draining).
     m.mesh.start_proxy("node-b", &m.bins, &m.opts)?;
     m.mesh.wait_proxy_ready("node-b", Duration::from_secs(30))?;
-    let mut s = serve(&m, "default/web", 9090, 1, 100)?;
-    let web_9090 = format!("{}:9090", m.ip("default/web")?);
-    let mut held = m.spawn(
-        "default/client",
-        &[
-            "connect", "--to", &web_9090, "--send", "100", "--seed", "5", "--hold",
-        ],
-    )?;
-    held.event("connected")?;
-    held.event("holding")?;
-    let pid = one_pid(&m, "node-b", &m.bins.proxy)?;
-    signal(pid, nix::sys::signal::Signal::SIGTERM)?;
-    wait_until("the drain to start", Duration::from_secs(5), || {
-        Ok(m.log("proxy-node-b").contains("draining"))
-    })?;
+    let drain = Draining::start(&m, "node-b")?;
     assert_sealed(&m, "node-a", "default/web", "proxy draining")?;
-    ensure!(
-        !gone(pid),
-        "the proxy exited with a tunnel still open:\n{}",
-        m.log("proxy-node-b")
-    );
-    {
-        use std::io::Write;
-        held.child
-            .stdin
-            .as_mut()
-            .context("stdin")?
-            .write_all(b"go\n")?;
-    }
-    held.event("transfer")?;
-    s.event("accepted")?;
+    let pid = drain.finish(&m)?;
     wait_until("the drained proxy's exit", Duration::from_secs(10), || {
         Ok(gone(pid))
     })?;
@@ -406,32 +436,8 @@ fn the_kernel_same_node_path_closes_when_the_proxy_dies_or_drains() -> Result<()
     authorize(&m, "proxy restarted")?;
 
     // Draining (a connection held open keeps it draining).
-    let mut s = serve(&m, "default/web", 9090, 1, 100)?;
-    let web_9090 = format!("{}:9090", m.ip("default/web")?);
-    let mut held = m.spawn(
-        "default/client",
-        &[
-            "connect", "--to", &web_9090, "--send", "100", "--seed", "5", "--hold",
-        ],
-    )?;
-    held.event("connected")?;
-    held.event("holding")?;
-    let pid = one_pid(&m, "node-a", &m.bins.proxy)?;
-    signal(pid, nix::sys::signal::Signal::SIGTERM)?;
-    wait_until("the drain to start", Duration::from_secs(5), || {
-        Ok(m.log("proxy-node-a").contains("draining"))
-    })?;
+    let drain = Draining::start(&m, "node-a")?;
     sealed(&m, "proxy draining")?;
-    ensure!(!gone(pid), "the proxy exited with a connection still open");
-    {
-        use std::io::Write;
-        held.child
-            .stdin
-            .as_mut()
-            .context("stdin")?
-            .write_all(b"go\n")?;
-    }
-    held.event("transfer")?;
-    s.event("accepted")?;
+    drain.finish(&m)?;
     Ok(())
 }

@@ -268,12 +268,16 @@ fn inbound_listener_alive(key: &IpKey) -> bool {
     true
 }
 
+/// Whether `Config::flags` leaves `flag` (a switch-off flag) clear: what
+/// it switches off is on (a fresh, zeroed map: everything on).
+#[inline(always)]
+fn not_switched_off(flag: u32) -> bool {
+    CONFIG.get(0).map(|c| c.flags & flag == 0).unwrap_or(true)
+}
+
 #[inline(always)]
 fn accounting_on() -> bool {
-    CONFIG
-        .get(0)
-        .map(|c| c.flags & CONFIG_NO_ACCOUNTING == 0)
-        .unwrap_or(true)
+    not_switched_off(CONFIG_NO_ACCOUNTING)
 }
 
 /// The `sm_direct` key of this socket's connection, source first: `local`
@@ -335,10 +339,7 @@ pub fn sm_sockops(ctx: SockOpsContext) -> u32 {
 
 #[inline(always)]
 fn histograms_on() -> bool {
-    CONFIG
-        .get(0)
-        .map(|c| c.flags & CONFIG_NO_HISTOGRAMS == 0)
-        .unwrap_or(true)
+    not_switched_off(CONFIG_NO_HISTOGRAMS)
 }
 
 /// An HBONE tunnel end: the only sockets with 15008 at either end that get
